@@ -1,0 +1,70 @@
+// Package cgroup gives every worker its own cgroup leaf with hard limits, starts
+// processes inside it, reports OOM kills and kills whole process trees. One
+// interface covers cgroup v2 (unified) and v1 (hybrid/legacy hosts); callers
+// never ask which.
+package cgroup
+
+import (
+	"context"
+	"errors"
+	"os/exec"
+	"time"
+)
+
+// Limits are the per-leaf limits. MemoryMax is required (> 0).
+type Limits struct {
+	MemoryMax int64 // bytes; swap is set to 0 where swap accounting exists
+	PidsMax   int64 // 0 means no pids limit
+	CPUWeight uint64 // 0 means the kernel default
+}
+
+// Stats are the numbers a leaf reports; later issues export them.
+type Stats struct {
+	MemoryCurrent uint64
+	MemoryPeak    uint64
+	OOMKills      uint64
+	CPUUsage      time.Duration
+	PidsCurrent   uint64
+}
+
+// OOMEvent reports one or more kernel OOM kills in a leaf.
+type OOMEvent struct {
+	Leaf  string
+	Kills uint64 // the leaf's OOM kill count after this event
+	Time  time.Time
+}
+
+// ErrNotFound is returned when a leaf or a pid's leaf does not exist.
+var ErrNotFound = errors.New("cgroup: not found")
+
+// Manager owns the hive's cgroup tree: <root>/supervisor and <root>/workers/w-<id>.
+type Manager interface {
+	// Mode is "v2" or "v1".
+	Mode() string
+	// Root is the tree's root path (v2) or its path relative to each v1 hierarchy.
+	Root() string
+	// Create makes workers/<id> with the limits; it fails if it already exists.
+	Create(id string, l Limits) (Leaf, error)
+	// Load opens an existing leaf (e.g. one a previous hive left behind).
+	Load(id string) (Leaf, error)
+	// List returns the ids of the leaves under workers/.
+	List() ([]string, error)
+	// LeafOf returns the id of the worker leaf that pid lives in (children of
+	// the worker included), or ErrNotFound.
+	LeafOf(pid int) (string, error)
+}
+
+// Leaf is one worker's cgroup.
+type Leaf interface {
+	ID() string
+	// Start starts cmd so that its first instruction already runs in the leaf.
+	Start(cmd *exec.Cmd) error
+	// OOMEvents reports each OOM kill until ctx ends or the leaf is deleted.
+	OOMEvents(ctx context.Context) (<-chan OOMEvent, error)
+	Stats() (Stats, error)
+	Pids() ([]int, error)
+	// Kill kills every process in the leaf and waits until it is empty.
+	Kill(ctx context.Context) error
+	// Delete removes the (empty) leaf.
+	Delete() error
+}
