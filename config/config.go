@@ -1,0 +1,483 @@
+// Package config is rbee-hive's configuration: a TOML file whose every key has
+// a default, so the daemon also starts with no file at all.
+package config
+
+import (
+	"bytes"
+	"errors"
+	"fmt"
+	"net"
+	"os"
+	"path/filepath"
+	"regexp"
+	"sort"
+	"strings"
+	"time"
+
+	"github.com/pelletier/go-toml/v2"
+)
+
+// Config is the whole configuration. Field comments are the reference; the
+// README's configuration table mirrors them.
+type Config struct {
+	Listen     string    `toml:"listen" comment:"HTTP API address"`
+	StateDir   string    `toml:"state_dir" comment:"api-token, worker logs, model catalog"`
+	RuntimeDir string    `toml:"runtime_dir" comment:"notify socket"`
+	ModelDir   string    `toml:"model_dir" comment:"downloaded models"`
+	LogFormat  LogFormat `toml:"log_format" comment:"auto (journal under systemd, else text), text, json, journal"`
+	LogLevel   LogLevel  `toml:"log_level" comment:"debug, info, warn, error"`
+	TokenFile  string    `toml:"token_file" comment:"API token file; empty: $CREDENTIALS_DIRECTORY/api-token, $LLORCH_API_TOKEN, or <state_dir>/api-token (created)"`
+	WorkerHost string    `toml:"worker_host" comment:"host workers bind to and that appears in their URLs"`
+
+	Heartbeat Heartbeat          `toml:"heartbeat"`
+	Workers   Workers            `toml:"workers"`
+	Resources Resources          `toml:"resources"`
+	Cgroup    Cgroup             `toml:"cgroup"`
+	GPU       GPU                `toml:"gpu"`
+	Models    Models             `toml:"models"`
+	Backends  map[string]Backend `toml:"backends"`
+}
+
+// Heartbeat configures the notify socket and stale detection.
+type Heartbeat struct {
+	NotifySocket   string      `toml:"notify_socket" comment:"unixgram socket workers send sd_notify datagrams to; empty: <runtime_dir>/notify.sock"`
+	Interval       Duration    `toml:"interval" comment:"how often workers are asked to heartbeat (WATCHDOG_USEC is twice this)"`
+	StaleThreshold Duration    `toml:"stale_threshold" comment:"a ready worker silent this long is stale"`
+	StaleAction    StaleAction `toml:"stale_action" comment:"restart, kill or mark"`
+}
+
+// Workers are the defaults for every worker.
+type Workers struct {
+	MemoryLimit    Size     `toml:"memory_limit" comment:"memory.max of a worker's cgroup unless the backend or request says otherwise"`
+	PidsMax        int64    `toml:"pids_max" comment:"pids.max of a worker's cgroup"`
+	GracePeriod    Duration `toml:"grace_period" comment:"SIGTERM to SIGKILL on stop"`
+	ShutdownBudget Duration `toml:"shutdown_budget" comment:"all workers stopped within this on hive shutdown"`
+	PortMin        int      `toml:"port_min" comment:"first port handed to workers"`
+	PortMax        int      `toml:"port_max" comment:"last port handed to workers"`
+	LogMaxBytes    Size     `toml:"log_max_bytes" comment:"size of a worker's log file before rotation"`
+	LogFiles       int      `toml:"log_files" comment:"rotated log files kept per worker"`
+	Restart        Restart  `toml:"restart"`
+}
+
+// Restart is the restart policy's timing.
+type Restart struct {
+	BackoffBase   Duration `toml:"backoff_base" comment:"first restart delay, doubled per consecutive failure"`
+	BackoffMax    Duration `toml:"backoff_max" comment:"restart delay cap"`
+	Jitter        float64  `toml:"jitter" comment:"± fraction of random jitter on each delay"`
+	StableAfter   Duration `toml:"stable_after" comment:"running this long resets the failure count"`
+	MaxFailures   int      `toml:"max_failures" comment:"failures within failure_window that mark a worker failed"`
+	FailureWindow Duration `toml:"failure_window" comment:"window of the circuit breaker"`
+}
+
+// Resources configures admission control and monitoring.
+type Resources struct {
+	MemoryReserve   Size     `toml:"memory_reserve" comment:"RAM kept free for the host; spawns that would eat into it get 507"`
+	DiskReserve     Size     `toml:"disk_reserve" comment:"disk kept free on the model dir's filesystem"`
+	VRAMMargin      Size     `toml:"vram_margin" comment:"added to each model's VRAM estimate"`
+	SampleInterval  Duration `toml:"sample_interval" comment:"how often worker RAM, CPU and VRAM are sampled"`
+	VRAMLimitFactor float64  `toml:"vram_limit_factor" comment:"a worker using more than estimate × factor VRAM is over its limit"`
+	VRAMLimitAction Action   `toml:"vram_limit_action" comment:"log or kill"`
+}
+
+// Cgroup configures the cgroup tree.
+type Cgroup struct {
+	Root string `toml:"root" comment:"cgroup tree root; empty: the hive's own delegated cgroup (v2) or <own memory cgroup>/rbee-hive (v1)"`
+}
+
+// GPU selects the GPU driver.
+type GPU struct {
+	Driver GPUDriver `toml:"driver" comment:"auto (NVML if present), nvml, fake, none"`
+	Fake   []FakeGPU `toml:"fake" comment:"devices of the fake driver (tests and demos)"`
+}
+
+// FakeGPU is one device of the fake GPU driver.
+type FakeGPU struct {
+	Name        string `toml:"name"`
+	UUID        string `toml:"uuid"`
+	MemoryTotal Size   `toml:"memory_total"`
+}
+
+// Models configures model downloads and retention.
+type Models struct {
+	MaxBytes     Size     `toml:"max_bytes" comment:"0: unlimited; else least-recently-used unused models are deleted to stay under it"`
+	HFEndpoint   string   `toml:"hf_endpoint" comment:"HuggingFace endpoint; empty: $HF_ENDPOINT or https://huggingface.co"`
+	HFTokenFile  string   `toml:"hf_token_file" comment:"file holding a HuggingFace token; empty: $HF_TOKEN"`
+	StallTimeout Duration `toml:"stall_timeout" comment:"a download that receives nothing this long fails"`
+}
+
+// Backend is a kind of worker the hive may start: a command template, never
+// an arbitrary command line from a request.
+type Backend struct {
+	Command     []string          `toml:"command" comment:"argv; placeholders {port} {model_path} {model_ref} {worker_id} {device} {self_dir}"`
+	Health      HealthMode        `toml:"health" comment:"notify (READY=1 and heartbeats on the notify socket), http (poll health_path), callback (POST /v1/workers/ready)"`
+	HealthPath  string            `toml:"health_path" comment:"for health = http: 200 means ready"`
+	LoadTimeout Duration          `toml:"load_timeout" comment:"a worker not ready within this is killed (load_timeout)"`
+	MemoryLimit Size              `toml:"memory_limit" comment:"0: workers.memory_limit"`
+	CUDA        bool              `toml:"cuda" comment:"gets CUDA_VISIBLE_DEVICES=<GPU UUID> and VRAM admission"`
+	ContextSize int               `toml:"context_size" comment:"context length used for VRAM estimates"`
+	Env         map[string]string `toml:"env" comment:"fixed environment for this backend"`
+	EnvAllow    []string          `toml:"env_allow" comment:"environment keys a spawn request may set"`
+}
+
+// Placeholders a backend command may use.
+var placeholders = []string{"{port}", "{model_path}", "{model_ref}", "{worker_id}", "{device}", "{self_dir}"}
+
+// Default returns the built-in configuration. root selects the system paths
+// (/var/lib, /run) over the XDG ones.
+func Default(root bool) Config {
+	state, runtime := "/var/lib/rbee-hive", "/run/rbee-hive"
+	if !root {
+		state = filepath.Join(xdg("XDG_STATE_HOME", ".local/state"), "rbee-hive")
+		runtime = filepath.Join(xdg("XDG_RUNTIME_DIR", ".cache"), "rbee-hive")
+	}
+	return Config{
+		Listen:     "127.0.0.1:9200",
+		StateDir:   state,
+		RuntimeDir: runtime,
+		LogFormat:  "auto",
+		LogLevel:   "info",
+		WorkerHost: "127.0.0.1",
+		Heartbeat: Heartbeat{
+			Interval:       Duration(30 * time.Second),
+			StaleThreshold: Duration(60 * time.Second),
+			StaleAction:    "restart",
+		},
+		Workers: Workers{
+			MemoryLimit:    8 << 30,
+			PidsMax:        4096,
+			GracePeriod:    Duration(10 * time.Second),
+			ShutdownBudget: Duration(30 * time.Second),
+			PortMin:        8081,
+			PortMax:        9000,
+			LogMaxBytes:    10 << 20,
+			LogFiles:       3,
+			Restart: Restart{
+				BackoffBase:   Duration(time.Second),
+				BackoffMax:    Duration(60 * time.Second),
+				Jitter:        0.2,
+				StableAfter:   Duration(300 * time.Second),
+				MaxFailures:   5,
+				FailureWindow: Duration(300 * time.Second),
+			},
+		},
+		Resources: Resources{
+			MemoryReserve:   2 << 30,
+			DiskReserve:     10 << 30,
+			VRAMMargin:      512 << 20,
+			SampleInterval:  Duration(5 * time.Second),
+			VRAMLimitFactor: 1.5,
+			VRAMLimitAction: "log",
+		},
+		GPU:    GPU{Driver: "auto"},
+		Models: Models{StallTimeout: Duration(60 * time.Second)},
+		Backends: map[string]Backend{
+			"sim": {
+				Command:     []string{"{self_dir}/rbee-simworker", "--port", "{port}", "--worker-id", "{worker_id}", "--model", "{model_path}"},
+				Health:      "notify",
+				LoadTimeout: Duration(2 * time.Minute),
+				MemoryLimit: 512 << 20,
+			},
+		},
+	}
+}
+
+func xdg(env, fallback string) string {
+	if v := os.Getenv(env); v != "" {
+		return v
+	}
+	home, err := os.UserHomeDir()
+	if err != nil {
+		home = os.TempDir()
+	}
+	return filepath.Join(home, fallback)
+}
+
+// Load reads the file at path over the defaults. An empty path means no
+// file: the defaults alone. Errors name the file, line and key.
+func Load(path string, root bool) (Config, error) {
+	cfg := Default(root)
+	if path == "" {
+		return cfg, cfg.finish()
+	}
+	data, err := os.ReadFile(path)
+	if err != nil {
+		return Config{}, fmt.Errorf("config: %w", err)
+	}
+	if err := decode(data, &cfg); err != nil {
+		return Config{}, fmt.Errorf("config %s: %w", path, err)
+	}
+	if err := cfg.finish(); err != nil {
+		var fe *fieldError
+		if errors.As(err, &fe) {
+			if line := findKeyLine(data, fe.key); line > 0 {
+				return Config{}, fmt.Errorf("config %s:%d: key %s: %s", path, line, fe.key, fe.msg)
+			}
+		}
+		return Config{}, fmt.Errorf("config %s: %w", path, err)
+	}
+	return cfg, nil
+}
+
+// decode applies TOML over cfg, strictly: unknown keys are errors.
+func decode(data []byte, cfg *Config) error {
+	// A backend named in the file replaces the default one of that name
+	// wholesale, but backend tables must start empty so their own defaults
+	// apply; decode them into a fresh map and merge.
+	defaults := cfg.Backends
+	cfg.Backends = nil
+	dec := toml.NewDecoder(bytes.NewReader(data))
+	dec.DisallowUnknownFields()
+	if err := dec.Decode(cfg); err != nil {
+		var de *toml.DecodeError
+		var se *toml.StrictMissingError
+		switch {
+		case errors.As(err, &se) && len(se.Errors) > 0:
+			e := se.Errors[0]
+			row, _ := e.Position()
+			return fmt.Errorf("line %d: unknown key %s", row, strings.Join(e.Key(), "."))
+		case errors.As(err, &de):
+			row, _ := de.Position()
+			key := strings.Join(de.Key(), ".")
+			if key == "" {
+				return fmt.Errorf("line %d: %s", row, de.Error())
+			}
+			return fmt.Errorf("line %d: key %s: %s", row, key, strings.TrimPrefix(de.Error(), "toml: "))
+		}
+		return err
+	}
+	merged := make(map[string]Backend, len(defaults)+len(cfg.Backends))
+	for k, v := range defaults {
+		merged[k] = v
+	}
+	for k, v := range cfg.Backends {
+		merged[k] = v
+	}
+	cfg.Backends = merged
+	return nil
+}
+
+// fieldError is a validation failure of one key.
+type fieldError struct{ key, msg string }
+
+func (e *fieldError) Error() string { return "key " + e.key + ": " + e.msg }
+
+func bad(key, format string, args ...any) error {
+	return &fieldError{key: key, msg: fmt.Sprintf(format, args...)}
+}
+
+var backendName = regexp.MustCompile(`^[a-z0-9][a-z0-9_-]{0,63}$`)
+var envKey = regexp.MustCompile(`^[A-Z_][A-Z0-9_]*$`)
+
+// finish fills derived defaults and validates.
+func (c *Config) finish() error {
+	if c.ModelDir == "" {
+		c.ModelDir = filepath.Join(c.StateDir, "models")
+	}
+	if c.Heartbeat.NotifySocket == "" {
+		c.Heartbeat.NotifySocket = filepath.Join(c.RuntimeDir, "notify.sock")
+	}
+	if _, _, err := net.SplitHostPort(c.Listen); err != nil {
+		return bad("listen", "%q is not host:port", c.Listen)
+	}
+	for key, p := range map[string]string{"state_dir": c.StateDir, "runtime_dir": c.RuntimeDir, "model_dir": c.ModelDir, "heartbeat.notify_socket": c.Heartbeat.NotifySocket} {
+		if !filepath.IsAbs(p) {
+			return bad(key, "%q must be an absolute path", p)
+		}
+	}
+	if len(c.Heartbeat.NotifySocket) > 107 {
+		return bad("heartbeat.notify_socket", "path longer than a unix socket allows (107 bytes)")
+	}
+	if c.Heartbeat.Interval <= 0 {
+		return bad("heartbeat.interval", "must be positive")
+	}
+	if c.Heartbeat.StaleThreshold <= c.Heartbeat.Interval {
+		return bad("heartbeat.stale_threshold", "%s must be longer than heartbeat.interval %s", c.Heartbeat.StaleThreshold.D(), c.Heartbeat.Interval.D())
+	}
+	w := c.Workers
+	if w.MemoryLimit <= 0 {
+		return bad("workers.memory_limit", "must be positive")
+	}
+	if w.PidsMax < 0 {
+		return bad("workers.pids_max", "must not be negative")
+	}
+	if w.PortMin < 1024 || w.PortMax > 65535 || w.PortMin > w.PortMax {
+		return bad("workers.port_min", "port range %d-%d must lie within 1024-65535", w.PortMin, w.PortMax)
+	}
+	if w.LogMaxBytes < 4096 {
+		return bad("workers.log_max_bytes", "must be at least 4KiB")
+	}
+	if w.LogFiles < 1 {
+		return bad("workers.log_files", "must be at least 1")
+	}
+	r := w.Restart
+	if r.BackoffMax < r.BackoffBase {
+		return bad("workers.restart.backoff_max", "must not be below backoff_base")
+	}
+	if r.Jitter < 0 || r.Jitter >= 1 {
+		return bad("workers.restart.jitter", "must be in [0, 1)")
+	}
+	if r.MaxFailures < 1 {
+		return bad("workers.restart.max_failures", "must be at least 1")
+	}
+	if c.Resources.VRAMLimitFactor < 1 {
+		return bad("resources.vram_limit_factor", "must be at least 1")
+	}
+	if c.Resources.SampleInterval <= 0 {
+		return bad("resources.sample_interval", "must be positive")
+	}
+	if c.Cgroup.Root != "" && !filepath.IsAbs(c.Cgroup.Root) {
+		return bad("cgroup.root", "%q must be an absolute path", c.Cgroup.Root)
+	}
+	for i, g := range c.GPU.Fake {
+		if g.MemoryTotal <= 0 {
+			return bad(fmt.Sprintf("gpu.fake[%d].memory_total", i), "must be positive")
+		}
+	}
+	if len(c.Backends) == 0 {
+		return bad("backends", "at least one backend is needed")
+	}
+	for _, name := range c.BackendNames() {
+		if err := c.finishBackend(name); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+func (c *Config) finishBackend(name string) error {
+	b := c.Backends[name]
+	key := "backends." + name
+	if !backendName.MatchString(name) {
+		return bad(key, "backend names are lowercase letters, digits, '-' and '_'")
+	}
+	if len(b.Command) == 0 || b.Command[0] == "" {
+		return bad(key+".command", "must name a program")
+	}
+	for _, arg := range b.Command {
+		for i := 0; i < len(arg); i++ {
+			if arg[i] != '{' {
+				continue
+			}
+			end := strings.IndexByte(arg[i:], '}')
+			if end < 0 {
+				return bad(key+".command", "unclosed placeholder in %q", arg)
+			}
+			ph := arg[i : i+end+1]
+			if !contains(placeholders, ph) {
+				return bad(key+".command", "unknown placeholder %s (known: %s)", ph, strings.Join(placeholders, " "))
+			}
+		}
+	}
+	if b.Health == "" {
+		b.Health = "notify"
+	}
+	if b.Health == "http" && b.HealthPath == "" {
+		b.HealthPath = "/health"
+	}
+	if b.HealthPath != "" && !strings.HasPrefix(b.HealthPath, "/") {
+		return bad(key+".health_path", "must start with /")
+	}
+	if b.LoadTimeout == 0 {
+		b.LoadTimeout = Duration(10 * time.Minute)
+	}
+	if b.MemoryLimit < 0 {
+		return bad(key+".memory_limit", "must not be negative")
+	}
+	if b.ContextSize == 0 {
+		b.ContextSize = 4096
+	}
+	for k := range b.Env {
+		if !envKey.MatchString(k) {
+			return bad(key+".env", "%q is not an environment variable name", k)
+		}
+	}
+	for _, k := range b.EnvAllow {
+		if !envKey.MatchString(k) {
+			return bad(key+".env_allow", "%q is not an environment variable name", k)
+		}
+		if reservedEnv(k) {
+			return bad(key+".env_allow", "%q is set by the hive and cannot be allowed", k)
+		}
+	}
+	c.Backends[name] = b
+	return nil
+}
+
+// reservedEnv reports keys the hive sets itself; requests may never override them.
+func reservedEnv(k string) bool {
+	switch k {
+	case "NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "RBEE_WORKER_ID", "RBEE_HIVE_URL",
+		"RBEE_WORKER_TOKEN", "CUDA_VISIBLE_DEVICES", "CUDA_DEVICE_ORDER", "PATH", "LD_PRELOAD", "LD_LIBRARY_PATH":
+		return true
+	}
+	return false
+}
+
+// ReservedEnv is exported for the supervisor's request validation.
+func ReservedEnv(k string) bool { return reservedEnv(k) }
+
+func contains(list []string, s string) bool {
+	for _, v := range list {
+		if v == s {
+			return true
+		}
+	}
+	return false
+}
+
+// BackendNames returns the backend names, sorted.
+func (c *Config) BackendNames() []string {
+	names := make([]string, 0, len(c.Backends))
+	for n := range c.Backends {
+		names = append(names, n)
+	}
+	sort.Strings(names)
+	return names
+}
+
+// MemoryLimit is the memory limit for a backend's workers.
+func (c *Config) MemoryLimit(backend string) Size {
+	if b, ok := c.Backends[backend]; ok && b.MemoryLimit > 0 {
+		return b.MemoryLimit
+	}
+	return c.Workers.MemoryLimit
+}
+
+// TOML renders the effective configuration, comments included.
+func (c *Config) TOML() ([]byte, error) {
+	var buf bytes.Buffer
+	enc := toml.NewEncoder(&buf)
+	enc.SetIndentTables(true)
+	if err := enc.Encode(c); err != nil {
+		return nil, fmt.Errorf("config: encode: %w", err)
+	}
+	return buf.Bytes(), nil
+}
+
+// findKeyLine finds the line of a dotted key ("workers.restart.jitter") by
+// tracking table headers; good enough for error messages.
+func findKeyLine(data []byte, dotted string) int {
+	parts := strings.Split(dotted, ".")
+	leaf := parts[len(parts)-1]
+	table := strings.Join(parts[:len(parts)-1], ".")
+	current := ""
+	for i, line := range strings.Split(string(data), "\n") {
+		l := strings.TrimSpace(line)
+		if strings.HasPrefix(l, "[") {
+			current = strings.Trim(l, "[] ")
+			if current == dotted {
+				return i + 1
+			}
+			continue
+		}
+		k, _, ok := strings.Cut(l, "=")
+		if !ok {
+			continue
+		}
+		k = strings.TrimSpace(k)
+		if (current == table && k == leaf) || (current == "" && k == dotted) {
+			return i + 1
+		}
+	}
+	return 0
+}

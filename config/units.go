@@ -1,0 +1,177 @@
+package config
+
+import (
+	"fmt"
+	"strconv"
+	"strings"
+	"time"
+)
+
+// Size is a byte count. In TOML it is an integer (bytes) or a string with a
+// unit: "512MiB", "8GiB", "10GB", "4096".
+type Size int64
+
+var sizeUnits = []struct {
+	suffix string
+	mult   int64
+}{
+	{"KiB", 1 << 10}, {"MiB", 1 << 20}, {"GiB", 1 << 30}, {"TiB", 1 << 40},
+	{"KB", 1e3}, {"MB", 1e6}, {"GB", 1e9}, {"TB", 1e12},
+	{"K", 1 << 10}, {"M", 1 << 20}, {"G", 1 << 30}, {"T", 1 << 40},
+	{"B", 1},
+}
+
+// ParseSize parses a size such as "8GiB" or "1048576".
+func ParseSize(s string) (Size, error) {
+	s = strings.TrimSpace(s)
+	if s == "" {
+		return 0, fmt.Errorf("empty size")
+	}
+	mult := int64(1)
+	num := s
+	for _, u := range sizeUnits {
+		if strings.HasSuffix(s, u.suffix) {
+			mult, num = u.mult, strings.TrimSpace(strings.TrimSuffix(s, u.suffix))
+			break
+		}
+	}
+	f, err := strconv.ParseFloat(num, 64)
+	if err != nil || f < 0 {
+		return 0, fmt.Errorf("invalid size %q: want bytes or a number with KiB, MiB, GiB, TiB, KB, MB, GB, TB", s)
+	}
+	v := f * float64(mult)
+	if v > float64(1<<62) {
+		return 0, fmt.Errorf("size %q is too large", s)
+	}
+	return Size(v), nil
+}
+
+// UnmarshalText implements encoding.TextUnmarshaler.
+func (s *Size) UnmarshalText(b []byte) error {
+	v, err := ParseSize(string(b))
+	if err != nil {
+		return err
+	}
+	*s = v
+	return nil
+}
+
+// MarshalText prints the size in the largest binary unit that divides it.
+func (s Size) MarshalText() ([]byte, error) { return []byte(s.String()), nil }
+
+func (s Size) String() string {
+	for _, u := range []struct {
+		suffix string
+		mult   int64
+	}{{"TiB", 1 << 40}, {"GiB", 1 << 30}, {"MiB", 1 << 20}, {"KiB", 1 << 10}} {
+		if s != 0 && int64(s)%u.mult == 0 {
+			return strconv.FormatInt(int64(s)/u.mult, 10) + u.suffix
+		}
+	}
+	return strconv.FormatInt(int64(s), 10)
+}
+
+// Duration is a time.Duration written as "30s", "5m", "1h30m" in TOML.
+type Duration time.Duration
+
+// UnmarshalText implements encoding.TextUnmarshaler.
+func (d *Duration) UnmarshalText(b []byte) error {
+	v, err := time.ParseDuration(string(b))
+	if err != nil {
+		return fmt.Errorf("invalid duration %q: want e.g. \"30s\", \"5m\"", b)
+	}
+	if v < 0 {
+		return fmt.Errorf("invalid duration %q: negative", b)
+	}
+	*d = Duration(v)
+	return nil
+}
+
+// MarshalText implements encoding.TextMarshaler.
+func (d Duration) MarshalText() ([]byte, error) { return []byte(time.Duration(d).String()), nil }
+
+// D returns the time.Duration.
+func (d Duration) D() time.Duration { return time.Duration(d) }
+
+// oneOf is a string restricted to a set, checked while decoding so that the
+// error carries the file position.
+func oneOf(field string, v string, allowed ...string) error {
+	for _, a := range allowed {
+		if v == a {
+			return nil
+		}
+	}
+	return fmt.Errorf("%s: %q is not one of %s", field, v, strings.Join(allowed, ", "))
+}
+
+// StaleAction is what happens to a worker that stopped heartbeating.
+type StaleAction string
+
+// UnmarshalText implements encoding.TextUnmarshaler.
+func (a *StaleAction) UnmarshalText(b []byte) error {
+	if err := oneOf("stale_action", string(b), "restart", "kill", "mark"); err != nil {
+		return err
+	}
+	*a = StaleAction(b)
+	return nil
+}
+
+// HealthMode is how the hive learns that a worker is ready and alive.
+type HealthMode string
+
+// UnmarshalText implements encoding.TextUnmarshaler.
+func (h *HealthMode) UnmarshalText(b []byte) error {
+	if err := oneOf("health", string(b), "notify", "http", "callback"); err != nil {
+		return err
+	}
+	*h = HealthMode(b)
+	return nil
+}
+
+// LogFormat selects the log handler.
+type LogFormat string
+
+// UnmarshalText implements encoding.TextUnmarshaler.
+func (f *LogFormat) UnmarshalText(b []byte) error {
+	if err := oneOf("log_format", string(b), "auto", "text", "json", "journal"); err != nil {
+		return err
+	}
+	*f = LogFormat(b)
+	return nil
+}
+
+// LogLevel is debug, info, warn or error.
+type LogLevel string
+
+// UnmarshalText implements encoding.TextUnmarshaler.
+func (l *LogLevel) UnmarshalText(b []byte) error {
+	if err := oneOf("log_level", string(b), "debug", "info", "warn", "error"); err != nil {
+		return err
+	}
+	*l = LogLevel(b)
+	return nil
+}
+
+// Action is what to do when a limit is exceeded: log it, or kill the worker.
+type Action string
+
+// UnmarshalText implements encoding.TextUnmarshaler.
+func (a *Action) UnmarshalText(b []byte) error {
+	if err := oneOf("action", string(b), "log", "kill"); err != nil {
+		return err
+	}
+	*a = Action(b)
+	return nil
+}
+
+// GPUDriver picks the GPU implementation.
+type GPUDriver string
+
+// UnmarshalText implements encoding.TextUnmarshaler.
+func (g *GPUDriver) UnmarshalText(b []byte) error {
+	if err := oneOf("driver", string(b), "auto", "nvml", "fake", "none"); err != nil {
+		return err
+	}
+	*g = GPUDriver(b)
+	return nil
+}
