@@ -1,0 +1,176 @@
+package main
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"flag"
+	"fmt"
+	"io"
+	"net/http"
+	"os"
+	"path/filepath"
+	"strings"
+	"time"
+
+	"github.com/rbee/rbee-hive/config"
+)
+
+// client talks to a running hive for the CLI.
+type client struct {
+	base  string
+	token string
+	http  *http.Client
+	json  bool
+}
+
+// clientFlags registers the flags every client command shares.
+type clientFlags struct {
+	url, tokenFile, configPath string
+	json                       bool
+}
+
+func (c *clientFlags) register(fs *flag.FlagSet) {
+	fs.StringVar(&c.url, "url", "", "hive URL (default $RBEE_HIVE_URL or http://<listen>)")
+	fs.StringVar(&c.tokenFile, "token-file", "", "API token file (default $LLORCH_API_TOKEN or <state_dir>/api-token)")
+	fs.StringVar(&c.configPath, "config", "", "the hive's config file, to find its address and state dir")
+	fs.BoolVar(&c.json, "json", false, "print JSON")
+}
+
+func (c *clientFlags) client() (*client, error) {
+	cfg, err := config.Load(c.configPath, os.Geteuid() == 0)
+	if err != nil {
+		return nil, err
+	}
+	base := c.url
+	if base == "" {
+		base = os.Getenv("RBEE_HIVE_URL")
+	}
+	if base == "" {
+		base = "http://" + cfg.Listen
+	}
+	token := ""
+	switch {
+	case c.tokenFile != "":
+		token, err = readTokenFile(c.tokenFile)
+	case os.Getenv("LLORCH_API_TOKEN") != "":
+		token = strings.TrimSpace(os.Getenv("LLORCH_API_TOKEN"))
+	default:
+		// A missing file is not fatal: public routes work without a token.
+		token, _ = readTokenFile(filepath.Join(cfg.StateDir, "api-token"))
+	}
+	if err != nil {
+		return nil, err
+	}
+	return &client{base: strings.TrimRight(base, "/"), token: token, http: &http.Client{}, json: c.json}, nil
+}
+
+// apiError is the hive's error envelope as the CLI sees it.
+type apiError struct {
+	Status int
+	Code   string `json:"code"`
+	Msg    string `json:"message"`
+}
+
+func (e *apiError) Error() string {
+	return fmt.Sprintf("hive answered %d %s: %s", e.Status, e.Code, e.Msg)
+}
+
+// do sends a request and decodes a JSON answer into out (if non-nil).
+func (c *client) do(ctx context.Context, method, path string, in, out any) error {
+	resp, err := c.send(ctx, method, path, in)
+	if err != nil {
+		return err
+	}
+	defer resp.Body.Close()
+	if out == nil {
+		_, _ = io.Copy(io.Discard, resp.Body)
+		return nil
+	}
+	if err := json.NewDecoder(resp.Body).Decode(out); err != nil {
+		return fmt.Errorf("%s %s: decode answer: %w", method, path, err)
+	}
+	return nil
+}
+
+// send performs the request and turns non-2xx answers into errors.
+func (c *client) send(ctx context.Context, method, path string, in any) (*http.Response, error) {
+	var body io.Reader
+	if in != nil {
+		b, err := json.Marshal(in)
+		if err != nil {
+			return nil, err
+		}
+		body = bytes.NewReader(b)
+	}
+	ctx, cancel := context.WithTimeoutCause(ctx, 30*time.Second, fmt.Errorf("no answer from %s in 30s", c.base))
+	req, err := http.NewRequestWithContext(ctx, method, c.base+path, body)
+	if err != nil {
+		cancel()
+		return nil, err
+	}
+	if in != nil {
+		req.Header.Set("Content-Type", "application/json")
+	}
+	if c.token != "" {
+		req.Header.Set("Authorization", "Bearer "+c.token)
+	}
+	resp, err := c.http.Do(req)
+	if err != nil {
+		cancel()
+		return nil, fmt.Errorf("is the hive running? %w", err)
+	}
+	resp.Body = &cancelBody{ReadCloser: resp.Body, cancel: cancel}
+	if resp.StatusCode >= 300 {
+		defer resp.Body.Close()
+		var env struct {
+			Error apiError `json:"error"`
+		}
+		_ = json.NewDecoder(io.LimitReader(resp.Body, 1<<20)).Decode(&env)
+		env.Error.Status = resp.StatusCode
+		return nil, &env.Error
+	}
+	return resp, nil
+}
+
+// stream is send without the 30 s cap, for SSE.
+func (c *client) stream(ctx context.Context, method, path string) (*http.Response, error) {
+	req, err := http.NewRequestWithContext(ctx, method, c.base+path, nil)
+	if err != nil {
+		return nil, err
+	}
+	if c.token != "" {
+		req.Header.Set("Authorization", "Bearer "+c.token)
+	}
+	resp, err := c.http.Do(req)
+	if err != nil {
+		return nil, fmt.Errorf("is the hive running? %w", err)
+	}
+	if resp.StatusCode >= 300 {
+		defer resp.Body.Close()
+		var env struct {
+			Error apiError `json:"error"`
+		}
+		_ = json.NewDecoder(io.LimitReader(resp.Body, 1<<20)).Decode(&env)
+		env.Error.Status = resp.StatusCode
+		return nil, &env.Error
+	}
+	return resp, nil
+}
+
+type cancelBody struct {
+	io.ReadCloser
+	cancel context.CancelFunc
+}
+
+func (b *cancelBody) Close() error {
+	err := b.ReadCloser.Close()
+	b.cancel()
+	return err
+}
+
+func printJSON(w io.Writer, v any) error {
+	enc := json.NewEncoder(w)
+	enc.SetIndent("", "  ")
+	return enc.Encode(v)
+}

@@ -1,0 +1,179 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"net/http"
+	"os"
+	"runtime"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/collectors"
+	"github.com/prometheus/client_golang/prometheus/promhttp"
+
+	"github.com/rbee/rbee-hive/api"
+	"github.com/rbee/rbee-hive/config"
+)
+
+// daemonFlags are the daemon's command-line flags; they override the file.
+type daemonFlags struct {
+	configPath string
+	listen     string
+	tokenFile  string
+	logFormat  string
+	logLevel   string
+}
+
+func parseDaemonFlags(args []string) (daemonFlags, error) {
+	var f daemonFlags
+	fs := flag.NewFlagSet("daemon", flag.ContinueOnError)
+	fs.StringVar(&f.configPath, "config", "", "TOML config file (default: built-in defaults)")
+	fs.StringVar(&f.listen, "listen", "", "HTTP listen address (default 127.0.0.1:9200)")
+	fs.StringVar(&f.tokenFile, "token-file", "", "file holding the API token")
+	fs.StringVar(&f.logFormat, "log-format", "", "auto, text, json or journal")
+	fs.StringVar(&f.logLevel, "log-level", "", "debug, info, warn or error")
+	if err := fs.Parse(args); err != nil {
+		return f, err
+	}
+	if fs.NArg() > 0 {
+		return f, fmt.Errorf("%w: daemon takes no arguments, got %q", errUsage, fs.Args())
+	}
+	return f, nil
+}
+
+// loadDaemonConfig applies the flags over the file over the defaults.
+func loadDaemonConfig(f daemonFlags) (config.Config, error) {
+	cfg, err := config.Load(f.configPath, os.Geteuid() == 0)
+	if err != nil {
+		return cfg, err
+	}
+	if f.listen != "" {
+		cfg.Listen = f.listen
+	}
+	if f.tokenFile != "" {
+		cfg.TokenFile = f.tokenFile
+	}
+	for _, o := range []struct {
+		val string
+		dst interface{ UnmarshalText([]byte) error }
+	}{{f.logFormat, &cfg.LogFormat}, {f.logLevel, &cfg.LogLevel}} {
+		if o.val != "" {
+			if err := o.dst.UnmarshalText([]byte(o.val)); err != nil {
+				return cfg, fmt.Errorf("flag: %w", err)
+			}
+		}
+	}
+	return cfg, nil
+}
+
+func runDaemon(ctx context.Context, args []string, stderr io.Writer) error {
+	f, err := parseDaemonFlags(args)
+	if err != nil {
+		return err
+	}
+	cfg, err := loadDaemonConfig(f)
+	if err != nil {
+		return err
+	}
+	log, closeLog, err := newLogger(cfg, stderr)
+	if err != nil {
+		return err
+	}
+	defer closeLog()
+	err = serveDaemon(ctx, &cfg, log)
+	if err != nil {
+		log.Error("hive stopped with an error", "err", err)
+	}
+	return err
+}
+
+// serveDaemon runs the hive until ctx ends, then drains and stops.
+func serveDaemon(ctx context.Context, cfg *config.Config, log *slog.Logger) error {
+	token, source, err := loadToken(cfg.TokenFile, cfg.StateDir, os.Getenv)
+	if err != nil {
+		return err
+	}
+	log.Info("api token loaded", "source", string(source), "fingerprint", api.Fingerprint(token))
+
+	reg := prometheus.NewRegistry()
+	reg.MustRegister(
+		collectors.NewGoCollector(),
+		collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}),
+		buildInfo(),
+	)
+	rt := api.NewRouter(log)
+	auth := api.Authenticator{Token: token}
+	apiAuth := func(r *http.Request) *api.Error { return auth.Check(r) }
+
+	h, err := newHive(ctx, cfg, log, reg, token)
+	if err != nil {
+		return err
+	}
+	defer h.close()
+
+	rt.HandleFunc("GET /v1/health", nil, func(w http.ResponseWriter, r *http.Request) {
+		api.WriteJSON(w, http.StatusOK, map[string]string{"status": "alive", "version": version, "api_version": "v1"})
+	})
+	rt.Handle("GET /metrics", nil, promhttp.HandlerFor(reg, promhttp.HandlerOpts{
+		Registry:          reg,
+		ErrorLog:          slog.NewLogLogger(log.Handler(), slog.LevelError),
+		EnableOpenMetrics: false,
+	}))
+	h.routes(rt, apiAuth)
+
+	ln, err := net.Listen("tcp", cfg.Listen)
+	if err != nil {
+		return fmt.Errorf("listen %s: %w", cfg.Listen, err)
+	}
+	srv := &http.Server{
+		Handler:           rt,
+		ReadHeaderTimeout: 10 * time.Second,
+		ReadTimeout:       30 * time.Second,
+		// No WriteTimeout: SSE streams (inference, download progress) are long-lived.
+		IdleTimeout:    120 * time.Second,
+		MaxHeaderBytes: 64 << 10,
+		ErrorLog:       slog.NewLogLogger(log.Handler(), slog.LevelWarn),
+		BaseContext:    func(net.Listener) context.Context { return ctx },
+	}
+	serveErr := make(chan error, 1)
+	go func() { serveErr <- srv.Serve(ln) }()
+	log.Info("hive listening", "addr", ln.Addr().String(), "version", version, "state_dir", cfg.StateDir)
+	h.ready()
+
+	select {
+	case <-ctx.Done():
+	case err := <-serveErr:
+		return fmt.Errorf("http server: %w", err)
+	}
+	log.Info("shutting down")
+	h.stopping()
+	drain, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	// Stop taking requests first, then stop the workers: in-flight API calls
+	// finish against a live supervisor.
+	if err := srv.Shutdown(drain); err != nil {
+		log.Warn("http drain incomplete", "err", err)
+		_ = srv.Close()
+	}
+	h.shutdown()
+	if err := <-serveErr; err != nil && !errors.Is(err, http.ErrServerClosed) {
+		return fmt.Errorf("http server: %w", err)
+	}
+	log.Info("hive stopped")
+	return nil
+}
+
+func buildInfo() prometheus.Collector {
+	g := prometheus.NewGaugeVec(prometheus.GaugeOpts{
+		Name: "rbee_hive_build_info",
+		Help: "Build information of the running hive; always 1.",
+	}, []string{"version", "goversion"})
+	g.WithLabelValues(version, runtime.Version()).Set(1)
+	return g
+}
