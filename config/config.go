@@ -204,6 +204,13 @@ func Load(path string, root bool) (Config, error) {
 		return Config{}, fmt.Errorf("config: %w", err)
 	}
 	if err := decode(data, &cfg); err != nil {
+		var pe *posError
+		if errors.As(err, &pe) {
+			if pe.key == "" {
+				return Config{}, fmt.Errorf("config %s:%d: %s", path, pe.line, pe.msg)
+			}
+			return Config{}, fmt.Errorf("config %s:%d: key %s: %s", path, pe.line, pe.key, pe.msg)
+		}
 		return Config{}, fmt.Errorf("config %s: %w", path, err)
 	}
 	if err := cfg.finish(); err != nil {
@@ -234,14 +241,10 @@ func decode(data []byte, cfg *Config) error {
 		case errors.As(err, &se) && len(se.Errors) > 0:
 			e := se.Errors[0]
 			row, _ := e.Position()
-			return fmt.Errorf("line %d: unknown key %s", row, strings.Join(e.Key(), "."))
+			return &posError{line: row, key: strings.Join(e.Key(), "."), msg: "unknown key"}
 		case errors.As(err, &de):
 			row, _ := de.Position()
-			key := strings.Join(de.Key(), ".")
-			if key == "" {
-				return fmt.Errorf("line %d: %s", row, de.Error())
-			}
-			return fmt.Errorf("line %d: key %s: %s", row, key, strings.TrimPrefix(de.Error(), "toml: "))
+			return &posError{line: row, key: strings.Join(de.Key(), "."), msg: strings.TrimPrefix(de.Error(), "toml: ")}
 		}
 		return err
 	}
@@ -255,6 +258,14 @@ func decode(data []byte, cfg *Config) error {
 	cfg.Backends = merged
 	return nil
 }
+
+// posError is a decoding failure at a known line.
+type posError struct {
+	line     int
+	key, msg string
+}
+
+func (e *posError) Error() string { return fmt.Sprintf("line %d: key %s: %s", e.line, e.key, e.msg) }
 
 // fieldError is a validation failure of one key.
 type fieldError struct{ key, msg string }
@@ -270,6 +281,11 @@ var envKey = regexp.MustCompile(`^[A-Z_][A-Z0-9_]*$`)
 
 // finish fills derived defaults and validates.
 func (c *Config) finish() error {
+	for _, p := range []struct{ key, val string }{{"state_dir", c.StateDir}, {"runtime_dir", c.RuntimeDir}} {
+		if !filepath.IsAbs(p.val) {
+			return bad(p.key, "%q must be an absolute path", p.val)
+		}
+	}
 	if c.ModelDir == "" {
 		c.ModelDir = filepath.Join(c.StateDir, "models")
 	}
@@ -279,9 +295,25 @@ func (c *Config) finish() error {
 	if _, _, err := net.SplitHostPort(c.Listen); err != nil {
 		return bad("listen", "%q is not host:port", c.Listen)
 	}
-	for key, p := range map[string]string{"state_dir": c.StateDir, "runtime_dir": c.RuntimeDir, "model_dir": c.ModelDir, "heartbeat.notify_socket": c.Heartbeat.NotifySocket} {
-		if !filepath.IsAbs(p) {
-			return bad(key, "%q must be an absolute path", p)
+	for _, p := range []struct{ key, val string }{{"model_dir", c.ModelDir}, {"heartbeat.notify_socket", c.Heartbeat.NotifySocket}} {
+		if !filepath.IsAbs(p.val) {
+			return bad(p.key, "%q must be an absolute path", p.val)
+		}
+	}
+	// go-toml decodes string-kinded types without calling UnmarshalText, so
+	// the enums are checked here as well.
+	for _, e := range []struct {
+		key, val string
+		dst      interface{ UnmarshalText([]byte) error }
+	}{
+		{"log_format", string(c.LogFormat), new(LogFormat)},
+		{"log_level", string(c.LogLevel), new(LogLevel)},
+		{"heartbeat.stale_action", string(c.Heartbeat.StaleAction), new(StaleAction)},
+		{"resources.vram_limit_action", string(c.Resources.VRAMLimitAction), new(Action)},
+		{"gpu.driver", string(c.GPU.Driver), new(GPUDriver)},
+	} {
+		if err := e.dst.UnmarshalText([]byte(e.val)); err != nil {
+			return bad(e.key, "%v", err)
 		}
 	}
 	if len(c.Heartbeat.NotifySocket) > 107 {
@@ -370,6 +402,9 @@ func (c *Config) finishBackend(name string) error {
 	}
 	if b.Health == "" {
 		b.Health = "notify"
+	}
+	if err := new(HealthMode).UnmarshalText([]byte(b.Health)); err != nil {
+		return bad(key+".health", "%v", err)
 	}
 	if b.Health == "http" && b.HealthPath == "" {
 		b.HealthPath = "/health"
@@ -481,3 +516,4 @@ func findKeyLine(data []byte, dotted string) int {
 	}
 	return 0
 }
+
