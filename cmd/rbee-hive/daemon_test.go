@@ -1,0 +1,350 @@
+package main
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/rbee/rbee-hive/api"
+)
+
+// binDir holds rbee-hive (and rbee-simworker) built once for these tests.
+type testBinaries struct{ dir string }
+
+var bins testBinaries // set once in TestMain, read-only afterwards
+
+func TestMain(m *testing.M) {
+	if gateRan() {
+		return
+	}
+	dir, err := os.MkdirTemp("", "rbee-hive-test-bin")
+	if err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		os.Exit(1)
+	}
+	for _, pkg := range []string{"./cmd/rbee-hive", "./cmd/rbee-simworker"} {
+		cmd := exec.Command("go", "build", "-o", dir, pkg)
+		cmd.Dir = "../.."
+		cmd.Stderr = os.Stderr
+		if err := cmd.Run(); err != nil {
+			fmt.Fprintf(os.Stderr, "build %s: %v\n", pkg, err)
+			os.Exit(1)
+		}
+	}
+	bins = testBinaries{dir: dir}
+	code := m.Run()
+	os.RemoveAll(dir)
+	os.Exit(code)
+}
+
+func freePort(t *testing.T) int {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	return ln.Addr().(*net.TCPAddr).Port
+}
+
+// daemon is a running `rbee-hive daemon` child process.
+type daemon struct {
+	t        *testing.T
+	cmd      *exec.Cmd
+	url      string
+	stateDir string
+	logs     *syncBuffer
+	done     chan error
+}
+
+type syncBuffer struct {
+	mu sync.Mutex
+	b  bytes.Buffer
+}
+
+func (s *syncBuffer) Write(p []byte) (int, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.Write(p)
+}
+
+func (s *syncBuffer) String() string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.String()
+}
+
+// startDaemon runs the hive with a config whose paths live in a temp dir;
+// extra is appended to the config file.
+func startDaemon(t *testing.T, extra string, env ...string) *daemon {
+	t.Helper()
+	dir := t.TempDir()
+	port := freePort(t)
+	cfg := fmt.Sprintf("listen = \"127.0.0.1:%d\"\nstate_dir = %q\nruntime_dir = %q\nlog_format = \"json\"\nlog_level = \"debug\"\n%s",
+		port, filepath.Join(dir, "state"), filepath.Join(dir, "run"), extra)
+	cfgPath := filepath.Join(dir, "hive.toml")
+	if err := os.WriteFile(cfgPath, []byte(cfg), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	d := &daemon{t: t, url: fmt.Sprintf("http://127.0.0.1:%d", port), stateDir: filepath.Join(dir, "state"), logs: &syncBuffer{}, done: make(chan error, 1)}
+	d.cmd = exec.Command(filepath.Join(bins.dir, "rbee-hive"), "daemon", "--config", cfgPath)
+	d.cmd.Env = append(os.Environ(), env...)
+	d.cmd.Stderr = d.logs
+	d.cmd.Stdout = d.logs
+	if err := d.cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	go func() { d.done <- d.cmd.Wait() }()
+	t.Cleanup(func() {
+		if d.cmd.ProcessState == nil {
+			_ = d.cmd.Process.Signal(syscall.SIGTERM)
+			select {
+			case <-d.done:
+			case <-time.After(30 * time.Second):
+				_ = d.cmd.Process.Kill()
+			}
+		}
+		if t.Failed() {
+			t.Logf("daemon logs:\n%s", d.logs.String())
+		}
+	})
+	deadline := time.Now().Add(20 * time.Second)
+	for time.Now().Before(deadline) {
+		resp, err := http.Get(d.url + "/v1/health")
+		if err == nil {
+			resp.Body.Close()
+			if resp.StatusCode == 200 {
+				return d
+			}
+		}
+		select {
+		case err := <-d.done:
+			t.Fatalf("daemon exited early: %v\n%s", err, d.logs.String())
+		case <-time.After(50 * time.Millisecond):
+		}
+	}
+	t.Fatalf("daemon did not answer /v1/health in time:\n%s", d.logs.String())
+	return nil
+}
+
+func (d *daemon) token() string {
+	d.t.Helper()
+	b, err := os.ReadFile(filepath.Join(d.stateDir, "api-token"))
+	if err != nil {
+		d.t.Fatal(err)
+	}
+	return strings.TrimSpace(string(b))
+}
+
+// request sends an API request with the hive's token and returns status and body.
+func (d *daemon) request(method, path, body string) (int, []byte) {
+	d.t.Helper()
+	var r io.Reader
+	if body != "" {
+		r = strings.NewReader(body)
+	}
+	req, err := http.NewRequest(method, d.url+path, r)
+	if err != nil {
+		d.t.Fatal(err)
+	}
+	req.Header.Set("Authorization", "Bearer "+d.token())
+	if body != "" {
+		req.Header.Set("Content-Type", "application/json")
+	}
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		d.t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	b, _ := io.ReadAll(resp.Body)
+	return resp.StatusCode, b
+}
+
+func (d *daemon) stop(sig syscall.Signal) (int, time.Duration) {
+	d.t.Helper()
+	start := time.Now()
+	if err := d.cmd.Process.Signal(sig); err != nil {
+		d.t.Fatal(err)
+	}
+	select {
+	case <-d.done:
+	case <-time.After(60 * time.Second):
+		d.t.Fatalf("daemon ignored %v", sig)
+	}
+	return d.cmd.ProcessState.ExitCode(), time.Since(start)
+}
+
+func TestDaemonHealthMetricsAuth(t *testing.T) {
+	d := startDaemon(t, "")
+
+	resp, err := http.Get(d.url + "/v1/health")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var health map[string]string
+	_ = json.NewDecoder(resp.Body).Decode(&health)
+	resp.Body.Close()
+	if health["status"] != "alive" || health["api_version"] != "v1" || health["version"] != version {
+		t.Errorf("health %v", health)
+	}
+
+	resp, err = http.Get(d.url + "/metrics")
+	if err != nil {
+		t.Fatal(err)
+	}
+	body, _ := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	if ct := resp.Header.Get("Content-Type"); !strings.HasPrefix(ct, "text/plain; version=0.0.4") {
+		t.Errorf("metrics content type %q", ct)
+	}
+	for _, want := range []string{"rbee_hive_build_info{", "go_goroutines ", "process_resident_memory_bytes "} {
+		if !bytes.Contains(body, []byte(want)) {
+			t.Errorf("metrics lack %q", want)
+		}
+	}
+
+	// The generated token file is private to the hive's user.
+	st, err := os.Stat(filepath.Join(d.stateDir, "api-token"))
+	if err != nil || st.Mode().Perm() != 0o600 {
+		t.Fatalf("api-token: %v mode %v", err, st.Mode())
+	}
+	resp, err = http.Get(d.url + "/v1/workers/list")
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp.Body.Close()
+	if resp.StatusCode != 401 || resp.Header.Get("WWW-Authenticate") == "" {
+		t.Errorf("unauthenticated list: %d %v", resp.StatusCode, resp.Header)
+	}
+	if code, body := d.request("GET", "/v1/workers/list", ""); code != 200 {
+		t.Errorf("authenticated list: %d %s", code, body)
+	}
+
+	tok := d.token()
+	logs := d.logs.String()
+	if strings.Contains(logs, tok) {
+		t.Errorf("token in logs")
+	}
+	if fp := api.Fingerprint(tok); !strings.Contains(logs, fp) {
+		t.Errorf("logs lack the token fingerprint %s", fp)
+	}
+}
+
+func TestTokenSources(t *testing.T) {
+	tokFile := filepath.Join(t.TempDir(), "tok")
+	if err := os.WriteFile(tokFile, []byte("from-file\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	creds := t.TempDir()
+	if err := os.WriteFile(filepath.Join(creds, "api-token"), []byte("from-cred"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	env := func(m map[string]string) func(string) string { return func(k string) string { return m[k] } }
+	tests := []struct {
+		name, file string
+		env        map[string]string
+		want       string
+	}{
+		{"explicit file wins", tokFile, map[string]string{"CREDENTIALS_DIRECTORY": creds, "LLORCH_API_TOKEN": "from-env"}, "from-file"},
+		{"systemd credential", "", map[string]string{"CREDENTIALS_DIRECTORY": creds, "LLORCH_API_TOKEN": "from-env"}, "from-cred"},
+		{"environment", "", map[string]string{"LLORCH_API_TOKEN": "from-env"}, "from-env"},
+	}
+	for _, tc := range tests {
+		got, _, err := loadToken(tc.file, t.TempDir(), env(tc.env))
+		if err != nil || got != tc.want {
+			t.Errorf("%s: got %q, %v", tc.name, got, err)
+		}
+	}
+	// Generated once, then reused.
+	state := t.TempDir()
+	a, _, err := loadToken("", state, env(nil))
+	if err != nil || len(a) != 64 {
+		t.Fatalf("generated %q %v", a, err)
+	}
+	b, _, err := loadToken("", state, env(nil))
+	if err != nil || a != b {
+		t.Errorf("second load generated a new token")
+	}
+	empty := filepath.Join(t.TempDir(), "empty")
+	_ = os.WriteFile(empty, []byte("\n"), 0o600)
+	if _, _, err := loadToken(empty, state, env(nil)); err == nil {
+		t.Errorf("an empty token file must be an error")
+	}
+}
+
+
+func TestDaemonSignalsExitZero(t *testing.T) {
+	for _, sig := range []syscall.Signal{syscall.SIGTERM, syscall.SIGINT} {
+		t.Run(sig.String(), func(t *testing.T) {
+			d := startDaemon(t, "")
+			code, took := d.stop(sig)
+			if code != 0 {
+				t.Fatalf("exit code %d after %v\n%s", code, sig, d.logs.String())
+			}
+			if !strings.Contains(d.logs.String(), "hive stopped") {
+				t.Errorf("no shutdown log line")
+			}
+			t.Logf("%v → exit 0 in %v", sig, took)
+		})
+	}
+}
+
+func TestDaemonBadConfig(t *testing.T) {
+	dir := t.TempDir()
+	p := filepath.Join(dir, "bad.toml")
+	_ = os.WriteFile(p, []byte("listen = \"127.0.0.1:1\"\n[heartbeat]\nstale_action = \"explode\"\n"), 0o600)
+	var stderr bytes.Buffer
+	cmd := exec.Command(filepath.Join(bins.dir, "rbee-hive"), "daemon", "--config", p)
+	cmd.Stderr = &stderr
+	err := cmd.Run()
+	if cmd.ProcessState.ExitCode() != 1 {
+		t.Fatalf("exit %v, want 1: %s", err, stderr.String())
+	}
+	if !strings.Contains(stderr.String(), p+":3: key heartbeat.stale_action") {
+		t.Errorf("stderr does not point at file:line:key: %s", stderr.String())
+	}
+}
+
+func TestCLIStatus(t *testing.T) {
+	d := startDaemon(t, "")
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	var out bytes.Buffer
+	tokFile := filepath.Join(d.stateDir, "api-token")
+	if code := run(ctx, []string{"status", "--url", d.url, "--token-file", tokFile}, &out, &out); code != 0 {
+		t.Fatalf("status exit %d: %s", code, out.String())
+	}
+	if !strings.Contains(out.String(), "alive") || !strings.Contains(out.String(), "workers: 0") {
+		t.Errorf("status output:\n%s", out.String())
+	}
+	out.Reset()
+	if code := run(ctx, []string{"workers", "ls", "--json", "--url", d.url, "--token-file", tokFile}, &out, &out); code != 0 {
+		t.Fatalf("workers ls exit %d: %s", code, out.String())
+	}
+	var list struct {
+		Workers []any `json:"workers"`
+	}
+	if err := json.Unmarshal(out.Bytes(), &list); err != nil || list.Workers == nil {
+		t.Errorf("workers ls --json: %v %q", err, out.String())
+	}
+	// A wrong token is a clear error, not a crash.
+	bad := filepath.Join(t.TempDir(), "bad")
+	_ = os.WriteFile(bad, []byte("wrong"), 0o600)
+	out.Reset()
+	if code := run(ctx, []string{"workers", "ls", "--url", d.url, "--token-file", bad}, &out, &out); code != 1 || !strings.Contains(out.String(), "INVALID_API_KEY") {
+		t.Errorf("wrong token: exit %d %q", code, out.String())
+	}
+}
+
