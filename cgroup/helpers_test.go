@@ -1,0 +1,283 @@
+package cgroup
+
+import (
+	"bufio"
+	"context"
+	"crypto/rand"
+	"encoding/hex"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"sort"
+	"strconv"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/containerd/cgroups/v3"
+	"github.com/containerd/cgroups/v3/cgroup1"
+)
+
+// Child programs are this test binary re-executed with helperEnv set, so the
+// tests need no external tools and run unchanged inside the VM.
+const helperEnv = "RBEE_CGROUP_TEST_HELPER"
+
+// helperMaxLife bounds every helper so nothing outlives a failed test run.
+const helperMaxLife = 2 * time.Minute
+
+func TestMain(m *testing.M) {
+	MaybeRunGate()
+	if mode := os.Getenv(helperEnv); mode != "" {
+		os.Exit(runHelper(mode))
+	}
+	os.Exit(m.Run())
+}
+
+func runHelper(mode string) int {
+	switch mode {
+	case "exit":
+		return 0
+	case "sleep":
+		time.Sleep(helperMaxLife)
+		return 0
+	case "oom":
+		// Touch 256 MiB page by page; a 64 MiB leaf must OOM-kill us.
+		b := make([]byte, 256<<20)
+		for i := 0; i < len(b); i += 4096 {
+			b[i] = 1
+		}
+		fmt.Println("survived", len(b))
+		return 3
+	case "tree":
+		// A child, and a double-forked daemon (setsid, parent exits at once)
+		// that ends up reparented away from us.
+		child := helperCmd("sleep")
+		if err := child.Start(); err != nil {
+			fmt.Fprintln(os.Stderr, "tree: child:", err)
+			return 2
+		}
+		d := helperCmd("daemonize")
+		out, err := d.Output()
+		if err != nil {
+			fmt.Fprintln(os.Stderr, "tree: daemonize:", err)
+			return 2
+		}
+		fmt.Printf("ready %d %s\n", child.Process.Pid, strings.TrimSpace(string(out)))
+		time.Sleep(helperMaxLife)
+		return 0
+	case "daemonize":
+		c := helperCmd("sleep")
+		c.SysProcAttr = &syscall.SysProcAttr{Setsid: true}
+		if err := c.Start(); err != nil {
+			fmt.Fprintln(os.Stderr, "daemonize:", err)
+			return 2
+		}
+		fmt.Println(c.Process.Pid)
+		return 0
+	case "pids":
+		// Start children until the pids limit refuses one.
+		var started int
+		for started < 64 {
+			c := helperCmd("sleep")
+			if err := c.Start(); err != nil {
+				fmt.Printf("refused after %d: %v\n", started, err)
+				time.Sleep(helperMaxLife)
+				return 0
+			}
+			started++
+		}
+		fmt.Printf("started %d, never refused\n", started)
+		time.Sleep(helperMaxLife)
+		return 0
+	case "env":
+		// Report what the worker sees at start, then wait for stdin to close.
+		wd, _ := os.Getwd()
+		fds := openFDs()
+		cg, _ := os.ReadFile("/proc/self/cgroup")
+		fmt.Printf("X=%s\nGATE=%t\nWD=%s\n", os.Getenv("RBEE_TEST_X"), os.Getenv(gateEnv) != "", wd)
+		fmt.Printf("PGID=%d PID=%d\n", syscall.Getpgrp(), os.Getpid())
+		fmt.Printf("CG=%s\n", strings.ReplaceAll(strings.TrimSpace(string(cg)), "\n", ";"))
+		fmt.Printf("FDS=%s\n", strings.Join(fds, ","))
+		if f := os.NewFile(3, "extra"); f != nil {
+			_, err := f.WriteString("extra-ok\n")
+			fmt.Printf("EXTRA=%v\n", err == nil)
+			f.Close()
+		}
+		fmt.Printf("FDS=%s\n", strings.Join(openFDs(), ","))
+		_, _ = bufio.NewReader(os.Stdin).ReadString('\n')
+		return 0
+	case "burn":
+		end := time.Now().Add(50 * time.Millisecond)
+		x := 0
+		for time.Now().Before(end) {
+			x++
+		}
+		_ = x
+		return 0
+	}
+	fmt.Fprintln(os.Stderr, "unknown helper mode", mode)
+	return 2
+}
+
+// openFDs lists this process's descriptors above stderr with their targets,
+// leaving out the one that reads the directory.
+func openFDs() []string {
+	d, err := os.Open("/proc/self/fd")
+	if err != nil {
+		return []string{err.Error()}
+	}
+	defer d.Close()
+	names, _ := d.Readdirnames(-1)
+	var out []string
+	for _, n := range names {
+		fd, _ := strconv.Atoi(n)
+		if fd <= 2 || uintptr(fd) == d.Fd() {
+			continue
+		}
+		target, _ := os.Readlink("/proc/self/fd/" + n)
+		out = append(out, n+"->"+target)
+	}
+	sort.Strings(out)
+	return out
+}
+
+// helperCmd re-executes the test binary in a helper mode.
+func helperCmd(mode string) *exec.Cmd {
+	c := exec.Command("/proc/self/exe")
+	c.Args = []string{"cgroup-test-helper"}
+	c.Env = append(os.Environ(), helperEnv+"="+mode)
+	return c
+}
+
+// newTestManager returns a manager over a uniquely named root that is removed
+// with everything below it when the test ends.
+func newTestManager(t testing.TB, opts Options) Manager {
+	t.Helper()
+	if os.Geteuid() != 0 {
+		t.Skip("needs root: creates cgroups (CI runs as root)")
+	}
+	suffix := randHex(t)
+	m, err := New(testOptions(opts, suffix))
+	if err != nil {
+		t.Fatalf("New: %v", err)
+	}
+	t.Cleanup(func() { removeTree(t, m) })
+	return m
+}
+
+func testOptions(opts Options, suffix string) Options {
+	if opts.Root == "" {
+		opts.Root = "rbee-test-" + suffix
+		if mgrMode() == "v2" {
+			opts.Root = filepath.Join(v2Mount, opts.Root)
+		}
+	}
+	return opts
+}
+
+func randHex(t testing.TB) string {
+	var b [4]byte
+	if _, err := rand.Read(b[:]); err != nil {
+		t.Fatal(err)
+	}
+	return hex.EncodeToString(b[:])
+}
+
+// removeTree kills and deletes every leaf, then removes workers/, supervisor/
+// and the root in every hierarchy.
+func removeTree(t testing.TB, m Manager) {
+	t.Helper()
+	ids, _ := m.List()
+	for _, id := range ids {
+		l, err := m.Load(id)
+		if err != nil {
+			continue
+		}
+		ctx, cancel := contextTimeout(10 * time.Second)
+		if err := l.Kill(ctx); err != nil {
+			t.Errorf("cleanup: kill %s: %v", id, err)
+		}
+		cancel()
+		if err := l.Delete(); err != nil {
+			t.Errorf("cleanup: delete %s: %v", id, err)
+		}
+	}
+	var roots []string
+	switch mm := m.(type) {
+	case *v2Manager:
+		roots = []string{mm.root}
+	case *v1Manager:
+		for n, r := range mm.roots {
+			roots = append(roots, filepath.Join(v1Mount, string(n), r))
+		}
+	}
+	for _, r := range roots {
+		for _, d := range []string{filepath.Join(r, "workers"), filepath.Join(r, "supervisor"), r} {
+			if err := os.Remove(d); err != nil && !os.IsNotExist(err) {
+				t.Errorf("cleanup: %v", err)
+			}
+		}
+	}
+}
+
+// mgrMode says which driver New picks on this machine.
+func mgrMode() string {
+	if cgroups.Mode() == cgroups.Unified {
+		return "v2"
+	}
+	return "v1"
+}
+
+func contextTimeout(d time.Duration) (context.Context, context.CancelFunc) {
+	return context.WithTimeout(context.Background(), d)
+}
+
+// leafDirsOf returns every directory that backs a leaf.
+func leafDirsOf(l Leaf) []string {
+	switch ll := l.(type) {
+	case *v2Leaf:
+		return []string{ll.dir}
+	case *v1Leaf:
+		var ds []string
+		for _, d := range ll.dirs {
+			ds = append(ds, d)
+		}
+		return ds
+	}
+	return nil
+}
+
+// memDirOf is the directory holding the leaf's memory files.
+func memDirOf(l Leaf) string {
+	switch ll := l.(type) {
+	case *v2Leaf:
+		return ll.dir
+	case *v1Leaf:
+		return ll.dirs[cgroup1.Memory]
+	}
+	return ""
+}
+
+// pidsDirOf is the directory holding the leaf's pids files.
+func pidsDirOf(l Leaf) string {
+	switch ll := l.(type) {
+	case *v2Leaf:
+		return ll.dir
+	case *v1Leaf:
+		return ll.dirs[cgroup1.Pids]
+	}
+	return ""
+}
+
+// alive reports whether pid exists and is not a zombie.
+func alive(pid int) bool {
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+	if err != nil {
+		return false
+	}
+	s := string(b)
+	i := strings.LastIndexByte(s, ')')
+	return i < 0 || i+2 >= len(s) || s[i+2] != 'Z'
+}

@@ -1,0 +1,76 @@
+package cgroup
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"time"
+
+	"golang.org/x/sys/unix"
+)
+
+// freezer freezes and thaws one cgroup, bounded by ctx. The library's
+// Freeze/Thaw (v1 and v2) poll forever without a context; a task stuck in D
+// state would hang the hive's stop path, so this code owns the loop.
+type freezer interface {
+	freeze(ctx context.Context) error
+	thaw(ctx context.Context) error
+}
+
+// freezeKillLoop kills every process in a cgroup without cgroup.kill: freeze
+// (so nothing can fork or exit while the pid list is read, which also makes
+// signalling by pid safe: a frozen task cannot die and have its pid reused),
+// SIGKILL each pid, thaw (a frozen task does not act on SIGKILL until thawed,
+// runc#2105), and repeat until the cgroup is empty. fz may be nil when no
+// freezer is available; the loop then relies on repetition alone.
+func freezeKillLoop(ctx context.Context, fz freezer, list func() ([]int, error)) error {
+	for {
+		pids, err := list()
+		if err != nil {
+			if isGone(err) {
+				return nil
+			}
+			return fmt.Errorf("list pids: %w", err)
+		}
+		if len(pids) == 0 {
+			return nil
+		}
+		if fz != nil {
+			if err := fz.freeze(ctx); err != nil {
+				// Thaw in any case: a half-frozen leaf must not be left behind.
+				_ = fz.thaw(context.WithoutCancel(ctx))
+				return fmt.Errorf("freeze: %w", err)
+			}
+			if pids, err = list(); err != nil && !isGone(err) {
+				_ = fz.thaw(context.WithoutCancel(ctx))
+				return fmt.Errorf("list pids: %w", err)
+			}
+		}
+		for _, p := range pids {
+			if err := unix.Kill(p, unix.SIGKILL); err != nil && !errors.Is(err, unix.ESRCH) {
+				if fz != nil {
+					_ = fz.thaw(context.WithoutCancel(ctx))
+				}
+				return fmt.Errorf("kill pid %d: %w", p, err)
+			}
+		}
+		if fz != nil {
+			if err := fz.thaw(ctx); err != nil {
+				return fmt.Errorf("thaw: %w", err)
+			}
+		}
+		// Give the kills a moment to land before the next round.
+		wctx, cancel := context.WithTimeout(ctx, 100*time.Millisecond)
+		err = pollUntil(wctx, func() (bool, error) {
+			p, err := list()
+			if isGone(err) {
+				return true, nil
+			}
+			return len(p) == 0, err
+		})
+		cancel()
+		if err != nil && ctx.Err() != nil {
+			return ctx.Err()
+		}
+	}
+}
