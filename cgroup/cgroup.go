@@ -13,8 +13,8 @@ import (
 
 // Limits are the per-leaf limits. MemoryMax is required (> 0).
 type Limits struct {
-	MemoryMax int64 // bytes; swap is set to 0 where swap accounting exists
-	PidsMax   int64 // 0 means no pids limit
+	MemoryMax int64  // bytes; swap is set to 0 where swap accounting exists
+	PidsMax   int64  // 0 means no pids limit
 	CPUWeight uint64 // 0 means the kernel default
 }
 
@@ -22,9 +22,13 @@ type Limits struct {
 type Stats struct {
 	MemoryCurrent uint64
 	MemoryPeak    uint64
-	OOMKills      uint64
-	CPUUsage      time.Duration
-	PidsCurrent   uint64
+	// OOMKills counts OOM kills in the leaf. v2: group kills
+	// (memory.events oom_group_kill; one per OOM, as every leaf has
+	// memory.oom.group=1), oom_kill on kernels < 5.17. v1: processes killed
+	// (memory.oom_control oom_kill). Reliable once the worker's Wait returns.
+	OOMKills    uint64
+	CPUUsage    time.Duration
+	PidsCurrent uint64
 }
 
 // OOMEvent reports one or more kernel OOM kills in a leaf.

@@ -42,6 +42,9 @@ func watchV2(ctx context.Context, id, dir string) (<-chan OOMEvent, error) {
 		return nil, fmt.Errorf("cgroup v2: inotify: %w", err)
 	}
 	f := os.NewFile(uintptr(fd), "inotify:"+dir)
+	// rmdir of a cgroup does not reliably report IN_DELETE_SELF on the
+	// directory (the watch pins the kernfs inode), so the parent is watched
+	// for IN_DELETE of the leaf's name as well.
 	watches := []struct {
 		path string
 		mask uint32
@@ -49,9 +52,15 @@ func watchV2(ctx context.Context, id, dir string) (<-chan OOMEvent, error) {
 		{filepath.Join(dir, "memory.events"), unix.IN_MODIFY},
 		{filepath.Join(dir, "cgroup.events"), unix.IN_MODIFY},
 		{dir, unix.IN_DELETE_SELF},
+		{filepath.Dir(dir), unix.IN_DELETE | unix.IN_ONLYDIR},
 	}
+	var parentWD int
 	for _, w := range watches {
-		if _, err := unix.InotifyAddWatch(fd, w.path, w.mask); err != nil {
+		wd, err := unix.InotifyAddWatch(fd, w.path, w.mask)
+		if w.mask&unix.IN_DELETE != 0 {
+			parentWD = wd
+		}
+		if err != nil {
 			f.Close()
 			if isGone(err) {
 				return nil, fmt.Errorf("cgroup v2: leaf %s: %w", id, ErrNotFound)
@@ -83,7 +92,12 @@ func watchV2(ctx context.Context, id, dir string) (<-chan OOMEvent, error) {
 			deleted := false
 			for off := 0; off+unix.SizeofInotifyEvent <= n; {
 				ev := (*unix.InotifyEvent)(unsafe.Pointer(&buf[off]))
-				if ev.Mask&(unix.IN_DELETE_SELF|unix.IN_IGNORED) != 0 {
+				switch {
+				case int(ev.Wd) == parentWD:
+					if ev.Mask&unix.IN_DELETE != 0 && inotifyName(buf[off+unix.SizeofInotifyEvent:off+unix.SizeofInotifyEvent+int(ev.Len)]) == id {
+						deleted = true
+					}
+				case ev.Mask&(unix.IN_DELETE_SELF|unix.IN_IGNORED) != 0:
 					deleted = true
 				}
 				off += unix.SizeofInotifyEvent + int(ev.Len)
@@ -106,14 +120,34 @@ func watchV2(ctx context.Context, id, dir string) (<-chan OOMEvent, error) {
 	return ch, nil
 }
 
-// v2OOMKills reads oom_kill from memory.events: the number of processes in
-// the leaf killed by any OOM killer. Not "oom" (only counted where the limit
-// fired, containerd#6323) and not oom_group_kill (counts group kills, not
-// processes, and only on kernels >= 5.17).
+// inotifyName returns the NUL-padded name that follows an inotify event.
+func inotifyName(b []byte) string {
+	for i, c := range b {
+		if c == 0 {
+			return string(b[:i])
+		}
+	}
+	return string(b)
+}
+
+// v2OOMKills counts OOM kills of the leaf from memory.events. Every leaf has
+// memory.oom.group=1, so one OOM kills the whole leaf and bumps
+// oom_group_kill once (kernel >= 5.17). oom_kill is no count of kills there:
+// it counts per killed task, and the group kill hits the victim a second
+// time (one OOM of a single process reads oom_kill 2 on 6.1). Older kernels
+// lack oom_group_kill; oom_kill is the best there is. "oom" is never used: it
+// is counted only where the limit fired (containerd#6323).
 func v2OOMKills(dir string) (uint64, error) {
 	ev, err := readKV(filepath.Join(dir, "memory.events"))
 	if err != nil {
 		return 0, err
 	}
-	return ev["oom_kill"], nil
+	return v2KillCount(ev), nil
+}
+
+func v2KillCount(ev map[string]uint64) uint64 {
+	if n, ok := ev["oom_group_kill"]; ok {
+		return n
+	}
+	return ev["oom_kill"]
 }

@@ -271,7 +271,7 @@ func (l *v2Leaf) Stats() (Stats, error) {
 	if _, err := os.Stat(l.dir); err != nil {
 		return Stats{}, fmt.Errorf("cgroup v2: leaf %s: %w", l.id, ErrNotFound)
 	}
-	m, err := l.cg.StatFiltered(cgroup2.StatMemory | cgroup2.StatMemoryEvents | cgroup2.StatCPU | cgroup2.StatPids)
+	m, err := l.cg.StatFiltered(cgroup2.StatMemory | cgroup2.StatCPU | cgroup2.StatPids)
 	if err != nil {
 		return Stats{}, fmt.Errorf("cgroup v2: stats of leaf %s: %w", l.id, err)
 	}
@@ -279,8 +279,10 @@ func (l *v2Leaf) Stats() (Stats, error) {
 	if m.Memory != nil {
 		s.MemoryCurrent, s.MemoryPeak = m.Memory.Usage, m.Memory.MaxUsage
 	}
-	if m.MemoryEvents != nil {
-		s.OOMKills = m.MemoryEvents.OomKill
+	// Not the library's MemoryEvents: it reports a missing oom_group_kill
+	// as 0, which cannot be told from "no group kill" (see v2OOMKills).
+	if s.OOMKills, err = v2OOMKills(l.dir); err != nil {
+		return Stats{}, fmt.Errorf("cgroup v2: stats of leaf %s: %w", l.id, err)
 	}
 	if m.CPU != nil {
 		s.CPUUsage = time.Duration(m.CPU.UsageUsec) * time.Microsecond
