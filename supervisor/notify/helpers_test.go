@@ -67,6 +67,21 @@ func runHelper(mode string) int {
 			return fail(err)
 		}
 		json.NewEncoder(os.Stdout).Encode(res)
+	case "activated":
+		l, err := FromActivation()
+		if err != nil {
+			return fail(err)
+		}
+		defer l.Close()
+		ctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+		defer cancel()
+		var got Message
+		l.Serve(ctx, func(m Message) { got = m; cancel() })
+		json.NewEncoder(os.Stdout).Encode(struct {
+			PID    int32
+			Fields map[string]string
+			Stats  Stats
+		}{got.PID, got.Fields, l.Stats()})
 	case "nsrecv":
 		return nsReceiver(sock)
 	default:

@@ -673,3 +673,48 @@ func TestFromFile(t *testing.T) {
 		})
 	}
 }
+
+// TestSocketActivation: a systemd-owned socket (here systemd-socket-activate,
+// as a .socket unit would) queues datagrams while no hive runs; the hive
+// started on it picks them up, credentials intact, via FromActivation.
+func TestSocketActivation(t *testing.T) {
+	bin, err := exec.LookPath("systemd-socket-activate")
+	if err != nil {
+		t.Skip("systemd-socket-activate not installed")
+	}
+	path := filepath.Join(t.TempDir(), "activated.sock")
+	cmd := exec.Command(bin, "--datagram", "-l", path, "-E", helperEnv+"=activated", os.Args[0], "-test.run=^$")
+	stderr, _ := cmd.StderrPipe()
+	var out strings.Builder
+	cmd.Stdout = &out
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	defer cmd.Process.Kill()
+	if line, err := bufio.NewReader(stderr).ReadString('\n'); err != nil || !strings.HasPrefix(line, "Listening on") {
+		t.Fatalf("systemd-socket-activate: %q %v", line, err)
+	}
+	// Sent while nothing reads the socket: it waits in the kernel queue.
+	conn, err := net.Dial("unixgram", path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := conn.Write([]byte("WATCHDOG=1\nRBEE_HEALTH=healthy")); err != nil {
+		t.Fatal(err)
+	}
+	conn.Close()
+	if err := cmd.Wait(); err != nil {
+		t.Fatalf("activated hive: %v", err)
+	}
+	var res struct {
+		PID    int32
+		Fields map[string]string
+		Stats  Stats
+	}
+	if err := json.Unmarshal([]byte(out.String()), &res); err != nil {
+		t.Fatalf("%q: %v", out.String(), err)
+	}
+	if res.PID != int32(os.Getpid()) || res.Fields["RBEE_HEALTH"] != "healthy" || res.Stats.Delivered != 1 {
+		t.Fatalf("got %+v, want the queued heartbeat from pid %d", res, os.Getpid())
+	}
+}

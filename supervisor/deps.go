@@ -1,0 +1,103 @@
+package supervisor
+
+import (
+	"context"
+	"log/slog"
+	"net/http"
+	"net/url"
+
+	"github.com/prometheus/client_golang/prometheus"
+
+	"github.com/rbee/rbee-hive/cgroup"
+)
+
+// Deps are the supervisor's collaborators. Cgroups is required; every
+// interface left nil is simply not used.
+type Deps struct {
+	Logger   *slog.Logger
+	Cgroups  cgroup.Manager
+	Registry *prometheus.Registry // nil: metrics are not registered
+	// SelfDir replaces {self_dir} in backend commands (where rbee-simworker lives).
+	SelfDir string
+	// HiveURL is given to workers as RBEE_HIVE_URL for the HTTP fallback.
+	HiveURL string
+
+	Admitter Admitter
+	Models   ModelStore
+	GPUs     GPUs
+	Proxy    Proxy
+	LineSink LineSink
+}
+
+// Admitter reserves host resources for a worker before it is spawned. A
+// rejection is returned as is (an *api.Error 507 from the admission package).
+type Admitter interface {
+	Admit(ctx context.Context, req AdmitRequest) (Claim, error)
+}
+
+// AdmitRequest describes the worker asking for resources.
+type AdmitRequest struct {
+	WorkerID    string
+	Backend     string
+	Device      int
+	GPUUUID     string // empty for non-cuda backends
+	CUDA        bool
+	MemoryBytes int64 // the worker's memory limit
+	VRAMBytes   int64 // 0: the admitter estimates from the model
+	ModelRef    string
+	ModelPath   string // empty while the model still has to be downloaded
+	ContextSize int
+}
+
+// Claim is an admitted reservation. Loaded is called once the worker is
+// ready (its memory is now visible in the host's figures); Release when the
+// worker is gone for good. Both may be called more than once.
+type Claim interface {
+	Loaded()
+	Release()
+}
+
+// ModelStore resolves model references to local paths.
+type ModelStore interface {
+	// Local returns the path of a model that is already on disk.
+	Local(ref string) (path string, ok bool)
+	// Fetch downloads the model (or waits for a download in progress) and
+	// returns its path. It honours ctx.
+	Fetch(ctx context.Context, ref string) (path string, err error)
+}
+
+// GPUDevice is one GPU as the spawn API sees it.
+type GPUDevice struct {
+	Index int
+	UUID  string
+}
+
+// GPUs lists the host's GPUs (the lead adapts gpu.GPUs.Devices).
+type GPUs interface {
+	GPUDevices(ctx context.Context) ([]GPUDevice, error)
+}
+
+// ProxyTarget is the worker an inference request goes to.
+type ProxyTarget struct {
+	WorkerID string
+	URL      *url.URL
+	Backend  string
+	Model    string
+	Token    string // the worker's own token, for the outbound Authorization header
+	// OnStart and OnEnd must be called exactly once each; they keep the
+	// worker busy while requests are in flight.
+	OnStart func()
+	OnEnd   func()
+}
+
+// Proxy streams an inference request to a worker (the lead adapts
+// proxy.Proxy.Serve).
+type Proxy interface {
+	Forward(w http.ResponseWriter, r *http.Request, t ProxyTarget)
+}
+
+// LineSink receives every line of worker output (the journald sink). It must
+// not block.
+type LineSink interface {
+	WriteLine(workerID, stream string, line []byte)
+}

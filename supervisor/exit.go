@@ -1,0 +1,165 @@
+package supervisor
+
+import (
+	"context"
+	"log/slog"
+	"os"
+	"sync"
+	"syscall"
+	"time"
+)
+
+// oomJoinWindow is how long a SIGKILLed exit waits for the leaf's OOM event
+// when the counters do not show it yet: on v1 the eventfd fires ~10 ms
+// before Wait returns, so evidence is joined, never raced.
+const oomJoinWindow = 100 * time.Millisecond
+
+// wait is the one goroutine that calls cmd.Wait for a run. After the main
+// process exits it kills whatever is left in the leaf (forked children),
+// removes the leaf and reports the exit.
+func (s *Supervisor) wait(w *worker, r *run, oom *oomWatch, readers *sync.WaitGroup) {
+	defer s.wg.Done()
+	_ = r.cmd.Wait() // the exit status is in ProcessState
+	st := r.cmd.ProcessState
+	oomed := false
+	if sigkilled(st) {
+		oomed = s.oomEvidence(r, oom)
+	}
+	kctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	if err := r.leaf.Kill(kctx); err != nil {
+		w.log.Warn("emptying the worker's cgroup failed", slog.Any("err", err))
+	}
+	cancel()
+	// Readers end when every writer (grandchildren included) is gone; after
+	// the tree kill that is at once, but never let a stuck fd hold us.
+	done := make(chan struct{})
+	go func() { readers.Wait(); close(done) }()
+	select {
+	case <-done:
+	case <-time.After(2 * time.Second):
+		w.log.Warn("worker output readers still open after exit")
+	}
+	r.cancel()
+	if err := r.leaf.Delete(); err != nil {
+		w.log.Warn("removing the worker's cgroup failed", slog.Any("err", err))
+	}
+	s.onExit(w, r, st, oomed)
+	close(r.done)
+}
+
+// sigOrCode reports whether the process ended by a signal.
+func sigOrCode(st *os.ProcessState) bool {
+	ws, ok := st.Sys().(syscall.WaitStatus)
+	return ok && ws.Signaled()
+}
+
+func sigkilled(st *os.ProcessState) bool {
+	ws, ok := st.Sys().(syscall.WaitStatus)
+	return ok && ws.Signaled() && ws.Signal() == syscall.SIGKILL
+}
+
+// oomEvidence joins the leaf's OOM counter and its event stream.
+func (s *Supervisor) oomEvidence(r *run, oom *oomWatch) bool {
+	if oom.n.Load() > 0 {
+		return true
+	}
+	if st, err := r.leaf.Stats(); err == nil && st.OOMKills > 0 {
+		return true
+	}
+	select {
+	case <-oom.seen:
+		return true
+	case <-time.After(oomJoinWindow):
+	}
+	st, err := r.leaf.Stats()
+	return err == nil && st.OOMKills > 0
+}
+
+// classify turns a wait status into an exit reason and code.
+func classify(st *os.ProcessState, oomed bool) (string, *int) {
+	if oomed {
+		return ReasonOOM, nil
+	}
+	ws, ok := st.Sys().(syscall.WaitStatus)
+	if ok && ws.Signaled() {
+		sig := int(ws.Signal())
+		return ReasonSignaled, &sig
+	}
+	code := st.ExitCode()
+	return ReasonExited, &code
+}
+
+// onExit records a run's end and applies the restart policy.
+func (s *Supervisor) onExit(w *worker, r *run, st *os.ProcessState, oomed bool) {
+	reason, code := classify(st, oomed)
+	s.m.exits.WithLabelValues(reason).Inc()
+	if reason == ReasonOOM {
+		s.m.oomKills.Inc()
+	}
+	now := time.Now()
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.mainPID[r.pid] == w {
+		delete(s.mainPID, r.pid)
+	}
+	w.run = nil
+	w.inflight = 0
+	s.clearDeadline(w)
+	attrs := []slog.Attr{slog.String("exit_reason", reason), slog.Int("pid", r.pid),
+		slog.Duration("ran", now.Sub(r.started))}
+	if code != nil {
+		if reason == ReasonSignaled {
+			attrs = append(attrs, slog.Int("signal", *code))
+		} else {
+			attrs = append(attrs, slog.Int("exit_code", *code))
+		}
+	}
+	if w.pending != "" {
+		attrs = append(attrs, slog.String("ordered", w.pending))
+	}
+	w.log.LogAttrs(context.Background(), slog.LevelWarn, "worker exited", attrs...)
+	// A kill we ordered names the reason (stale, load_timeout, stopped), but
+	// an OOM that beat it is still an OOM.
+	if w.pending != "" && reason != ReasonOOM {
+		reason = w.pending
+	}
+	w.exitReason, w.exitCode = reason, code
+	w.exitSignaled = code != nil && sigOrCode(st)
+	if w.pending == ReasonStopped || w.noRestart || s.closing {
+		s.finish(w, StateStopped, reason)
+		return
+	}
+	failure := !(reason == ReasonExited && code != nil && *code == 0)
+	restart := w.policy == RestartAlways || (w.policy == RestartOnFailure && failure)
+	if !restart {
+		if failure {
+			s.finish(w, StateFailed, reason)
+		} else {
+			s.finish(w, StateStopped, reason)
+		}
+		return
+	}
+	s.afterFailure(w, reason, r.started, now, reason)
+}
+
+// finish makes w terminal: resources released, port freed, kept for
+// inspection (or removed if a DELETE asked). Caller holds s.mu.
+func (s *Supervisor) finish(w *worker, to State, why string) {
+	s.clearDeadline(w)
+	s.setState(w, to, why)
+	releaseClaim(w.claim)
+	if s.ports[w.port] == w.id {
+		delete(s.ports, w.port)
+	}
+	delete(s.tokens, tokenKey(w.token))
+	if w.cancelPre != nil {
+		w.cancelPre()
+		w.cancelPre = nil
+	}
+	if w.removeAfter {
+		s.removeLocked(w)
+		return
+	}
+	w.logs.close()
+	s.pruneTerminal()
+}

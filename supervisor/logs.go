@@ -1,0 +1,152 @@
+package supervisor
+
+import (
+	"bufio"
+	"bytes"
+	"fmt"
+	"io"
+	"os"
+	"path/filepath"
+	"sync"
+)
+
+const (
+	tailBytes = 64 << 10 // in-memory tail per worker
+	maxLine   = 16 << 10 // longer lines are split
+)
+
+// logSink takes a worker's output: a bounded in-memory tail, a size-capped
+// rotated file and the optional line sink. Writes never block on anything
+// slower than a local file append.
+type logSink struct {
+	id       string
+	path     string
+	maxBytes int64
+	keep     int
+	sink     LineSink
+
+	mu       sync.Mutex
+	lines    []logLine
+	size     int
+	file     *os.File
+	fileSize int64
+	fileErr  error
+	closed   bool
+}
+
+type logLine struct {
+	stream string
+	text   []byte
+}
+
+func newLogSink(id, dir string, maxBytes int64, keep int, sink LineSink) *logSink {
+	return &logSink{id: id, path: filepath.Join(dir, id+".log"), maxBytes: maxBytes, keep: keep, sink: sink}
+}
+
+// pump reads one stream until EOF (every writer gone) and closes it.
+func (l *logSink) pump(stream string, r io.ReadCloser) {
+	defer r.Close()
+	br := bufio.NewReaderSize(r, maxLine)
+	for {
+		line, err := br.ReadSlice('\n')
+		if len(line) > 0 {
+			l.write(stream, bytes.TrimSuffix(line, []byte("\n")))
+		}
+		if err != nil && err != bufio.ErrBufferFull {
+			return
+		}
+	}
+}
+
+func (l *logSink) write(stream string, line []byte) {
+	cp := append([]byte(nil), line...)
+	if l.sink != nil {
+		l.sink.WriteLine(l.id, stream, cp)
+	}
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	l.lines = append(l.lines, logLine{stream: stream, text: cp})
+	l.size += len(cp) + 1
+	for l.size > tailBytes && len(l.lines) > 1 {
+		l.size -= len(l.lines[0].text) + 1
+		l.lines[0] = logLine{}
+		l.lines = l.lines[1:]
+	}
+	if !l.closed {
+		l.writeFile(cp)
+	}
+}
+
+// writeFile appends a line, rotating first if it would pass maxBytes.
+// Caller holds l.mu.
+func (l *logSink) writeFile(line []byte) {
+	if l.fileErr != nil {
+		return
+	}
+	if l.file != nil && l.fileSize+int64(len(line))+1 > l.maxBytes {
+		l.rotate()
+	}
+	if l.file == nil {
+		f, err := os.OpenFile(l.path, os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o640)
+		if err != nil {
+			l.fileErr = fmt.Errorf("worker log: %w", err)
+			return
+		}
+		st, err := f.Stat()
+		if err == nil {
+			l.fileSize = st.Size()
+		}
+		l.file = f
+	}
+	n, err := l.file.Write(append(line, '\n'))
+	l.fileSize += int64(n)
+	if err != nil {
+		l.fileErr = fmt.Errorf("worker log: %w", err)
+	}
+}
+
+// rotate shifts id.log → id.log.1 → … → id.log.<keep>. Caller holds l.mu.
+func (l *logSink) rotate() {
+	_ = l.file.Close()
+	l.file = nil
+	for i := l.keep - 1; i >= 1; i-- {
+		_ = os.Rename(fmt.Sprintf("%s.%d", l.path, i), fmt.Sprintf("%s.%d", l.path, i+1))
+	}
+	_ = os.Rename(l.path, l.path+".1")
+	l.fileSize = 0
+}
+
+// tail returns the in-memory tail, optionally one stream only.
+func (l *logSink) tail(stream string) []byte {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	var b bytes.Buffer
+	for _, ln := range l.lines {
+		if stream != "" && ln.stream != stream {
+			continue
+		}
+		b.Write(ln.text)
+		b.WriteByte('\n')
+	}
+	return b.Bytes()
+}
+
+// close closes the file; the tail stays readable.
+func (l *logSink) close() {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	l.closed = true
+	if l.file != nil {
+		_ = l.file.Close()
+		l.file = nil
+	}
+}
+
+// remove closes and deletes the files.
+func (l *logSink) remove() {
+	l.close()
+	_ = os.Remove(l.path)
+	for i := 1; i <= l.keep; i++ {
+		_ = os.Remove(fmt.Sprintf("%s.%d", l.path, i))
+	}
+}

@@ -1,0 +1,140 @@
+package supervisor
+
+import (
+	"fmt"
+	"strconv"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/rbee/rbee-hive/cgroup"
+)
+
+// metrics holds the supervisor's counters and reads its gauges at scrape
+// time. No label carries a worker id or a pid.
+type metrics struct {
+	s *Supervisor
+
+	spawnFailures      *prometheus.CounterVec
+	restarts           *prometheus.CounterVec
+	exits              *prometheus.CounterVec
+	heartbeatsRejected *prometheus.CounterVec
+	oomKills           prometheus.Counter
+	stale              prometheus.Counter
+	heartbeats         prometheus.Counter
+	healthFails        prometheus.Counter
+
+	workersDesc *prometheus.Desc
+	memoryDesc  *prometheus.Desc
+}
+
+func newMetrics(s *Supervisor, reg *prometheus.Registry) (*metrics, error) {
+	m := &metrics{
+		s: s,
+		spawnFailures: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "rbee_hive_worker_spawn_failures_total",
+			Help: "Worker processes that could not be started, by reason (cgroup, exec, model, ports)."}, []string{"reason"}),
+		restarts: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "rbee_hive_worker_restarts_total",
+			Help: "Worker restarts by the restart policy, by the exit reason that caused them."}, []string{"reason"}),
+		exits: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "rbee_hive_worker_exits_total",
+			Help: "Worker process exits, by reason."}, []string{"reason"}),
+		heartbeatsRejected: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "rbee_hive_heartbeats_rejected_total",
+			Help: "Heartbeats and notify datagrams rejected, by reason."}, []string{"reason"}),
+		oomKills: prometheus.NewCounter(prometheus.CounterOpts{Name: "rbee_hive_worker_oom_kills_total",
+			Help: "Worker exits caused by the kernel OOM killer in the worker's cgroup."}),
+		stale: prometheus.NewCounter(prometheus.CounterOpts{Name: "rbee_hive_workers_stale_total",
+			Help: "Ready workers that missed their heartbeat deadline."}),
+		heartbeats: prometheus.NewCounter(prometheus.CounterOpts{Name: "rbee_hive_heartbeats_total",
+			Help: "Heartbeats accepted (WATCHDOG=1, POST /v1/heartbeat, successful http health checks)."}),
+		healthFails: prometheus.NewCounter(prometheus.CounterOpts{Name: "rbee_hive_worker_health_check_failures_total",
+			Help: "Failed HTTP health checks of ready http-mode workers."}),
+		workersDesc: prometheus.NewDesc("rbee_hive_workers", "Registered workers by state, backend and device.",
+			[]string{"state", "backend", "device"}, nil),
+		memoryDesc: prometheus.NewDesc("rbee_hive_worker_memory_bytes", "Memory in use by workers' cgroups (memory.current summed), by backend and device.",
+			[]string{"backend", "device"}, nil),
+	}
+	// Series exist at 0 from the start, so dashboards and rate() have data.
+	for _, r := range spawnFailReasons {
+		m.spawnFailures.WithLabelValues(r)
+	}
+	for _, r := range exitReasons {
+		m.exits.WithLabelValues(r)
+		if r != ReasonStopped {
+			m.restarts.WithLabelValues(r)
+		}
+	}
+	for _, r := range rejectReasons {
+		m.heartbeatsRejected.WithLabelValues(r)
+	}
+	if reg == nil {
+		return m, nil
+	}
+	for _, c := range []prometheus.Collector{m.spawnFailures, m.restarts, m.exits, m.heartbeatsRejected,
+		m.oomKills, m.stale, m.heartbeats, m.healthFails, m} {
+		if err := reg.Register(c); err != nil {
+			return nil, fmt.Errorf("supervisor: registering metrics: %w", err)
+		}
+	}
+	return m, nil
+}
+
+// Describe implements prometheus.Collector for the scrape-time gauges.
+func (m *metrics) Describe(ch chan<- *prometheus.Desc) {
+	ch <- m.workersDesc
+	ch <- m.memoryDesc
+}
+
+type bd struct {
+	backend string
+	device  int
+}
+
+// Collect reads the registry at scrape time: every state for every known
+// backend/device pair (0 included), and the cgroups' memory.current.
+func (m *metrics) Collect(ch chan<- prometheus.Metric) {
+	s := m.s
+	counts := make(map[bd]map[State]int)
+	pairs := make(map[bd]bool)
+	for _, name := range s.cfg.BackendNames() {
+		if s.cfg.Backends[name].CUDA {
+			for _, d := range s.devices {
+				pairs[bd{name, d.Index}] = true
+			}
+		} else {
+			pairs[bd{name, 0}] = true
+		}
+	}
+	var leaves []struct {
+		key  bd
+		leaf cgroup.Leaf
+	}
+	s.mu.Lock()
+	for _, w := range s.workers {
+		k := bd{w.backend, w.device}
+		pairs[k] = true
+		if counts[k] == nil {
+			counts[k] = make(map[State]int)
+		}
+		counts[k][w.state]++
+		if w.run != nil {
+			leaves = append(leaves, struct {
+				key  bd
+				leaf cgroup.Leaf
+			}{k, w.run.leaf})
+		}
+	}
+	s.mu.Unlock()
+	mem := make(map[bd]float64)
+	for k := range pairs {
+		mem[k] = 0
+	}
+	for _, l := range leaves {
+		if st, err := l.leaf.Stats(); err == nil {
+			mem[l.key] += float64(st.MemoryCurrent)
+		}
+	}
+	for k := range pairs {
+		dev := strconv.Itoa(k.device)
+		for _, st := range allStates {
+			ch <- prometheus.MustNewConstMetric(m.workersDesc, prometheus.GaugeValue, float64(counts[k][st]), string(st), k.backend, dev)
+		}
+		ch <- prometheus.MustNewConstMetric(m.memoryDesc, prometheus.GaugeValue, mem[k], k.backend, dev)
+	}
+}

@@ -1,0 +1,77 @@
+package supervisor
+
+import (
+	"fmt"
+	"log/slog"
+	"math/rand/v2"
+	"time"
+)
+
+// backoff is min(base·2^(n-1), max) with ±jitter, for the n-th consecutive
+// failure (n ≥ 1).
+func backoff(base, max time.Duration, jitter float64, n int) time.Duration {
+	if base <= 0 {
+		return 0
+	}
+	d := base
+	for i := 1; i < n && d < max; i++ {
+		d *= 2
+	}
+	if d > max {
+		d = max
+	}
+	if jitter > 0 {
+		d = time.Duration(float64(d) * (1 + jitter*(2*rand.Float64()-1)))
+	}
+	return d
+}
+
+// afterFailure applies the restart policy's timing to a run that ended (or
+// failed to start) and should be restarted: reset after a stable run,
+// circuit breaker, then a backoff. OOM exits go through the same backoff,
+// so a worker whose limit is too small never hot-loops. Caller holds s.mu.
+func (s *Supervisor) afterFailure(w *worker, reason string, started, now time.Time, why string) {
+	rc := s.cfg.Workers.Restart
+	if now.Sub(started) >= rc.StableAfter.D() {
+		w.consecutive = 0
+		w.failures = w.failures[:0]
+	}
+	w.consecutive++
+	keep := w.failures[:0]
+	for _, t := range w.failures {
+		if now.Sub(t) < rc.FailureWindow.D() {
+			keep = append(keep, t)
+		}
+	}
+	w.failures = append(keep, now)
+	if len(w.failures) >= rc.MaxFailures {
+		w.log.Error("worker failed too often; not restarting",
+			slog.Int("failures", len(w.failures)), slog.Duration("window", rc.FailureWindow.D()), slog.String("exit_reason", reason))
+		s.finish(w, StateFailed, fmt.Sprintf("circuit breaker: %d failures within %s (last: %s)", len(w.failures), rc.FailureWindow.D(), why))
+		return
+	}
+	delay := backoff(rc.BackoffBase.D(), rc.BackoffMax.D(), rc.Jitter, w.consecutive)
+	w.pending = reason // the restart's reason, for the metric
+	s.setState(w, StateRestarting, fmt.Sprintf("%s; restart in %s", why, delay.Round(time.Millisecond)))
+	s.setDeadline(w, dlRestart, now.Add(delay))
+}
+
+// restartWorker starts the next run of a worker whose backoff ended.
+func (s *Supervisor) restartWorker(w *worker) {
+	defer s.wg.Done()
+	s.mu.Lock()
+	if w.state != StateRestarting || s.closing {
+		s.mu.Unlock()
+		return
+	}
+	reason := w.pending
+	w.restartCount++
+	w.lastRestart = time.Now()
+	n := w.restartCount
+	s.mu.Unlock()
+	s.m.restarts.WithLabelValues(reason).Inc()
+	w.log.Info("restarting worker", slog.Int("restart_count", n), slog.String("reason", reason))
+	if err := s.startRun(w, "restart after "+reason); err != nil {
+		s.startFailed(w, err)
+	}
+}

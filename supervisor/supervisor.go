@@ -1,0 +1,177 @@
+package supervisor
+
+import (
+	"context"
+	"crypto/sha256"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net/http"
+	"os"
+	"path/filepath"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/rbee/rbee-hive/config"
+)
+
+// Supervisor runs the workers of one host.
+type Supervisor struct {
+	cfg     *config.Config
+	deps    Deps
+	log     *slog.Logger
+	m       *metrics
+	logDir  string
+	client  *http.Client // health polls
+	devices []GPUDevice  // GPUs known at start, for metric series
+
+	mu       sync.Mutex
+	workers  map[string]*worker
+	tokens   map[[32]byte]string // sha256(token) → worker id
+	mainPID  map[int]*worker     // main pid of each live run: exact until reaped
+	ports    map[int]string      // port → worker id holding it
+	closing  bool                // Shutdown started: no spawns, no restarts
+	nextPort int                 // where the next port scan starts
+	starting sync.WaitGroup      // startRun calls in flight (Shutdown waits)
+
+	kick  chan struct{}
+	probe chan chan struct{}
+	wedge chan (<-chan struct{})
+
+	wg sync.WaitGroup // goroutines that outlive a request (waiters, starters)
+}
+
+// New builds a Supervisor. Call Run to drive its deadlines.
+func New(cfg *config.Config, deps Deps) (*Supervisor, error) {
+	if cfg == nil {
+		return nil, errors.New("supervisor: nil config")
+	}
+	if deps.Cgroups == nil {
+		return nil, errors.New("supervisor: a cgroup manager is required")
+	}
+	if deps.Logger == nil {
+		deps.Logger = slog.New(slog.NewTextHandler(io.Discard, nil))
+	}
+	s := &Supervisor{
+		cfg:     cfg,
+		deps:    deps,
+		log:     deps.Logger.With(slog.String("component", "supervisor")),
+		logDir:  filepath.Join(cfg.StateDir, "workers"),
+		client:  &http.Client{Timeout: 2 * time.Second, Transport: &http.Transport{DisableKeepAlives: true, Proxy: nil}},
+		workers: make(map[string]*worker),
+		tokens:  make(map[[32]byte]string),
+		mainPID: make(map[int]*worker),
+		ports:   make(map[int]string),
+		kick:    make(chan struct{}, 1),
+		probe:   make(chan chan struct{}),
+		wedge:   make(chan (<-chan struct{})),
+	}
+	if err := os.MkdirAll(s.logDir, 0o750); err != nil {
+		return nil, fmt.Errorf("supervisor: worker log dir: %w", err)
+	}
+	if deps.GPUs != nil {
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		devs, err := deps.GPUs.GPUDevices(ctx)
+		cancel()
+		if err != nil {
+			s.log.Warn("listing GPUs for metrics failed", slog.Any("err", err))
+		}
+		s.devices = devs
+	}
+	m, err := newMetrics(s, deps.Registry)
+	if err != nil {
+		return nil, err
+	}
+	s.m = m
+	return s, nil
+}
+
+// Run drives deadlines (load timeouts, stale workers, restart backoffs) and
+// answers Alive probes until ctx ends. Call Shutdown afterwards.
+func (s *Supervisor) Run(ctx context.Context) error {
+	timer := time.NewTimer(time.Hour)
+	defer timer.Stop()
+	for {
+		next := s.fireDeadlines(ctx, time.Now())
+		timer.Reset(time.Until(next))
+		select {
+		case <-ctx.Done():
+			return nil
+		case <-s.kick:
+		case <-timer.C:
+		case p := <-s.probe:
+			close(p)
+		case release := <-s.wedge:
+			// Test hook: the loop is stuck until release closes (or ctx ends).
+			select {
+			case <-release:
+			case <-ctx.Done():
+				return nil
+			}
+		}
+	}
+}
+
+func (s *Supervisor) kickLoop() {
+	select {
+	case s.kick <- struct{}{}:
+	default:
+	}
+}
+
+// Alive reports whether the Run loop answers within ctx: the systemd
+// watchdog ping is sent only when it does.
+func (s *Supervisor) Alive(ctx context.Context) error {
+	p := make(chan struct{})
+	select {
+	case s.probe <- p:
+	case <-ctx.Done():
+		return fmt.Errorf("supervisor loop not responding: %w", ctx.Err())
+	}
+	select {
+	case <-p:
+		return nil
+	case <-ctx.Done():
+		return fmt.Errorf("supervisor loop not responding: %w", ctx.Err())
+	}
+}
+
+// WedgeLoop is a test hook: the Run loop blocks until release is closed, so
+// Alive fails as it would with a real bug. It returns once the loop is stuck.
+func (s *Supervisor) WedgeLoop(ctx context.Context, release <-chan struct{}) error {
+	select {
+	case s.wedge <- release:
+		return nil
+	case <-ctx.Done():
+		return fmt.Errorf("wedge: %w", ctx.Err())
+	}
+}
+
+// Summary is one line for systemd's STATUS=, e.g. "3 workers: 2 idle, 1 loading".
+func (s *Supervisor) Summary() string {
+	s.mu.Lock()
+	counts := make(map[State]int)
+	for _, w := range s.workers {
+		counts[w.state]++
+	}
+	n := len(s.workers)
+	s.mu.Unlock()
+	if n == 0 {
+		return "0 workers"
+	}
+	var parts []string
+	for _, st := range allStates {
+		if c := counts[st]; c > 0 {
+			parts = append(parts, fmt.Sprintf("%d %s", c, st))
+		}
+	}
+	noun := "workers"
+	if n == 1 {
+		noun = "worker"
+	}
+	return fmt.Sprintf("%d %s: %s", n, noun, strings.Join(parts, ", "))
+}
+
+func tokenKey(tok string) [32]byte { return sha256.Sum256([]byte(tok)) }

@@ -1,0 +1,196 @@
+package supervisor
+
+import (
+	"context"
+	"fmt"
+	"net/http"
+	"strings"
+	"time"
+
+	"github.com/rbee/rbee-hive/api"
+	"github.com/rbee/rbee-hive/config"
+)
+
+// SpawnRequest is the body of POST /v1/workers/spawn: the original four
+// fields plus optional ones.
+type SpawnRequest struct {
+	ModelRef string `json:"model_ref"`
+	Backend  string `json:"backend"`
+	Device   *int64 `json:"device"`
+	// ModelPath is accepted for compatibility and ignored, as in the
+	// original: the path comes from the model store (or a file: reference).
+	ModelPath        string            `json:"model_path"`
+	MemoryLimitBytes *int64            `json:"memory_limit_bytes,omitempty"`
+	Restart          string            `json:"restart,omitempty"`
+	Env              map[string]string `json:"env,omitempty"`
+	VRAMBytes        *int64            `json:"vram_bytes,omitempty"`
+}
+
+// maxModelRef is the original validate_model_ref limit.
+const maxModelRef = 512
+
+// badField is a 400 naming the field, with the original's message text.
+func badField(field, format string, args ...any) *api.Error {
+	return api.Errorf(http.StatusBadRequest, api.CodeValidation, "Invalid %s: %s", field, fmt.Sprintf(format, args...)).
+		WithDetails(map[string]any{"field": field})
+}
+
+// checkModelRef is the original input-validation crate's validate_model_ref.
+func checkModelRef(s string) string {
+	switch {
+	case s == "":
+		return "string is empty"
+	case len(s) > maxModelRef:
+		return fmt.Sprintf("string too long: %d chars (max %d)", len(s), maxModelRef)
+	case strings.IndexByte(s, 0) >= 0:
+		return "null byte found in string"
+	}
+	for _, c := range s {
+		if strings.ContainsRune(";|&$`\n\r", c) {
+			return fmt.Sprintf("shell metacharacter found: %q", c)
+		}
+	}
+	if strings.Contains(s, "../") || strings.Contains(s, `..\`) {
+		return "path traversal sequence detected"
+	}
+	for _, c := range s {
+		if !(c >= 'a' && c <= 'z' || c >= 'A' && c <= 'Z' || c >= '0' && c <= '9' || strings.ContainsRune("-_/:.", c)) {
+			return fmt.Sprintf("invalid characters found: %q", c)
+		}
+	}
+	return ""
+}
+
+// checkIdentifier is the original's validate_identifier: [A-Za-z0-9_-].
+func checkIdentifier(s string, max int) string {
+	switch {
+	case s == "":
+		return "string is empty"
+	case len(s) > max:
+		return fmt.Sprintf("string too long: %d chars (max %d)", len(s), max)
+	case strings.IndexByte(s, 0) >= 0:
+		return "null byte found in string"
+	}
+	for _, c := range s {
+		if !(c >= 'a' && c <= 'z' || c >= 'A' && c <= 'Z' || c >= '0' && c <= '9' || c == '_' || c == '-') {
+			return fmt.Sprintf("invalid characters found: %q", c)
+		}
+	}
+	return ""
+}
+
+// spawnPlan is a validated spawn request.
+type spawnPlan struct {
+	modelRef, provider, reference string
+	backend                       string
+	be                            config.Backend
+	device                        int
+	gpuUUID                       string
+	memLimit                      int64
+	vram                          int64
+	policy                        string
+	env                           map[string]string
+}
+
+// validateSpawn checks a request in the original's order, then the hive's
+// own rules. Nothing is changed by a failed validation.
+func (s *Supervisor) validateSpawn(ctx context.Context, req *SpawnRequest) (*spawnPlan, error) {
+	if msg := checkModelRef(req.ModelRef); msg != "" {
+		return nil, badField("model_ref", "%s", msg)
+	}
+	if msg := checkIdentifier(req.Backend, 64); msg != "" {
+		return nil, badField("backend", "%s", msg)
+	}
+	provider, reference, ok := strings.Cut(req.ModelRef, ":")
+	if !ok || provider == "" || reference == "" {
+		return nil, badField("model_ref", "Invalid model_ref format: expected 'provider:reference', got '%s'", req.ModelRef)
+	}
+	be, ok := s.cfg.Backends[req.Backend]
+	if !ok {
+		return nil, badField("backend", "unknown backend %q (configured: %s)", req.Backend, strings.Join(s.cfg.BackendNames(), ", "))
+	}
+	if req.Device == nil {
+		return nil, api.Errorf(http.StatusUnprocessableEntity, api.CodeValidation, "missing field `device`").
+			WithDetails(map[string]any{"field": "device"})
+	}
+	p := &spawnPlan{modelRef: req.ModelRef, provider: provider, reference: reference, backend: req.Backend, be: be,
+		memLimit: int64(s.cfg.MemoryLimit(req.Backend)), policy: RestartOnFailure}
+	dev := *req.Device
+	if dev < 0 {
+		return nil, badField("device", "must not be negative, got %d", dev)
+	}
+	if !be.CUDA {
+		if dev != 0 {
+			return nil, badField("device", "backend %q runs on the CPU: only device 0 exists, got %d", req.Backend, dev)
+		}
+	} else {
+		uuid, err := s.gpuUUID(ctx, int(dev))
+		if err != nil {
+			return nil, err
+		}
+		p.gpuUUID = uuid
+	}
+	p.device = int(dev)
+	if req.MemoryLimitBytes != nil {
+		if *req.MemoryLimitBytes < 1<<20 {
+			return nil, badField("memory_limit_bytes", "must be at least 1MiB, got %d", *req.MemoryLimitBytes)
+		}
+		p.memLimit = *req.MemoryLimitBytes
+	}
+	if req.VRAMBytes != nil {
+		if *req.VRAMBytes < 0 {
+			return nil, badField("vram_bytes", "must not be negative, got %d", *req.VRAMBytes)
+		}
+		p.vram = *req.VRAMBytes
+	}
+	switch req.Restart {
+	case "":
+	case RestartNever, RestartOnFailure, RestartAlways:
+		p.policy = req.Restart
+	default:
+		return nil, badField("restart", "%q is not one of never, on-failure, always", req.Restart)
+	}
+	if len(req.Env) > 0 {
+		p.env = make(map[string]string, len(req.Env))
+		for k, v := range req.Env {
+			if config.ReservedEnv(k) || !contains(be.EnvAllow, k) {
+				return nil, badField("env", "key %q is not allowed for backend %q (allowed: %s)", k, req.Backend, strings.Join(be.EnvAllow, ", "))
+			}
+			if strings.IndexByte(v, 0) >= 0 || len(v) > 4096 {
+				return nil, badField("env", "value of %q has a null byte or exceeds 4096 bytes", k)
+			}
+			p.env[k] = v
+		}
+	}
+	return p, nil
+}
+
+// gpuUUID maps a cuda device index to its UUID via the GPU driver.
+func (s *Supervisor) gpuUUID(ctx context.Context, index int) (string, error) {
+	if s.deps.GPUs == nil {
+		return "", badField("device", "device %d not available: no GPUs on this host", index)
+	}
+	ctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+	defer cancel()
+	devs, err := s.deps.GPUs.GPUDevices(ctx)
+	if err != nil {
+		return "", api.Errorf(http.StatusServiceUnavailable, api.CodeUnavailable, "listing GPUs failed: %v", err)
+	}
+	var avail []string
+	for _, d := range devs {
+		if d.Index == index {
+			return d.UUID, nil
+		}
+		avail = append(avail, fmt.Sprint(d.Index))
+	}
+	return "", badField("device", "device %d not available (available: [%s])", index, strings.Join(avail, ", "))
+}
+
+func contains(list []string, v string) bool {
+	for _, x := range list {
+		if x == v {
+			return true
+		}
+	}
+	return false
+}
