@@ -75,6 +75,7 @@ func runHelper(mode string) int {
 		defer l.Close()
 		ctx, cancel := context.WithTimeout(ctx, 10*time.Second)
 		defer cancel()
+		fmt.Println("serving") // SO_PASSCRED is on from here
 		var got Message
 		l.Serve(ctx, func(m Message) { got = m; cancel() })
 		json.NewEncoder(os.Stdout).Encode(struct {

@@ -124,10 +124,22 @@ func Listen(path string) (*Listener, error) {
 			return nil, err
 		}
 	}
-	conn, err := net.ListenUnixgram("unixgram", &net.UnixAddr{Name: path, Net: "unixgram"})
+	// SO_PASSCRED before bind: a datagram that arrives between bind and
+	// setsockopt would carry no credentials (the kernel decides at send).
+	lc := net.ListenConfig{Control: func(_, _ string, c syscall.RawConn) error {
+		var serr error
+		if err := c.Control(func(fd uintptr) {
+			serr = unix.SetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_PASSCRED, 1)
+		}); err != nil {
+			return err
+		}
+		return serr
+	}}
+	pc, err := lc.ListenPacket(context.Background(), "unixgram", path)
 	if err != nil {
 		return nil, fmt.Errorf("notify: listen %s: %w", path, err)
 	}
+	conn := pc.(*net.UnixConn)
 	l, err := newListener(conn)
 	if err != nil {
 		conn.Close()
@@ -175,9 +187,12 @@ func removeStale(path string) error {
 }
 
 // FromPacketConn wraps a unixgram socket made elsewhere, e.g. by systemd
-// socket activation (a .socket unit with ListenDatagram= and
-// PassCredentials=yes keeps datagrams queued while the hive restarts).
-// SO_PASSCRED is set in any case. Close does not remove its file.
+// socket activation: a .socket unit with ListenDatagram= keeps datagrams
+// queued while the hive restarts. It must say PassCredentials=yes: the
+// kernel attaches credentials at send time only if the receiving socket
+// already has SO_PASSCRED, so datagrams queued before this call arrive
+// without them (dropped, no_credentials). SO_PASSCRED is set here in any
+// case. Close does not remove the file.
 func FromPacketConn(pc net.PacketConn) (*Listener, error) {
 	uc, ok := pc.(*net.UnixConn)
 	if !ok {

@@ -675,8 +675,11 @@ func TestFromFile(t *testing.T) {
 }
 
 // TestSocketActivation: a systemd-owned socket (here systemd-socket-activate,
-// as a .socket unit would) queues datagrams while no hive runs; the hive
-// started on it picks them up, credentials intact, via FromActivation.
+// as a .socket unit would) queues datagrams while no hive runs, and the hive
+// started on it takes it over via FromActivation. Finding: a datagram queued
+// before anyone set SO_PASSCRED carries no credentials and is dropped as
+// no_credentials, so such a .socket unit needs PassCredentials=yes
+// (systemd-socket-activate cannot set it).
 func TestSocketActivation(t *testing.T) {
 	bin, err := exec.LookPath("systemd-socket-activate")
 	if err != nil {
@@ -685,8 +688,7 @@ func TestSocketActivation(t *testing.T) {
 	path := filepath.Join(t.TempDir(), "activated.sock")
 	cmd := exec.Command(bin, "--datagram", "-l", path, "-E", helperEnv+"=activated", os.Args[0], "-test.run=^$")
 	stderr, _ := cmd.StderrPipe()
-	var out strings.Builder
-	cmd.Stdout = &out
+	stdout, _ := cmd.StdoutPipe()
 	if err := cmd.Start(); err != nil {
 		t.Fatal(err)
 	}
@@ -694,27 +696,38 @@ func TestSocketActivation(t *testing.T) {
 	if line, err := bufio.NewReader(stderr).ReadString('\n'); err != nil || !strings.HasPrefix(line, "Listening on") {
 		t.Fatalf("systemd-socket-activate: %q %v", line, err)
 	}
-	// Sent while nothing reads the socket: it waits in the kernel queue.
-	conn, err := net.Dial("unixgram", path)
-	if err != nil {
-		t.Fatal(err)
+	send := func(s string) {
+		t.Helper()
+		conn, err := net.Dial("unixgram", path)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer conn.Close()
+		if _, err := conn.Write([]byte(s)); err != nil {
+			t.Fatal(err)
+		}
 	}
-	if _, err := conn.Write([]byte("WATCHDOG=1\nRBEE_HEALTH=healthy")); err != nil {
-		t.Fatal(err)
+	send("READY=1") // queued while nothing reads; this starts the hive
+	rd := bufio.NewReader(stdout)
+	if line, err := rd.ReadString('\n'); err != nil || line != "serving\n" {
+		t.Fatalf("activated hive: %q %v", line, err)
 	}
-	conn.Close()
-	if err := cmd.Wait(); err != nil {
-		t.Fatalf("activated hive: %v", err)
-	}
+	send("WATCHDOG=1\nRBEE_HEALTH=healthy")
 	var res struct {
 		PID    int32
 		Fields map[string]string
 		Stats  Stats
 	}
-	if err := json.Unmarshal([]byte(out.String()), &res); err != nil {
-		t.Fatalf("%q: %v", out.String(), err)
+	if err := json.NewDecoder(rd).Decode(&res); err != nil {
+		t.Fatal(err)
 	}
-	if res.PID != int32(os.Getpid()) || res.Fields["RBEE_HEALTH"] != "healthy" || res.Stats.Delivered != 1 {
-		t.Fatalf("got %+v, want the queued heartbeat from pid %d", res, os.Getpid())
+	if err := cmd.Wait(); err != nil {
+		t.Fatalf("activated hive: %v", err)
+	}
+	if res.PID != int32(os.Getpid()) || res.Fields["RBEE_HEALTH"] != "healthy" {
+		t.Fatalf("got %+v, want the heartbeat from pid %d", res, os.Getpid())
+	}
+	if want := (Stats{Received: 2, Delivered: 1, NoCredentials: 1}); res.Stats != want {
+		t.Fatalf("stats %+v, want %+v", res.Stats, want)
 	}
 }
