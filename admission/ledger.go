@@ -139,7 +139,7 @@ type Request struct {
 
 // Claim is an admitted worker's hold on resources. Call Loaded when the
 // worker is ready and Release when it dies or its spawn fails; both are
-// idempotent and safe from any goroutine.
+// idempotent, safe from any goroutine, and no-ops on a nil *Claim.
 type Claim struct {
 	l        *Ledger
 	id       uint64
@@ -147,12 +147,20 @@ type Claim struct {
 }
 
 // WorkerID is the worker this claim is for.
-func (c *Claim) WorkerID() string { return c.workerID }
+func (c *Claim) WorkerID() string {
+	if c == nil {
+		return ""
+	}
+	return c.workerID
+}
 
 // Track records the worker's host pids (its main pid, or every pid in its
 // cgroup) so its VRAM use can be matched in NVML's process list while it
 // loads and after. It may be called repeatedly; pids accumulate.
 func (c *Claim) Track(pids ...int) {
+	if c == nil {
+		return
+	}
 	c.l.mu.Lock()
 	defer c.l.mu.Unlock()
 	if s, ok := c.l.claims[c.id]; ok {
@@ -164,6 +172,9 @@ func (c *Claim) Track(pids ...int) {
 // shows in MemAvailable) and its VRAM claim ends once NVML shows its usage
 // (matched by pids, see Track) or VRAMSettle passes.
 func (c *Claim) Loaded(pids ...int) {
+	if c == nil {
+		return
+	}
 	c.l.mu.Lock()
 	defer c.l.mu.Unlock()
 	if s, ok := c.l.claims[c.id]; ok && s.loadedAt.IsZero() {
@@ -175,6 +186,9 @@ func (c *Claim) Loaded(pids ...int) {
 
 // Release ends the claim: the worker died, was stopped, or never started.
 func (c *Claim) Release() {
+	if c == nil {
+		return
+	}
 	c.l.mu.Lock()
 	defer c.l.mu.Unlock()
 	s, ok := c.l.claims[c.id]

@@ -91,6 +91,10 @@ func TestAdmitMemoryRealHost(t *testing.T) {
 		t.Fatalf("1 MiB on a host with %d available: %v", m.AvailableBytes, err)
 	}
 	c.Release()
+	var nc *Claim // a nil claim (failed Admit) must be safe to release
+	nc.Track(1)
+	nc.Loaded()
+	nc.Release()
 	if got := l.Rejections()[ResourceMemory]; got != 1 {
 		t.Fatalf("memory rejections = %d", got)
 	}

@@ -9,6 +9,8 @@ import (
 	"sync"
 
 	"github.com/NVIDIA/go-nvml/pkg/nvml"
+
+	"github.com/rbee/rbee-hive/procfs"
 )
 
 // Exact exported names probed once after Init. go-nvml binds one literal
@@ -63,7 +65,20 @@ type NVML struct {
 var _ GPUs = (*NVML)(nil)
 
 func openNVML() (GPUs, error) {
-	return NewNVML(nvml.New(), nil)
+	return NewNVML(nvml.New(), hostMemory)
+}
+
+// hostMemory reads /proc/meminfo for unified-memory GPUs.
+func hostMemory() (total, available uint64, err error) {
+	r, err := procfs.New("")
+	if err != nil {
+		return 0, 0, err
+	}
+	m, err := r.Memory()
+	if err != nil {
+		return 0, 0, err
+	}
+	return m.TotalBytes, m.AvailableBytes, nil
 }
 
 // NewNVML initialises lib (nvml.New(), or a go-nvml mock in tests). An Init
