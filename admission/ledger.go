@@ -293,11 +293,19 @@ type vramView struct {
 }
 
 func (l *Ledger) admitVRAM(ctx context.Context, idx int, estimate, need uint64) error {
+	var last *vramView
 	for {
 		v, err := l.viewGPU(ctx, idx)
 		if err != nil {
+			if last != nil && ctx.Err() != nil {
+				// ctx ended while waiting for recovery: the answer is
+				// still "does not fit", not a GPU failure.
+				l.rejections[1].Add(1)
+				return l.vramError(idx, *last, estimate, need)
+			}
 			return err
 		}
+		last = &v
 		if need <= v.admissible {
 			return nil
 		}
