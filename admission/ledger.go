@@ -73,7 +73,7 @@ type Config struct {
 // claim ends when the worker is Loaded (its memory now shows in
 // MemAvailable) or Released.
 //
-// VRAM on GPU g: requested + margin ≤ min(free − Σ unseen, total − Σ loading
+// VRAM on GPU g: requested + margin ≤ min(free − Σ unseen, total − driver-reserved − Σ loading
 // claims) − reserve, where unseen is the part of each claim not yet visible
 // in NVML (claim − the worker's per-process usage), held until the worker's
 // usage is seen or VRAMSettle after Loaded. Subtracting unseen from free
