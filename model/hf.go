@@ -1,0 +1,386 @@
+package model
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"net/http"
+	"net/url"
+	"path"
+	"path/filepath"
+	"regexp"
+	"sort"
+	"strings"
+
+	"github.com/rbee/rbee-hive/api"
+)
+
+// DefaultEndpoint is the public Hub.
+const DefaultEndpoint = "https://huggingface.co"
+
+// maxTreePages bounds pagination against a server whose Link never ends.
+const maxTreePages = 1000
+
+// Failure reasons, the label values of rbee_hive_model_download_failures_total.
+const (
+	ReasonDisk     = "disk"
+	ReasonNetwork  = "network"
+	ReasonChecksum = "checksum"
+	ReasonNotFound = "not_found"
+	ReasonAuth     = "auth"
+	ReasonStalled  = "stalled"
+	ReasonSelect   = "select"
+	ReasonInternal = "internal"
+)
+
+var failureReasons = []string{ReasonDisk, ReasonNetwork, ReasonChecksum, ReasonNotFound, ReasonAuth, ReasonStalled, ReasonSelect, ReasonInternal}
+
+// failure is an error with its metrics reason; it wraps the *api.Error the
+// HTTP layer shows.
+type failure struct {
+	reason string
+	err    error
+}
+
+func (f *failure) Error() string { return f.err.Error() }
+func (f *failure) Unwrap() error { return f.err }
+
+func fail(reason string, err error) error { return &failure{reason: reason, err: err} }
+
+// reasonOf is the metrics label for err.
+func reasonOf(err error) string {
+	var f *failure
+	if errors.As(err, &f) {
+		return f.reason
+	}
+	return ReasonInternal
+}
+
+// RepoFile is one file of a Hub repo as the tree API lists it.
+type RepoFile struct {
+	Path   string `json:"path"`
+	Size   uint64 `json:"size"`
+	SHA256 string `json:"sha256,omitempty"` // LFS files only
+	GitOID string `json:"-"`                // git blob sha1, for non-LFS files
+}
+
+type treeEntry struct {
+	Type string `json:"type"`
+	Path string `json:"path"`
+	Size uint64 `json:"size"`
+	OID  string `json:"oid"`
+	LFS  *struct {
+		OID  string `json:"oid"`
+		Size uint64 `json:"size"`
+	} `json:"lfs"`
+}
+
+// hub talks to a HuggingFace endpoint. The token only ever goes into an
+// Authorization header towards the endpoint's own host.
+type hub struct {
+	endpoint *url.URL
+	token    string
+	client   *http.Client
+}
+
+func newHub(endpoint, token string, c *http.Client) (*hub, error) {
+	u, err := url.Parse(strings.TrimRight(endpoint, "/"))
+	if err != nil || (u.Scheme != "http" && u.Scheme != "https") || u.Host == "" {
+		return nil, fmt.Errorf("model: bad HuggingFace endpoint %q: want http(s)://host", endpoint)
+	}
+	if c == nil {
+		c = &http.Client{Transport: http.DefaultTransport.(*http.Transport).Clone()}
+	}
+	cc := *c // our own copy: CheckRedirect is ours to set
+	inner := c.CheckRedirect
+	cc.CheckRedirect = func(req *http.Request, via []*http.Request) error {
+		// Go already strips Authorization for other domains, but keeps it for
+		// subdomains; the CDN never needs our token, so drop it on any host change.
+		if req.URL.Host != via[0].URL.Host {
+			req.Header.Del("Authorization")
+		}
+		if inner != nil {
+			return inner(req, via)
+		}
+		if len(via) >= 10 {
+			return errors.New("stopped after 10 redirects")
+		}
+		return nil
+	}
+	return &hub{endpoint: u, token: token, client: &cc}, nil
+}
+
+func (h *hub) newRequest(ctx context.Context, u *url.URL) (*http.Request, error) {
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, u.String(), nil)
+	if err != nil {
+		return nil, fmt.Errorf("model: request %s: %w", u.Redacted(), err)
+	}
+	req.Header.Set("User-Agent", "rbee-hive")
+	if h.token != "" && u.Host == h.endpoint.Host {
+		req.Header.Set("Authorization", "Bearer "+h.token)
+	}
+	return req, nil
+}
+
+// escapePath escapes each segment of a slash path for a URL.
+func escapePath(p string) string {
+	segs := strings.Split(p, "/")
+	for i, s := range segs {
+		segs[i] = url.PathEscape(s)
+	}
+	return strings.Join(segs, "/")
+}
+
+func (h *hub) treeURL(ref Ref) *url.URL {
+	u := *h.endpoint
+	u.Path = h.endpoint.Path + "/api/models/" + ref.Repo + "/tree/" + ref.Revision
+	u.RawPath = h.endpoint.EscapedPath() + "/api/models/" + escapePath(ref.Repo) + "/tree/" + url.PathEscape(ref.Revision)
+	u.RawQuery = "recursive=true"
+	return &u
+}
+
+func (h *hub) resolveURL(ref Ref, file string) *url.URL {
+	u := *h.endpoint
+	u.Path = h.endpoint.Path + "/" + ref.Repo + "/resolve/" + ref.Revision + "/" + file
+	u.RawPath = h.endpoint.EscapedPath() + "/" + escapePath(ref.Repo) + "/resolve/" + url.PathEscape(ref.Revision) + "/" + escapePath(file)
+	return &u
+}
+
+// statusError maps a Hub error response to a failure. The Hub answers 401
+// (not 404) for a missing repo when the caller is anonymous; X-Error-Code
+// tells them apart.
+func statusError(ref Ref, what string, resp *http.Response) error {
+	code := resp.Header.Get("X-Error-Code")
+	switch {
+	case resp.StatusCode == http.StatusNotFound || code == "RepoNotFound" || code == "RevisionNotFound" || code == "EntryNotFound":
+		return fail(ReasonNotFound, api.Errorf(http.StatusNotFound, api.CodeNotFound,
+			"%s not found on the HuggingFace endpoint (repo, revision or file; HTTP %d)", what, resp.StatusCode).
+			WithDetails(map[string]any{"model_ref": ref.String(), "upstream_status": resp.StatusCode}))
+	case resp.StatusCode == http.StatusUnauthorized || resp.StatusCode == http.StatusForbidden || code == "GatedRepo":
+		return fail(ReasonAuth, api.Errorf(http.StatusBadGateway, api.CodeUpstream,
+			"HuggingFace refused access to %s (HTTP %d): gated or private repo, or a bad token; set models.hf_token_file or HF_TOKEN",
+			what, resp.StatusCode).WithDetails(map[string]any{"model_ref": ref.String(), "upstream_status": resp.StatusCode, "reason": ReasonAuth}))
+	default:
+		return fail(ReasonNetwork, api.Errorf(http.StatusBadGateway, api.CodeUpstream,
+			"HuggingFace answered HTTP %d for %s", resp.StatusCode, what).
+			WithDetails(map[string]any{"model_ref": ref.String(), "upstream_status": resp.StatusCode, "reason": ReasonNetwork}))
+	}
+}
+
+func networkError(ref Ref, what string, err error) error {
+	return fail(ReasonNetwork, &wrapped{api.Errorf(http.StatusBadGateway, api.CodeUpstream,
+		"cannot reach the HuggingFace endpoint for %s: %v", what, err).
+		WithDetails(map[string]any{"model_ref": ref.String(), "reason": ReasonNetwork}), err})
+}
+
+// wrapped keeps both the *api.Error and the cause in the chain.
+type wrapped struct {
+	ae    *api.Error
+	cause error
+}
+
+func (w *wrapped) Error() string   { return w.ae.Error() }
+func (w *wrapped) Unwrap() []error { return []error{w.ae, w.cause} }
+
+// listFiles returns every file of the repo at the revision, following
+// Link rel="next" pages.
+func (h *hub) listFiles(ctx context.Context, ref Ref) ([]RepoFile, error) {
+	var files []RepoFile
+	next := h.treeURL(ref)
+	what := "hf:" + ref.Repo + "@" + ref.Revision
+	for page := 0; next != nil; page++ {
+		if page >= maxTreePages {
+			return nil, fail(ReasonNetwork, fmt.Errorf("model: tree listing of %s exceeds %d pages", what, maxTreePages))
+		}
+		req, err := h.newRequest(ctx, next)
+		if err != nil {
+			return nil, err
+		}
+		req.Header.Set("Accept", "application/json")
+		resp, err := h.client.Do(req)
+		if err != nil {
+			return nil, networkError(ref, what, err)
+		}
+		entries, link, err := func() ([]treeEntry, string, error) {
+			defer resp.Body.Close()
+			if resp.StatusCode != http.StatusOK {
+				return nil, "", statusError(ref, what, resp)
+			}
+			var es []treeEntry
+			// 64 MiB is far beyond any real page (the Hub pages at 1000 entries).
+			if err := json.NewDecoder(io.LimitReader(resp.Body, 64<<20)).Decode(&es); err != nil {
+				return nil, "", networkError(ref, what, fmt.Errorf("decode tree listing: %w", err))
+			}
+			return es, resp.Header.Get("Link"), nil
+		}()
+		if err != nil {
+			return nil, err
+		}
+		for _, e := range entries {
+			if e.Type != "file" {
+				continue
+			}
+			// The listing is remote input: a path that could escape the
+			// model directory is refused, not cleaned.
+			if !filepath.IsLocal(e.Path) || strings.Contains(e.Path, `\`) {
+				return nil, fail(ReasonNetwork, fmt.Errorf("model: tree listing of %s has unsafe path %q", what, e.Path))
+			}
+			f := RepoFile{Path: e.Path, Size: e.Size}
+			if e.LFS != nil {
+				f.Size = e.LFS.Size
+				f.SHA256 = strings.ToLower(e.LFS.OID)
+			} else {
+				f.GitOID = strings.ToLower(e.OID)
+			}
+			files = append(files, f)
+		}
+		next = nil
+		if target := nextLink(link); target != "" {
+			u, err := next.Parse(target)
+			if err != nil {
+				return nil, fail(ReasonNetwork, fmt.Errorf("model: bad Link header %q: %w", link, err))
+			}
+			next = u
+		}
+	}
+	return files, nil
+}
+
+// nextLink extracts the rel="next" target of an RFC 8288 Link header.
+func nextLink(h string) string {
+	for _, part := range strings.Split(h, ",") {
+		segs := strings.Split(part, ";")
+		target := strings.TrimSpace(segs[0])
+		if !strings.HasPrefix(target, "<") || !strings.HasSuffix(target, ">") {
+			continue
+		}
+		for _, p := range segs[1:] {
+			k, v, _ := strings.Cut(strings.TrimSpace(p), "=")
+			if strings.EqualFold(k, "rel") {
+				for _, r := range strings.Fields(strings.Trim(v, `"`)) {
+					if r == "next" {
+						return target[1 : len(target)-1]
+					}
+				}
+			}
+		}
+	}
+	return ""
+}
+
+// shardRe matches llama.cpp split GGUF names: name-00001-of-00003.gguf.
+var shardRe = regexp.MustCompile(`^(.*)-(\d{5})-of-(\d{5})\.gguf$`)
+
+// selection is what a reference downloads: the files, and which local path
+// the worker is given (the file for a GGUF, the directory otherwise).
+type selection struct {
+	files []RepoFile
+	main  string // relative path handed to the worker; "" means the directory
+	total uint64
+}
+
+// selectFiles decides what to fetch for ref from the repo listing.
+func selectFiles(ref Ref, all []RepoFile) (selection, error) {
+	byPath := make(map[string]RepoFile, len(all))
+	for _, f := range all {
+		byPath[f.Path] = f
+	}
+	var sel selection
+	if ref.File != "" {
+		f, ok := byPath[ref.File]
+		if !ok {
+			return sel, fail(ReasonNotFound, api.Errorf(http.StatusNotFound, api.CodeNotFound,
+				"file %q is not in hf:%s@%s", ref.File, ref.Repo, ref.Revision).
+				WithDetails(map[string]any{"model_ref": ref.String()}))
+		}
+		sel.files = []RepoFile{f}
+		sel.main = f.Path
+		if m := shardRe.FindStringSubmatch(f.Path); m != nil {
+			// A split GGUF is useless without its siblings; llama.cpp opens
+			// the first shard and finds the rest beside it.
+			sel.files = sel.files[:0]
+			for _, g := range all {
+				if n := shardRe.FindStringSubmatch(g.Path); n != nil && n[1] == m[1] && n[3] == m[3] {
+					sel.files = append(sel.files, g)
+				}
+			}
+			sort.Slice(sel.files, func(i, j int) bool { return sel.files[i].Path < sel.files[j].Path })
+			sel.main = sel.files[0].Path
+		}
+	} else {
+		var err error
+		if sel, err = selectWhole(ref, all); err != nil {
+			return sel, err
+		}
+	}
+	sel.total = 0 // selectWhole may have recursed into selectFiles
+	for _, f := range sel.files {
+		sel.total += f.Size
+	}
+	return sel, nil
+}
+
+// ggufModels groups a repo's GGUF files into models (a split model counts
+// once, by its first shard); mmproj projectors are not models.
+func ggufModels(all []RepoFile) []string {
+	var out []string
+	for _, f := range all {
+		base := path.Base(f.Path)
+		if !strings.HasSuffix(strings.ToLower(base), ".gguf") || strings.HasPrefix(strings.ToLower(base), "mmproj") {
+			continue
+		}
+		if m := shardRe.FindStringSubmatch(f.Path); m != nil && m[2] != "00001" {
+			continue
+		}
+		out = append(out, f.Path)
+	}
+	sort.Strings(out)
+	return out
+}
+
+func selectWhole(ref Ref, all []RepoFile) (selection, error) {
+	if ggufs := ggufModels(all); len(ggufs) == 1 {
+		return selectFiles(Ref{Provider: ref.Provider, Repo: ref.Repo, Revision: ref.Revision, File: ggufs[0]}, all)
+	} else if len(ggufs) > 1 {
+		shown := ggufs
+		if len(shown) > 20 {
+			shown = shown[:20]
+		}
+		return selection{}, fail(ReasonSelect, api.Errorf(http.StatusBadRequest, api.CodeValidation,
+			"Invalid model_ref: hf:%s holds %d GGUF models; name one, e.g. hf:%s:%s", ref.Repo, len(ggufs), ref.Repo, ggufs[0]).
+			WithDetails(map[string]any{"field": "model_ref", "gguf_files": shown}))
+	}
+	// Safetensors (or, failing that, PyTorch .bin) weights in the repo root,
+	// plus config and tokenizer files. Sub-folders such as original/ and
+	// consolidated.* hold duplicate weights and are skipped.
+	var weights, bins, extra []RepoFile
+	for _, f := range all {
+		if strings.Contains(f.Path, "/") {
+			continue
+		}
+		name := strings.ToLower(f.Path)
+		switch {
+		case strings.HasPrefix(name, "consolidated."):
+		case strings.HasSuffix(name, ".safetensors"):
+			weights = append(weights, f)
+		case strings.HasSuffix(name, ".bin") && strings.HasPrefix(name, "pytorch_model"):
+			bins = append(bins, f)
+		case strings.HasSuffix(name, ".json"), name == "tokenizer.model", name == "merges.txt",
+			name == "vocab.txt", strings.HasSuffix(name, ".tiktoken"):
+			extra = append(extra, f)
+		}
+	}
+	if len(weights) == 0 {
+		weights = bins
+	}
+	if len(weights) == 0 {
+		return selection{}, fail(ReasonSelect, api.Errorf(http.StatusBadRequest, api.CodeValidation,
+			"Invalid model_ref: hf:%s@%s has no GGUF or safetensors weights in its root", ref.Repo, ref.Revision).
+			WithDetails(map[string]any{"field": "model_ref"}))
+	}
+	files := append(weights, extra...)
+	sort.Slice(files, func(i, j int) bool { return files[i].Path < files[j].Path })
+	return selection{files: files}, nil
+}
