@@ -11,6 +11,7 @@ import (
 	"strconv"
 	"strings"
 	"syscall"
+	"time"
 
 	"golang.org/x/sys/unix"
 )
@@ -35,6 +36,11 @@ const (
 	gateExitPlacementFailed = 125
 	// gateExitExecFailed mirrors a shell's "command not found or not executable".
 	gateExitExecFailed = 127
+	// gateHello is the first byte a gate writes on its status pipe.
+	gateHello = 'G'
+	// gateHelloTimeout bounds the wait for gateHello; a binary without the
+	// hook never sends it.
+	gateHelloTimeout = 30 * time.Second
 )
 
 // MaybeRunGate must be the first call in main() (and in TestMain) of every
@@ -59,6 +65,12 @@ func runGate(spec, path string, argv []string) int {
 		return gateExitPlacementFailed
 	}
 	_ = os.Unsetenv(gateEnv)
+	// Say "I am the gate": lets the parent tell a binary whose main() does
+	// not call MaybeRunGate (which would run its own main with our argv)
+	// from a slow start.
+	if _, err := unix.Write(sfd, []byte{gateHello}); err != nil {
+		return gateExitPlacementFailed
+	}
 
 	// Block until the parent has written our pid into the leaf. EOF without
 	// a byte means the parent gave up (placement failed): never run the worker
@@ -158,9 +170,17 @@ func startGated(cmd *exec.Cmd, place func(pid int) error) (err error) {
 		cmd.Process = nil
 		return cause
 	}
+	// Place first, then wait for the hello: the gate's runtime start-up and
+	// the cgroup writes overlap.
 	if perr := place(cmd.Process.Pid); perr != nil {
 		return abort(fmt.Errorf("cgroup: place pid %d: %w", cmd.Process.Pid, perr))
 	}
+	var hello [1]byte
+	_ = stR.SetReadDeadline(time.Now().Add(gateHelloTimeout))
+	if _, herr := io.ReadFull(stR, hello[:]); herr != nil || hello[0] != gateHello {
+		return abort(fmt.Errorf("cgroup: spawn gate did not answer (does main() of %s call cgroup.MaybeRunGate() first?): %w", os.Args[0], errOr(herr, "bad hello")))
+	}
+	_ = stR.SetReadDeadline(time.Time{})
 	if _, werr := relW.Write([]byte{1}); werr != nil {
 		return abort(fmt.Errorf("cgroup: release gate: %w", werr))
 	}
@@ -177,4 +197,11 @@ func startGated(cmd *exec.Cmd, place func(pid int) error) (err error) {
 	default:
 		return abort(fmt.Errorf("cgroup: gate status for %s: %w", origPath, rerr))
 	}
+}
+
+func errOr(err error, msg string) error {
+	if err != nil {
+		return err
+	}
+	return errors.New(msg)
 }
