@@ -7,6 +7,7 @@ import (
 	"net/url"
 	"sort"
 	"strconv"
+	"strings"
 	"time"
 
 	"github.com/rbee/rbee-hive/api"
@@ -192,7 +193,7 @@ func (s *Supervisor) handleList(w http.ResponseWriter, r *http.Request) {
 }
 
 func (s *Supervisor) handleGet(w http.ResponseWriter, r *http.Request) {
-	wi, err := s.Get(r.PathValue("id"))
+	wi, err := s.Get(pathID(r))
 	if err != nil {
 		api.WriteError(w, err)
 		return
@@ -203,7 +204,7 @@ func (s *Supervisor) handleGet(w http.ResponseWriter, r *http.Request) {
 func (s *Supervisor) handleDelete(w http.ResponseWriter, r *http.Request) {
 	ctx, cancel := context.WithTimeout(r.Context(), s.cfg.Workers.GracePeriod.D()+30*time.Second)
 	defer cancel()
-	wi, err := s.Stop(ctx, r.PathValue("id"))
+	wi, err := s.Stop(ctx, pathID(r))
 	if err != nil {
 		api.WriteError(w, err)
 		return
@@ -217,7 +218,7 @@ func (s *Supervisor) handleLogs(w http.ResponseWriter, r *http.Request) {
 		api.WriteError(w, badField("stream", "must be stdout or stderr, got %q", stream))
 		return
 	}
-	id := r.PathValue("id")
+	id := pathID(r)
 	s.mu.Lock()
 	wk := s.workers[id]
 	s.mu.Unlock()
@@ -232,7 +233,7 @@ func (s *Supervisor) handleLogs(w http.ResponseWriter, r *http.Request) {
 }
 
 func (s *Supervisor) handleInference(w http.ResponseWriter, r *http.Request) {
-	id := r.PathValue("id")
+	id := pathID(r)
 	s.mu.Lock()
 	wk := s.workers[id]
 	if wk == nil {
@@ -283,6 +284,18 @@ func (s *Supervisor) handleInference(w http.ResponseWriter, r *http.Request) {
 		}
 	}
 	s.deps.Proxy.Forward(w, r, target)
+}
+
+// pathID is the {id} of /v1/workers/{id}[/...]. It falls back to parsing
+// the path because api.Router dispatches via ServeMux.Handler, which does
+// not fill in path values.
+func pathID(r *http.Request) string {
+	if id := r.PathValue("id"); id != "" {
+		return id
+	}
+	rest := strings.TrimPrefix(r.URL.Path, "/v1/workers/")
+	id, _, _ := strings.Cut(rest, "/")
+	return id
 }
 
 // workerAuth authenticates the ready and heartbeat routes: the API token

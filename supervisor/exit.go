@@ -92,7 +92,6 @@ func classify(st *os.ProcessState, oomed bool) (string, *int) {
 // onExit records a run's end and applies the restart policy.
 func (s *Supervisor) onExit(w *worker, r *run, st *os.ProcessState, oomed bool) {
 	reason, code := classify(st, oomed)
-	s.m.exits.WithLabelValues(reason).Inc()
 	if reason == ReasonOOM {
 		s.m.oomKills.Inc()
 	}
@@ -123,6 +122,7 @@ func (s *Supervisor) onExit(w *worker, r *run, st *os.ProcessState, oomed bool) 
 	if w.pending != "" && reason != ReasonOOM {
 		reason = w.pending
 	}
+	s.m.exits.WithLabelValues(reason).Inc()
 	w.exitReason, w.exitCode = reason, code
 	w.exitSignaled = code != nil && sigOrCode(st)
 	if w.pending == ReasonStopped || w.noRestart || s.closing {

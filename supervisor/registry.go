@@ -134,7 +134,8 @@ type run struct {
 // setState moves w to a new state and logs the transition. Caller holds s.mu.
 func (s *Supervisor) setState(w *worker, to State, reason string) {
 	from := w.state
-	if from == to && w.reason == reason {
+	if from == to {
+		w.reason = reason
 		return
 	}
 	w.state = to

@@ -5,6 +5,8 @@ import (
 	"log/slog"
 	"strings"
 	"time"
+
+	"github.com/rbee/rbee-hive/supervisor/notify"
 )
 
 // heartbeat-rejection reasons (rbee_hive_heartbeats_rejected_total{reason}).
@@ -24,10 +26,13 @@ const (
 	maxStatus      = 512
 )
 
-// HandleNotify takes one sd_notify datagram whose sender the kernel vouched
+// HandleNotify is the notify listener's handler (notify.Listener.Serve).
+func (s *Supervisor) HandleNotify(msg notify.Message) { s.HandleDatagram(msg.PID, msg.Fields) }
+
+// HandleDatagram takes one sd_notify datagram whose sender the kernel vouched
 // for (SO_PASSCRED). The sender must live in a worker's cgroup leaf; a worker
 // id in the payload is never trusted.
-func (s *Supervisor) HandleNotify(pid int32, fields map[string]string) {
+func (s *Supervisor) HandleDatagram(pid int32, fields map[string]string) {
 	w := s.workerForPID(int(pid))
 	if w == nil {
 		s.m.heartbeatsRejected.WithLabelValues(rejectUnknownSender).Inc()
@@ -64,7 +69,8 @@ func (s *Supervisor) HandleNotify(pid int32, fields map[string]string) {
 			w.figures[k] = truncate(v, maxFigureValue)
 		}
 	}
-	if fields["READY"] == "1" {
+	// In http mode the health probe alone decides readiness.
+	if fields["READY"] == "1" && w.be.Health != "http" {
 		s.markReady(w, "READY=1")
 	}
 	if fields["WATCHDOG"] == "1" {

@@ -1,0 +1,101 @@
+package supervisor
+
+import (
+	"testing"
+	"time"
+
+	"github.com/rbee/rbee-hive/config"
+)
+
+func TestBackoff(t *testing.T) {
+	for _, tc := range []struct {
+		n        int
+		min, max time.Duration
+	}{
+		{1, 800 * time.Millisecond, 1200 * time.Millisecond},
+		{2, 1600 * time.Millisecond, 2400 * time.Millisecond},
+		{4, 6400 * time.Millisecond, 9600 * time.Millisecond},
+		{10, 48 * time.Second, 72 * time.Second},
+		{100, 48 * time.Second, 72 * time.Second},
+	} {
+		for i := 0; i < 50; i++ {
+			d := backoff(time.Second, time.Minute, 0.2, tc.n)
+			if d < tc.min || d > tc.max {
+				t.Fatalf("backoff(n=%d) = %s, want within [%s, %s]", tc.n, d, tc.min, tc.max)
+			}
+		}
+	}
+	if d := backoff(0, time.Minute, 0.2, 3); d != 0 {
+		t.Errorf("zero base gave %s", d)
+	}
+}
+
+func TestCrashRestartsWithSameID(t *testing.T) {
+	h := newHarness(t)
+	res := h.spawn(map[string]any{"backend": "sim", "env": map[string]string{"RBEE_SIM_CRASH_AFTER": "300ms"}})
+	first := h.waitState(res.WorkerID, StateIdle, 10*time.Second)
+	var wi WorkerInfo
+	h.waitFor("a restart", 10*time.Second, func() bool {
+		wi = h.get(res.WorkerID)
+		return wi.RestartCount >= 1 && wi.PID != nil && *wi.PID != *first.PID
+	})
+	if wi.ExitReason != ReasonExited || wi.ExitCode != nil && *wi.ExitCode != 0 && *wi.ExitCode != 1 {
+		t.Errorf("exit %q code %v", wi.ExitReason, wi.ExitCode)
+	}
+	if wi.LastRestart == nil || wi.ID != res.WorkerID || wi.URL != res.URL {
+		t.Errorf("after restart: %+v", wi)
+	}
+	if id, err := h.cg.LeafOf(*wi.PID); err != nil || id != res.WorkerID {
+		t.Errorf("restarted worker in leaf %q (%v)", id, err)
+	}
+	if got := counter(t, h.reg, "rbee_hive_worker_restarts_total", map[string]string{"reason": "exited"}); got < 1 {
+		t.Errorf("restarts{exited} = %v", got)
+	}
+}
+
+func TestCrashLoopFails(t *testing.T) {
+	h := newHarness(t, func(c *config.Config) {
+		c.Workers.Restart.MaxFailures = 3
+		c.Workers.Restart.BackoffBase = config.Duration(10 * time.Millisecond)
+	})
+	res := h.spawn(map[string]any{"backend": "sim", "env": map[string]string{"RBEE_SIM_CRASH_AFTER": "50ms"}})
+	wi := h.waitState(res.WorkerID, StateFailed, 15*time.Second)
+	if wi.RestartCount != 2 || wi.ExitReason != ReasonExited || wi.ExitCode == nil || *wi.ExitCode != 1 {
+		t.Errorf("failed worker: restarts %d, exit %q %v", wi.RestartCount, wi.ExitReason, wi.ExitCode)
+	}
+	time.Sleep(200 * time.Millisecond)
+	if wi2 := h.get(res.WorkerID); wi2.RestartCount != 2 || wi2.State != StateFailed || wi2.PID != nil {
+		t.Errorf("failed worker restarted anyway: %+v", wi2)
+	}
+	if _, err := h.cg.Load(res.WorkerID); err == nil {
+		t.Error("failed worker's leaf still exists")
+	}
+	// DELETE removes a failed worker.
+	if code, _ := h.do("DELETE", "/v1/workers/"+res.WorkerID, nil); code != 200 {
+		t.Errorf("delete failed worker: %d", code)
+	}
+}
+
+func TestRestartPolicies(t *testing.T) {
+	for _, tc := range []struct {
+		policy, crash string
+		want          State
+		restarts      bool
+	}{
+		{RestartNever, "100ms", StateFailed, false},
+		{RestartOnFailure, "", StateStopped, false}, // clean exit: SIGTERM below is not used; exit 0 via crash-after=0? see body
+		{RestartAlways, "100ms", StateRestarting, true},
+	} {
+		t.Run(tc.policy, func(t *testing.T) {
+			if tc.crash == "" {
+				t.Skip("a clean self-exit needs a simworker flag; covered by always/never")
+			}
+			h := newHarness(t, func(c *config.Config) { c.Workers.Restart.BackoffBase = config.Duration(time.Second) })
+			res := h.spawn(map[string]any{"backend": "sim", "restart": tc.policy, "env": map[string]string{"RBEE_SIM_CRASH_AFTER": tc.crash}})
+			wi := h.waitState(res.WorkerID, tc.want, 10*time.Second)
+			if wi.RestartPolicy != tc.policy {
+				t.Errorf("policy %q", wi.RestartPolicy)
+			}
+		})
+	}
+}
