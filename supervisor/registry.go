@@ -111,6 +111,8 @@ type worker struct {
 	inflight      int
 	healthFails   int
 	run           *run
+	starting      bool              // a process is being started for w
+	early         map[string]string // datagram fields that beat the run's registration
 	// pending is the reason a kill was ordered for (stale, load_timeout,
 	// stopped); noRestart says the kill is final.
 	pending     string

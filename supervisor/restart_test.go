@@ -1,6 +1,7 @@
 package supervisor
 
 import (
+	"syscall"
 	"testing"
 	"time"
 
@@ -76,25 +77,35 @@ func TestCrashLoopFails(t *testing.T) {
 	}
 }
 
+// TestRestartPolicies: a crash is exit 1; an outside SIGTERM makes the
+// simworker exit 0 (a clean exit that nobody asked the hive for).
 func TestRestartPolicies(t *testing.T) {
 	for _, tc := range []struct {
-		policy, crash string
-		want          State
-		restarts      bool
+		policy, how string
+		want        State
 	}{
-		{RestartNever, "100ms", StateFailed, false},
-		{RestartOnFailure, "", StateStopped, false}, // clean exit: SIGTERM below is not used; exit 0 via crash-after=0? see body
-		{RestartAlways, "100ms", StateRestarting, true},
+		{RestartNever, "crash", StateFailed},
+		{RestartNever, "sigterm", StateStopped},
+		{RestartOnFailure, "sigterm", StateStopped},
+		{RestartOnFailure, "crash", StateRestarting},
+		{RestartAlways, "sigterm", StateRestarting},
 	} {
-		t.Run(tc.policy, func(t *testing.T) {
-			if tc.crash == "" {
-				t.Skip("a clean self-exit needs a simworker flag; covered by always/never")
+		t.Run(tc.policy+"/"+tc.how, func(t *testing.T) {
+			h := newHarness(t, func(c *config.Config) { c.Workers.Restart.BackoffBase = config.Duration(2 * time.Second) })
+			req := map[string]any{"backend": "sim", "restart": tc.policy}
+			if tc.how == "crash" {
+				req["env"] = map[string]string{"RBEE_SIM_CRASH_AFTER": "200ms"}
 			}
-			h := newHarness(t, func(c *config.Config) { c.Workers.Restart.BackoffBase = config.Duration(time.Second) })
-			res := h.spawn(map[string]any{"backend": "sim", "restart": tc.policy, "env": map[string]string{"RBEE_SIM_CRASH_AFTER": tc.crash}})
-			wi := h.waitState(res.WorkerID, tc.want, 10*time.Second)
-			if wi.RestartPolicy != tc.policy {
-				t.Errorf("policy %q", wi.RestartPolicy)
+			res := h.spawn(req)
+			wi := h.waitState(res.WorkerID, StateIdle, 10*time.Second)
+			if tc.how == "sigterm" {
+				if err := syscall.Kill(*wi.PID, syscall.SIGTERM); err != nil {
+					t.Fatal(err)
+				}
+			}
+			wi = h.waitState(res.WorkerID, tc.want, 10*time.Second)
+			if wi.RestartPolicy != tc.policy || wi.PID != nil {
+				t.Errorf("policy %q pid %v", wi.RestartPolicy, wi.PID)
 			}
 		})
 	}

@@ -333,10 +333,16 @@ func (s *Supervisor) startRun(w *worker, why string) error {
 		return &spawnError{reason: failExec, err: errors.New("the hive is shutting down")}
 	}
 	s.starting.Add(1)
+	w.starting, w.early = true, nil
 	argv := s.expandArgs(w)
 	env := s.workerEnv(w)
 	s.mu.Unlock()
 	defer s.starting.Done()
+	defer func() {
+		s.mu.Lock()
+		w.starting, w.early = false, nil
+		s.mu.Unlock()
+	}()
 
 	leaf, err := s.createLeaf(w)
 	if err != nil {
@@ -403,6 +409,10 @@ func (s *Supervisor) startRun(w *worker, why string) error {
 	w.exitCode = nil
 	s.setState(w, StateLoading, why)
 	s.setDeadline(w, dlLoad, r.started.Add(w.be.LoadTimeout.D()))
+	if w.early != nil {
+		s.applyFields(w, w.early)
+	}
+	w.starting, w.early = false, nil
 	s.mu.Unlock()
 	w.log.Info("worker started", slog.Int("pid", r.pid), slog.Int("port", w.port))
 

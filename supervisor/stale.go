@@ -42,9 +42,25 @@ func (s *Supervisor) HandleDatagram(pid int32, fields map[string]string) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	if w.run == nil {
+		if w.starting {
+			// The worker spoke before Start returned; its run is being
+			// registered. Keep the fields and apply them then.
+			if w.early == nil {
+				w.early = make(map[string]string)
+			}
+			for k, v := range fields {
+				w.early[k] = v
+			}
+			return
+		}
 		s.m.heartbeatsRejected.WithLabelValues(rejectUnknownSender).Inc()
 		return
 	}
+	s.applyFields(w, fields)
+}
+
+// applyFields acts on a datagram from w's current run. Caller holds s.mu.
+func (s *Supervisor) applyFields(w *worker, fields map[string]string) {
 	if v, ok := fields["STATUS"]; ok {
 		w.status = truncate(v, maxStatus)
 	}
