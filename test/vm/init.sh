@@ -11,6 +11,9 @@ mount -t cgroup2 cgroup2 /sys/fs/cgroup
 mount -t tmpfs tmpfs /tmp
 mount -t tmpfs tmpfs /run
 echo "+memory +pids +cpu" > /sys/fs/cgroup/cgroup.subtree_control
+# Loopback for tests that serve HTTP or unix sockets on 127.0.0.1.
+ip link set lo up || ifconfig lo 127.0.0.1 up
+hostname vmtest
 . /etc/vmtest.env
 export HOME=/tmp TMPDIR=/tmp
 [ -x /bin/rbee-simworker ] && export RBEE_SIMWORKER=/bin/rbee-simworker
