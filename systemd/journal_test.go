@@ -235,8 +235,8 @@ func TestWorkerJournalEntries(t *testing.T) {
 			}
 		}
 	}
-	// journalctl -t rbee-worker sees both workers, and -t means SYSLOG_IDENTIFIER.
-	j.WaitFor(t, len(lines)+2, 5*time.Second, "SYSLOG_IDENTIFIER=rbee-worker")
+	// journalctl -t rbee-worker (as in the README) sees both workers.
+	j.WaitFor(t, len(lines)+2, 5*time.Second, "-t", "rbee-worker")
 	if es := j.Entries(t, "RBEE_WORKER_ID=w-b2"); len(es) != 1 || es[0]["MESSAGE"] != "other worker" || es[0]["BACKEND"] != "" {
 		t.Fatalf("w-b2 entries %v", es)
 	}

@@ -100,7 +100,9 @@ type WorkerLog struct {
 
 // Worker returns the writer for one worker. fields are added to every entry
 // (e.g. {"BACKEND": "llama", "MODEL": "qwen2.5-0.5b"}); their keys go through
-// FieldName, and keys the sink sets itself are ignored.
+// FieldName, and keys the sink sets itself are ignored. Adding
+// "OBJECT_PID": <worker pid> makes journald attach the worker's OBJECT_COMM,
+// OBJECT_EXE, ... to each entry (the sender, _PID, is always the hive).
 func (j *WorkerJournal) Worker(id string, fields map[string]string) *WorkerLog {
 	w := &WorkerLog{j: j, id: id, fields: make(map[string]string, len(fields))}
 	for k, v := range fields {

@@ -331,8 +331,9 @@ func (j *Journal) stop() {
 // first value.
 type Entry map[string]string
 
-// Entries returns the entries matching all of matches (journalctl match
-// syntax: "FIELD=value", e.g. "RBEE_WORKER_ID=w-1", "SYSLOG_IDENTIFIER=x").
+// Entries returns the entries matching all of matches: journalctl match
+// syntax ("FIELD=value", e.g. "RBEE_WORKER_ID=w-1") or other journalctl
+// filter arguments ("-t", "rbee-worker"; "-p", "warning").
 func (j *Journal) Entries(t testing.TB, matches ...string) []Entry {
 	t.Helper()
 	entries, err := Query(matches...)
