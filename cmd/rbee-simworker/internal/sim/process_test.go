@@ -334,6 +334,11 @@ func TestProcessFaults(t *testing.T) {
 				t.Fatal("a wedged worker must stay alive")
 			default:
 			}
+			p.cmd.Process.Signal(syscall.SIGTERM)
+			start := time.Now()
+			if code := p.wait(t, 5*time.Second); code != ExitOK || time.Since(start) > 2*time.Second {
+				t.Fatalf("SIGTERM while wedged: exit %d after %v", code, time.Since(start))
+			}
 		}},
 	}
 	for _, tt := range tests {

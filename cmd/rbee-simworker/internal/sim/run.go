@@ -60,9 +60,8 @@ func Run(ctx context.Context, cfg Config, n *worker.Notifier, sigs <-chan os.Sig
 	}
 
 	send("status", n.Status(bg, "loading "+cfg.modelName()))
-	var held [][]byte
 	if cfg.AllocMiB > 0 {
-		held = allocate(cfg.AllocMiB)
+		s.held = allocate(cfg.AllocMiB)
 		log.Info("allocated", "mib", cfg.AllocMiB, "rss_bytes", rssBytes())
 	}
 	loaded := timerC(cfg.LoadTime)
@@ -105,14 +104,14 @@ func Run(ctx context.Context, cfg Config, n *worker.Notifier, sigs <-chan os.Sig
 				log.Warn("ignoring SIGTERM (--ignore-sigterm)")
 				continue
 			}
-			return s.shutdown(n, srv, log, fmt.Sprint(sig), held)
+			return s.shutdown(n, srv, log, fmt.Sprint(sig))
 		case <-ctx.Done():
-			return s.shutdown(n, srv, log, "context done", held)
+			return s.shutdown(n, srv, log, "context done")
 		}
 	}
 }
 
-func (s *state) shutdown(n *worker.Notifier, srv *http.Server, log *slog.Logger, why string, held [][]byte) int {
+func (s *state) shutdown(n *worker.Notifier, srv *http.Server, log *slog.Logger, why string) int {
 	log.Info("stopping", "why", why)
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
@@ -120,12 +119,15 @@ func (s *state) shutdown(n *worker.Notifier, srv *http.Server, log *slog.Logger,
 		log.Warn("notify failed", "what", "stopping", "err", err)
 	}
 	if srv != nil {
-		s.hang() // release handlers blocked by --hang-after so Shutdown can finish
-		if err := srv.Shutdown(ctx); err != nil {
-			log.Warn("http shutdown", "err", err)
+		select {
+		case <-s.hung:
+			srv.Close() // wedged handlers never finish; drop their connections
+		default:
+			if err := srv.Shutdown(ctx); err != nil {
+				log.Warn("http shutdown", "err", err)
+			}
 		}
 	}
-	_ = len(held) // the load allocation lives until here
 	return ExitOK
 }
 

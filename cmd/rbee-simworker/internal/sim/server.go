@@ -25,6 +25,7 @@ type state struct {
 	active    atomic.Int64
 	tokensOut atomic.Int64
 	requests  atomic.Int64
+	held      [][]byte // --alloc-mib: the "model", alive as long as the worker
 }
 
 func newState(cfg Config) *state { return &state{cfg: cfg, hung: make(chan struct{})} }
