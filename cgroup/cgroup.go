@@ -2,6 +2,11 @@
 // processes inside it, reports OOM kills and kills whole process trees. One
 // interface covers cgroup v2 (unified) and v1 (hybrid/legacy hosts); callers
 // never ask which.
+//
+// Construct with New. Every binary that starts workers through a Leaf must
+// call MaybeRunGate first thing in main() (tests: in TestMain): on cgroup v1
+// (and v2 without CLONE_INTO_CGROUP) Start re-executes the binary as a spawn
+// gate that waits until its pid is in the leaf and then execs the worker.
 package cgroup
 
 import (

@@ -24,12 +24,8 @@ const v1KillSettle = time.Second
 // (containerd pkg/oom/v1 checks State() == Deleted the same way).
 func watchV1(ctx context.Context, id string, cg cgroup1.Cgroup, memDir string) (<-chan OOMEvent, error) {
 	ocPath := filepath.Join(memDir, "memory.oom_control")
-	last, err := v1OOMKills(ocPath)
-	if err != nil {
-		if isGone(err) {
-			return nil, fmt.Errorf("cgroup v1: leaf %s: %w", id, ErrNotFound)
-		}
-		return nil, fmt.Errorf("cgroup v1: read %s: %w", ocPath, err)
+	if dirGone(memDir) {
+		return nil, fmt.Errorf("cgroup v1: leaf %s: %w", id, ErrNotFound)
 	}
 	efd, err := cg.OOMEventFD()
 	if err != nil {
@@ -40,6 +36,15 @@ func watchV1(ctx context.Context, id string, cg cgroup1.Cgroup, memDir string) (
 		return nil, fmt.Errorf("cgroup v1: OOM eventfd for leaf %s: %w", id, err)
 	}
 	f := os.NewFile(efd, "oom-eventfd:"+memDir)
+	// The baseline is read after registering, so no kill falls between the two.
+	last, err := v1OOMKills(ocPath)
+	if err != nil {
+		f.Close()
+		if isGone(err) {
+			return nil, fmt.Errorf("cgroup v1: leaf %s: %w", id, ErrNotFound)
+		}
+		return nil, fmt.Errorf("cgroup v1: read %s: %w", ocPath, err)
+	}
 
 	ch := make(chan OOMEvent, oomEventBuffer)
 	stop := context.AfterFunc(ctx, func() { f.Close() })

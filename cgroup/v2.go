@@ -60,6 +60,12 @@ func newV2(opts Options) (*v2Manager, error) {
 		return nil, fmt.Errorf("%w: cgroup v2 root %q must be a directory below %s", ErrInvalid, root, v2Mount)
 	}
 	m := &v2Manager{root: root, rel: "/" + rel, forceGate: opts.ForceGate}
+	if !m.forceGate && !kernelAtLeast(5, 7) {
+		// No CLONE_INTO_CGROUP before 5.7; a failed clone3 cannot simply be
+		// retried with the caller's exec.Cmd (Start closes its pipes), so
+		// decide up front.
+		m.forceGate = true
+	}
 	if err := m.setup(opts.MoveSelf); err != nil {
 		return nil, err
 	}
@@ -390,4 +396,19 @@ func listLeaves(dir string) ([]string, error) {
 		}
 	}
 	return ids, nil
+}
+
+// kernelAtLeast compares the running kernel's release with major.minor; an
+// unparsable release counts as new enough.
+func kernelAtLeast(major, minor int) bool {
+	var u unix.Utsname
+	if err := unix.Uname(&u); err != nil {
+		return true
+	}
+	rel := unix.ByteSliceToString(u.Release[:])
+	var ma, mi int
+	if _, err := fmt.Sscanf(rel, "%d.%d", &ma, &mi); err != nil {
+		return true
+	}
+	return ma > major || (ma == major && mi >= minor)
 }

@@ -150,3 +150,45 @@ func TestNewBadRoot(t *testing.T) {
 		})
 	}
 }
+
+func TestLimitsWritten(t *testing.T) {
+	m := newTestManager(t, Options{})
+	l, err := m.Create("w-lim", Limits{MemoryMax: 96 << 20, PidsMax: 33, CPUWeight: 100})
+	if err != nil {
+		t.Fatal(err)
+	}
+	read := func(path string) string {
+		b, err := os.ReadFile(path)
+		if err != nil {
+			t.Errorf("read %s: %v", path, err)
+		}
+		return strings.TrimSpace(string(b))
+	}
+	mem, pids := memDirOf(l), pidsDirOf(l)
+	want := map[string]string{filepath.Join(pids, "pids.max"): "33"}
+	switch ll := l.(type) {
+	case *v2Leaf:
+		want[filepath.Join(mem, "memory.max")] = "100663296"
+		want[filepath.Join(mem, "memory.oom.group")] = "1"
+		want[filepath.Join(mem, "cpu.weight")] = "100"
+		// Swap accounting is on in Debian's kernel; without it the file is
+		// absent and must not be required.
+		if _, err := os.Stat(filepath.Join(mem, "memory.swap.max")); err == nil {
+			want[filepath.Join(mem, "memory.swap.max")] = "0"
+		}
+	case *v1Leaf:
+		want[filepath.Join(mem, "memory.limit_in_bytes")] = "100663296"
+		if _, err := os.Stat(filepath.Join(mem, "memory.memsw.limit_in_bytes")); err == nil {
+			want[filepath.Join(mem, "memory.memsw.limit_in_bytes")] = "100663296"
+		}
+		if d, ok := ll.dirs["cpu"]; ok {
+			want[filepath.Join(d, "cpu.shares")] = "2597"
+		}
+	}
+	for path, v := range want {
+		if got := read(path); got != v {
+			t.Errorf("%s = %q, want %q", path, got, v)
+		}
+	}
+	t.Logf("checked %d files", len(want))
+}
