@@ -358,3 +358,5 @@ func counter(t *testing.T, reg *prometheus.Registry, name string, labels map[str
 	}
 	return -1
 }
+
+func strconvItoa(i int) string { return fmt.Sprint(i) }

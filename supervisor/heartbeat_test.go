@@ -1,0 +1,171 @@
+package supervisor
+
+import (
+	"net"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/rbee/rbee-hive/config"
+)
+
+func TestStaleWorkerIsRestarted(t *testing.T) {
+	const threshold = time.Second
+	h := newHarness(t, func(c *config.Config) {
+		c.Heartbeat.Interval = config.Duration(400 * time.Millisecond)
+		c.Heartbeat.StaleThreshold = config.Duration(threshold)
+	})
+	res := h.spawn(map[string]any{"backend": "sim", "env": map[string]string{"RBEE_SIM_NO_HEARTBEAT": "true"}})
+	wi := h.waitState(res.WorkerID, StateIdle, 10*time.Second)
+	last := *wi.LastHeartbeat
+	h.waitFor("stale detection", 5*time.Second, func() bool {
+		return counter(t, h.reg, "rbee_hive_workers_stale_total", nil) == 1
+	})
+	if lag := time.Since(last); lag > threshold+time.Second {
+		t.Errorf("stale detected %s after the last heartbeat; want ≤ threshold + 1s", lag)
+	}
+	h.waitFor("a restart after stale", 10*time.Second, func() bool {
+		wi = h.get(res.WorkerID)
+		return wi.RestartCount == 1
+	})
+	if wi.ExitReason != ReasonStale {
+		t.Errorf("exit reason %q", wi.ExitReason)
+	}
+	if got := counter(t, h.reg, "rbee_hive_worker_restarts_total", map[string]string{"reason": "stale"}); got != 1 {
+		t.Errorf("restarts{stale} = %v", got)
+	}
+}
+
+func TestHeartbeatsKeepWorkerFresh(t *testing.T) {
+	h := newHarness(t, func(c *config.Config) {
+		c.Heartbeat.Interval = config.Duration(300 * time.Millisecond)
+		c.Heartbeat.StaleThreshold = config.Duration(time.Second)
+	})
+	res := h.spawn(map[string]any{"backend": "sim"})
+	h.waitState(res.WorkerID, StateIdle, 10*time.Second)
+	time.Sleep(2500 * time.Millisecond)
+	if wi := h.get(res.WorkerID); wi.State != StateIdle || wi.RestartCount != 0 || wi.Health != "healthy" {
+		t.Errorf("heartbeating worker: %+v", wi)
+	}
+	if got := counter(t, h.reg, "rbee_hive_workers_stale_total", nil); got != 0 {
+		t.Errorf("stale_total = %v", got)
+	}
+}
+
+func TestStaleActions(t *testing.T) {
+	for _, tc := range []struct {
+		action string
+		want   State
+	}{
+		{"mark", StateStale},
+		{"kill", StateStopped},
+	} {
+		t.Run(tc.action, func(t *testing.T) {
+			h := newHarness(t, func(c *config.Config) {
+				c.Heartbeat.Interval = config.Duration(200 * time.Millisecond)
+				c.Heartbeat.StaleThreshold = config.Duration(500 * time.Millisecond)
+				c.Heartbeat.StaleAction = config.StaleAction(tc.action)
+			})
+			res := h.spawn(map[string]any{"backend": "sim", "env": map[string]string{"RBEE_SIM_NO_HEARTBEAT": "true"}})
+			h.waitState(res.WorkerID, StateIdle, 10*time.Second)
+			wi := h.waitState(res.WorkerID, tc.want, 5*time.Second)
+			if tc.action == "kill" {
+				if wi.ExitReason != ReasonStale || wi.RestartCount != 0 {
+					t.Errorf("killed stale worker: %+v", wi)
+				}
+				return
+			}
+			// mark: a heartbeat brings it back.
+			code, body := h.do("POST", "/v1/heartbeat", map[string]any{"worker_id": res.WorkerID, "timestamp": time.Now().Format(time.RFC3339), "health_status": "degraded"})
+			if code != 200 {
+				t.Fatalf("heartbeat: %d %s", code, body)
+			}
+			if wi := h.get(res.WorkerID); wi.State != StateIdle || wi.Health != "degraded" {
+				t.Errorf("after heartbeat: state %s health %s", wi.State, wi.Health)
+			}
+		})
+	}
+}
+
+// A process outside every worker cgroup (this test) sends READY=1 naming a
+// loading worker in its payload: rejected and counted, the worker unchanged.
+func TestSpoofedNotifyIsRejected(t *testing.T) {
+	h := newHarness(t)
+	res := h.spawn(map[string]any{"backend": "sim", "env": map[string]string{"RBEE_SIM_LOAD_TIME": "30s"}})
+	conn, err := net.DialUnix("unixgram", nil, &net.UnixAddr{Name: h.cfg.Heartbeat.NotifySocket, Net: "unixgram"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	for i := 0; i < 3; i++ {
+		if _, err := conn.Write([]byte("READY=1\nWATCHDOG=1\nRBEE_WORKER_ID=" + res.WorkerID + "\n")); err != nil {
+			t.Fatal(err)
+		}
+	}
+	h.waitFor("3 rejections", 5*time.Second, func() bool {
+		return counter(t, h.reg, "rbee_hive_heartbeats_rejected_total", map[string]string{"reason": "unknown_sender"}) == 3
+	})
+	if wi := h.get(res.WorkerID); wi.State != StateLoading {
+		t.Errorf("spoofed READY moved the worker to %s", wi.State)
+	}
+}
+
+func TestHeartbeatAPI(t *testing.T) {
+	h := newHarness(t)
+	a := h.spawn(map[string]any{"backend": "sim"})
+	b := h.spawn(map[string]any{"backend": "sim"})
+	h.waitState(a.WorkerID, StateIdle, 10*time.Second)
+	tokA := h.workerToken(a.WorkerID)
+	body := func(id, status string) map[string]any {
+		return map[string]any{"worker_id": id, "timestamp": "2026-11-27T10:00:00Z", "health_status": status}
+	}
+	for _, tc := range []struct {
+		name  string
+		body  any
+		token string
+		code  int
+		ecode string
+	}{
+		{"no token", body(a.WorkerID, "healthy"), "-", 401, "MISSING_API_KEY"},
+		{"wrong token", body(a.WorkerID, "healthy"), "nope", 401, "INVALID_API_KEY"},
+		{"worker token for another worker", body(b.WorkerID, "healthy"), tokA, 403, "FORBIDDEN"},
+		{"unknown worker", body("w-nosuchworker1", "healthy"), "", 404, "NOT_FOUND"},
+		{"bad health_status", body(a.WorkerID, "sick"), "", 422, "VALIDATION_ERROR"},
+		{"missing worker_id", map[string]any{"health_status": "healthy"}, "", 422, "VALIDATION_ERROR"},
+		{"malformed JSON", `{"worker_id":`, "", 400, "INVALID_JSON"},
+		{"own token", body(a.WorkerID, "degraded"), tokA, 200, ""},
+		{"API token", body(b.WorkerID, "healthy"), "", 200, ""},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			var code int
+			var out []byte
+			switch tc.token {
+			case "":
+				code, out = h.do("POST", "/v1/heartbeat", tc.body)
+			case "-":
+				code, out = h.do("POST", "/v1/heartbeat", tc.body, "")
+			default:
+				code, out = h.do("POST", "/v1/heartbeat", tc.body, tc.token)
+			}
+			if code != tc.code {
+				t.Fatalf("status %d, want %d: %s", code, tc.code, out)
+			}
+			if tc.ecode != "" && !strings.Contains(string(out), `"code":"`+tc.ecode+`"`) {
+				t.Errorf("body %s, want code %s", out, tc.ecode)
+			}
+			if tc.code == 200 && string(out) != "{\"message\":\"Heartbeat received\"}\n" {
+				t.Errorf("body %q", out)
+			}
+		})
+	}
+	if wi := h.get(a.WorkerID); wi.Health != "degraded" {
+		t.Errorf("health %q after a degraded heartbeat", wi.Health)
+	}
+}
+
+// workerToken reads a worker's RBEE_WORKER_TOKEN from the registry.
+func (h *harness) workerToken(id string) string {
+	h.s.mu.Lock()
+	defer h.s.mu.Unlock()
+	return h.s.workers[id].token
+}
