@@ -106,13 +106,17 @@ func (n *Notifier) Ready(ctx context.Context, info ReadyInfo) error {
 	return nil
 }
 
-// Status sends STATUS=<s> (newlines become spaces). No-op over HTTP, which
-// has no such route.
+// Status sends STATUS=<s> (newlines become spaces; cut to fit one
+// datagram). No-op over HTTP, which has no such route.
 func (n *Notifier) Status(ctx context.Context, s string) error {
 	if n.Mode() != ModeSocket {
 		return nil
 	}
-	return n.Notify(ctx, "STATUS="+strings.NewReplacer("\n", " ", "\r", " ").Replace(s))
+	s = "STATUS=" + strings.NewReplacer("\n", " ", "\r", " ", "\x00", " ").Replace(s)
+	if len(s) > MaxDatagram {
+		s = strings.ToValidUTF8(s[:MaxDatagram], "")
+	}
+	return n.Notify(ctx, s)
 }
 
 // Stopping sends STOPPING=1 at the start of a graceful shutdown. No-op over

@@ -141,6 +141,8 @@ func TestSocketMessages(t *testing.T) {
 		{"ready", func(n *Notifier) error { return n.Ready(ctx, ReadyInfo{URL: "http://x"}) }, "READY=1"},
 		{"status", func(n *Notifier) error { return n.Status(ctx, "loading\nlayer 3") }, "STATUS=loading layer 3"},
 		{"stopping", func(n *Notifier) error { return n.Stopping(ctx) }, "STOPPING=1"},
+		{"long status cut to fit", func(n *Notifier) error { return n.Status(ctx, strings.Repeat("é", MaxDatagram)) },
+			"STATUS=" + strings.Repeat("é", (MaxDatagram-len("STATUS="))/2)},
 		{"heartbeat default healthy", func(n *Notifier) error { return n.Heartbeat(ctx, Health{}) }, "WATCHDOG=1\nRBEE_HEALTH=healthy"},
 		{"heartbeat degraded figures", func(n *Notifier) error {
 			return n.Heartbeat(ctx, Health{Status: Degraded, Figures: map[string]string{
