@@ -17,6 +17,8 @@ import (
 	"syscall"
 	"time"
 
+	"golang.org/x/sys/unix"
+
 	"github.com/rbee/rbee-hive/api"
 )
 
@@ -27,6 +29,8 @@ const (
 	firstBackoff = 100 * time.Millisecond
 	maxBackoff   = 5 * time.Second
 	copyBufSize  = 1 << 20
+	// writebackChunk is how much is written before writeback is started.
+	writebackChunk = 8 << 20
 )
 
 var errStalled = errors.New("no bytes received within the stall timeout")
@@ -279,6 +283,7 @@ func (j *fetchJob) attempt(ctx context.Context, f *os.File, fh *fileHasher, have
 	body := io.LimitReader(resp.Body, int64(remaining)+1)
 	buf := make([]byte, copyBufSize)
 	var got int64
+	flushed := *have
 	for {
 		n, rerr := body.Read(buf)
 		if n > 0 {
@@ -299,6 +304,12 @@ func (j *fetchJob) attempt(ctx context.Context, f *os.File, fh *fileHasher, have
 			got += int64(n)
 			*have += uint64(n)
 			j.progress(*have, n)
+			if *have-flushed >= writebackChunk {
+				// Start writeback now (non-blocking) so the final fsync
+				// does not have to push gigabytes of dirty pages at once.
+				_ = unix.SyncFileRange(int(f.Fd()), int64(flushed), int64(*have-flushed), unix.SYNC_FILE_RANGE_WRITE)
+				flushed = *have
+			}
 		}
 		if rerr == io.EOF {
 			break

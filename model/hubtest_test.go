@@ -29,6 +29,8 @@ type testFile struct {
 	lfs     bool   // served through a redirect to the CDN, with an sha256 in the listing
 	sha     string // overrides the listed sha256 (to make it wrong)
 	size    int64  // overrides the listed size (to lie)
+
+	sum, oid string // computed once by add: hashing per listing would skew benchmarks
 }
 
 // cdnBehaviour shapes one CDN response: it may write only part of the body
@@ -69,6 +71,9 @@ func newFakeHub(t testing.TB) *fakeHub {
 }
 
 func (f *fakeHub) add(repoRev string, files ...testFile) {
+	for i := range files {
+		files[i].sum, files[i].oid = sha(files[i].content), gitOID(files[i].content)
+	}
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	f.repos[repoRev] = append(f.repos[repoRev], files...)
@@ -150,9 +155,9 @@ func (f *fakeHub) serveHub(w http.ResponseWriter, r *http.Request) {
 			if tf.size != 0 {
 				size = tf.size
 			}
-			e := entry{Type: "file", Path: tf.path, Size: size, OID: gitOID(tf.content)}
+			e := entry{Type: "file", Path: tf.path, Size: size, OID: tf.oid}
 			if tf.lfs {
-				s := sha(tf.content)
+				s := tf.sum
 				if tf.sha != "" {
 					s = tf.sha
 				}

@@ -147,12 +147,12 @@ func TestSelectFiles(t *testing.T) {
 
 func TestNextLink(t *testing.T) {
 	tests := map[string]string{
-		`<https://h/api/models/a/b/tree/main?cursor=x>; rel="next"`:               "https://h/api/models/a/b/tree/main?cursor=x",
-		`<https://h/p1>; rel="prev", <https://h/p3>; rel="next"`:                  "https://h/p3",
-		`<https://h/p1>; rel="prev"`:                                              "",
-		``:                                                                        "",
-		`garbage`:                                                                 "",
-		`<https://h/p2>; title="x"; rel="next last"`:                              "https://h/p2",
+		`<https://h/api/models/a/b/tree/main?cursor=x>; rel="next"`: "https://h/api/models/a/b/tree/main?cursor=x",
+		`<https://h/p1>; rel="prev", <https://h/p3>; rel="next"`:    "https://h/p3",
+		`<https://h/p1>; rel="prev"`:                                "",
+		``:                                                          "",
+		`garbage`:                                                   "",
+		`<https://h/p2>; title="x"; rel="next last"`: "https://h/p2",
 	}
 	for in, want := range tests {
 		if got := nextLink(in); got != want {
