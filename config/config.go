@@ -130,6 +130,14 @@ func Default(root bool) Config {
 		state = filepath.Join(xdg("XDG_STATE_HOME", ".local/state"), "rbee-hive")
 		runtime = filepath.Join(xdg("XDG_RUNTIME_DIR", ".cache"), "rbee-hive")
 	}
+	// Under systemd, StateDirectory=/RuntimeDirectory= say where ours are
+	// (per instance for rbee-hive@.service); they win over the guesses above.
+	if d := firstDir(os.Getenv("STATE_DIRECTORY")); d != "" {
+		state = d
+	}
+	if d := firstDir(os.Getenv("RUNTIME_DIRECTORY")); d != "" {
+		runtime = d
+	}
 	return Config{
 		Listen:     "127.0.0.1:9200",
 		StateDir:   state,
@@ -179,6 +187,12 @@ func Default(root bool) Config {
 			},
 		},
 	}
+}
+
+// firstDir returns the first of systemd's colon-separated directory list.
+func firstDir(list string) string {
+	d, _, _ := strings.Cut(list, ":")
+	return d
 }
 
 func xdg(env, fallback string) string {

@@ -46,6 +46,18 @@ func TestDefaults(t *testing.T) {
 	}
 }
 
+func TestSystemdDirectories(t *testing.T) {
+	t.Setenv("STATE_DIRECTORY", "/var/lib/rbee-hive-gpu0:/var/lib/other")
+	t.Setenv("RUNTIME_DIRECTORY", "/run/rbee-hive-gpu0")
+	cfg, err := Load("", true)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if cfg.StateDir != "/var/lib/rbee-hive-gpu0" || cfg.RuntimeDir != "/run/rbee-hive-gpu0" || cfg.Heartbeat.NotifySocket != "/run/rbee-hive-gpu0/notify.sock" {
+		t.Errorf("systemd directories ignored: %q %q %q", cfg.StateDir, cfg.RuntimeDir, cfg.Heartbeat.NotifySocket)
+	}
+}
+
 func TestOverrides(t *testing.T) {
 	p := writeConfig(t, `
 listen = "0.0.0.0:9300"
