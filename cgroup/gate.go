@@ -65,6 +65,9 @@ func runGate(spec, path string, argv []string) int {
 		return gateExitPlacementFailed
 	}
 	_ = os.Unsetenv(gateEnv)
+	// exec hands ExtraFiles over in blocking mode today; do not depend on it.
+	_ = unix.SetNonblock(rfd, false)
+	_ = unix.SetNonblock(sfd, false)
 	// Say "I am the gate": lets the parent tell a binary whose main() does
 	// not call MaybeRunGate (which would run its own main with our argv)
 	// from a slow start.
