@@ -170,9 +170,26 @@ func statusError(ref Ref, what string, resp *http.Response) error {
 }
 
 func networkError(ref Ref, what string, err error) error {
+	err = redactURL(err)
 	return fail(ReasonNetwork, &wrapped{api.Errorf(http.StatusBadGateway, api.CodeUpstream,
 		"cannot reach the HuggingFace endpoint for %s: %v", what, err).
 		WithDetails(map[string]any{"model_ref": ref.String(), "reason": ReasonNetwork}), err})
+}
+
+// redactURL drops the query from a *url.Error's URL: CDN redirect targets
+// carry signed, credential-like query strings that must not reach logs or
+// API clients.
+func redactURL(err error) error {
+	var ue *url.Error
+	if !errors.As(err, &ue) {
+		return err
+	}
+	u, perr := url.Parse(ue.URL)
+	if perr != nil {
+		return &url.Error{Op: ue.Op, URL: "<unparseable URL>", Err: ue.Err}
+	}
+	u.RawQuery, u.User = "", nil
+	return &url.Error{Op: ue.Op, URL: u.String(), Err: ue.Err}
 }
 
 // wrapped keeps both the *api.Error and the cause in the chain.

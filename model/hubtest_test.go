@@ -41,6 +41,7 @@ type cdnBehaviour struct {
 	chunk      int   // body written in chunks of this size with delay between
 	delay      time.Duration
 	before     func() // runs before the body (e.g. to fill the disk)
+	noRange    bool   // answer 200 with the whole body even to a Range request
 }
 
 // fakeHub is a HuggingFace API subset on one server and a "CDN" on another:
@@ -182,7 +183,8 @@ func (f *fakeHub) serveHub(w http.ResponseWriter, r *http.Request) {
 			return
 		}
 		if tf.lfs {
-			http.Redirect(w, r, f.cdn.URL+"/blob/"+repo+"@"+rev+"/"+file, http.StatusFound)
+			// Real CDN URLs carry a signature in the query.
+			http.Redirect(w, r, f.cdn.URL+"/blob/"+repo+"@"+rev+"/"+file+"?X-Amz-Signature=cdnsecret", http.StatusFound)
 			return
 		}
 		f.serveBody(w, r, tf, cdnBehaviour{})
@@ -224,7 +226,7 @@ func (f *fakeHub) serveCDN(w http.ResponseWriter, r *http.Request) {
 func (f *fakeHub) serveBody(w http.ResponseWriter, r *http.Request, tf testFile, b cdnBehaviour) {
 	body := tf.content
 	var start int64
-	if rg := r.Header.Get("Range"); rg != "" {
+	if rg := r.Header.Get("Range"); rg != "" && !b.noRange {
 		v, ok := strings.CutPrefix(rg, "bytes=")
 		a, _, _ := strings.Cut(v, "-")
 		n, err := strconv.ParseInt(a, 10, 64)

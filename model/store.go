@@ -90,9 +90,36 @@ type Store struct {
 
 	mu       sync.Mutex
 	closed   bool
-	inflight map[string]*download // by canonical ref
-	byID     map[string]*download // running and recently finished
-	inUse    map[string]int       // canonical ref → holders
+	inflight map[string]*download     // by canonical ref
+	byID     map[string]*download     // running and recently finished
+	inUse    map[string]int           // canonical ref → holders
+	files    map[string]chan struct{} // dest path → held while one download writes it
+}
+
+// lockFile gives the caller exclusive use of a destination file, waiting
+// (cancellably) while another download writes it.
+func (s *Store) lockFile(ctx context.Context, path string) (unlock func(), err error) {
+	for {
+		s.mu.Lock()
+		held, busy := s.files[path]
+		if !busy {
+			ch := make(chan struct{})
+			s.files[path] = ch
+			s.mu.Unlock()
+			return func() {
+				s.mu.Lock()
+				delete(s.files, path)
+				s.mu.Unlock()
+				close(ch)
+			}, nil
+		}
+		s.mu.Unlock()
+		select {
+		case <-held:
+		case <-ctx.Done():
+			return nil, ctx.Err()
+		}
+	}
 }
 
 // New opens (or creates) the catalog under opts and returns a Store.
@@ -162,7 +189,7 @@ func New(opts Options) (*Store, error) {
 		dir: dir, reserve: opts.DiskReserve, maxBytes: opts.MaxBytes, stall: stall,
 		log: log, hub: h, cat: cat, met: met, checkDisk: check, keepAlive: keepAliveInterval,
 		ctx: ctx, cancel: cancel,
-		inflight: map[string]*download{}, byID: map[string]*download{}, inUse: map[string]int{},
+		inflight: map[string]*download{}, byID: map[string]*download{}, inUse: map[string]int{}, files: map[string]chan struct{}{},
 	}
 	s.updateDiskGauge(ctx)
 	attrs := []any{"dir", dir, "catalog", catPath, "endpoint", h.endpoint.Redacted(), "max_bytes", opts.MaxBytes, "stall_timeout", stall}
@@ -325,6 +352,18 @@ func (s *Store) removeFiles(ctx context.Context, m Model) {
 			keep[filepath.Join(base, f.Path)] = true
 		}
 	}
+	// Files a running download is about to fetch or has verified stay too.
+	s.mu.Lock()
+	for _, d := range s.inflight {
+		select {
+		case <-d.resolved:
+			for _, f := range d.sel.files {
+				keep[filepath.Join(d.base, f.Path)] = true
+			}
+		default:
+		}
+	}
+	s.mu.Unlock()
 	base := s.baseDir(Ref{Provider: m.Provider, Repo: m.Repo, Revision: m.Revision})
 	for _, f := range m.Files {
 		p := filepath.Join(base, f.Path)
@@ -563,12 +602,6 @@ func (s *Store) run(d *download) {
 		} else {
 			s.met.failures.WithLabelValues(reasonOf(err)).Inc()
 			s.log.Error("model download failed", "ref", key, "download_id", d.id, "reason", reasonOf(err), "error", err)
-			if reasonOf(err) == ReasonDisk {
-				// Free what we took; a full disk hurts every other writer.
-				for _, f := range d.sel.files {
-					_ = os.Remove(filepath.Join(d.base, f.Path) + incompleteSuffix)
-				}
-			}
 		}
 	} else {
 		s.log.Info("model downloaded", "ref", key, "download_id", d.id, "path", path,
@@ -606,7 +639,18 @@ func (s *Store) fetchAll(d *download) (string, error) {
 			},
 			log: func(msg string, args ...any) { s.log.Info(msg, append(args, "ref", d.ref.String())...) },
 		}
+		// Two refs can name the same file (hf:a/b and hf:a/b:x.gguf): one
+		// writer per file; the second then finds it complete and verifies it.
+		unlock, err := s.lockFile(s.ctx, job.dest)
+		if err != nil {
+			return "", fmt.Errorf("model: download %s: %w", f.Path, err)
+		}
 		sum, err := job.run(s.ctx)
+		if err != nil && reasonOf(err) == ReasonDisk {
+			// Free what we took: a full disk hurts every other writer.
+			_ = os.Remove(job.dest + incompleteSuffix)
+		}
+		unlock()
 		if err != nil {
 			return "", err
 		}

@@ -5,6 +5,7 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
+	"fmt"
 	"io"
 	"net/http"
 	"net/http/httptest"
@@ -172,6 +173,60 @@ func TestResumeAfterCutConnection(t *testing.T) {
 	}
 	if got := counter(t, ts, "bytes"); got != float64(len(content)) {
 		t.Fatalf("bytes counter %v, want %d (no byte fetched twice)", got, len(content))
+	}
+}
+
+func TestRangeIgnoredRestartsFile(t *testing.T) {
+	f := newFakeHub(t)
+	content := randomBytes(1*mib, 20)
+	f.add("org/repo@main", testFile{path: "m.gguf", content: content, lfs: true})
+	// Cut at 300 KiB, then a server that ignores Range: the file must be
+	// restarted, not appended to.
+	f.on("m.gguf", cdnBehaviour{dropAfter: 300 << 10}, cdnBehaviour{noRange: true})
+	ts := newTestStore(t, f, t.TempDir(), nil)
+	path := ensureWait(t, ts, "hf:org/repo:m.gguf")
+	if b, _ := os.ReadFile(path); !bytes.Equal(b, content) {
+		t.Fatal("file differs after a 200 answer to Range")
+	}
+	if rs := f.rangesSeen(); len(rs) != 2 || rs[1] != "bytes=307200-" {
+		t.Fatalf("ranges %q", rs)
+	}
+}
+
+func TestSharedFileOneWriter(t *testing.T) {
+	f := newFakeHub(t)
+	content := randomBytes(1*mib, 21)
+	f.add("org/repo@main", testFile{path: "m.gguf", content: content, lfs: true})
+	f.on("m.gguf", cdnBehaviour{chunk: 128 << 10, delay: 20 * time.Millisecond})
+	ts := newTestStore(t, f, t.TempDir(), nil)
+	// Two different refs, one file: each is its own download, but only one
+	// writes the file; the other waits and verifies it.
+	var wg sync.WaitGroup
+	paths := make([]string, 2)
+	for i, ref := range []string{"hf:org/repo", "hf:org/repo:m.gguf"} {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			paths[i] = ensureWait(t, ts, ref)
+		}()
+	}
+	wg.Wait()
+	if paths[0] != paths[1] {
+		t.Fatalf("paths %v", paths)
+	}
+	if b, _ := os.ReadFile(paths[0]); !bytes.Equal(b, content) {
+		t.Fatal("shared file differs")
+	}
+	if h := f.cdnHits.Load(); h != 1 {
+		t.Fatalf("CDN hits %d, want 1", h)
+	}
+}
+
+func TestRedactURL(t *testing.T) {
+	err := &url.Error{Op: "Get", URL: "https://cdn.example/blob?X-Amz-Signature=secret&X-Amz-Credential=k", Err: io.ErrUnexpectedEOF}
+	got := redactURL(fmt.Errorf("x: %w", err))
+	if strings.Contains(got.Error(), "secret") || !errors.Is(got, io.ErrUnexpectedEOF) {
+		t.Fatalf("redactURL = %v", got)
 	}
 }
 
