@@ -371,12 +371,21 @@ func (s *Supervisor) handleReady(w http.ResponseWriter, r *http.Request, auth ap
 	}
 	s.mu.Lock()
 	wk := s.workers[req.WorkerID]
-	if wk == nil || wk.run == nil {
+	if wk == nil || (wk.run == nil && !wk.starting) {
 		s.mu.Unlock()
 		api.WriteError(w, workerNotFound(req.WorkerID))
 		return
 	}
-	s.markReady(wk, "POST /v1/workers/ready")
+	if wk.run == nil {
+		// Called back before its start was registered: apply it then.
+		if wk.early == nil {
+			wk.early = make(map[string]string)
+		}
+		wk.early["READY"] = "1"
+		wk.earlyVia = "POST /v1/workers/ready"
+	} else {
+		s.markReady(wk, "POST /v1/workers/ready")
+	}
 	s.mu.Unlock()
 	api.WriteJSON(w, http.StatusOK, map[string]string{"message": "Worker registered as ready"})
 }

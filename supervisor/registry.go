@@ -113,6 +113,7 @@ type worker struct {
 	run           *run
 	starting      bool              // a process is being started for w
 	early         map[string]string // datagram fields that beat the run's registration
+	earlyVia      string            // how an early READY came in, for the log
 	// pending is the reason a kill was ordered for (stale, load_timeout,
 	// stopped); noRestart says the kill is final.
 	pending     string

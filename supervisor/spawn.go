@@ -130,6 +130,7 @@ func (s *Supervisor) Spawn(ctx context.Context, req SpawnRequest) (SpawnResult, 
 		s.removeLocked(w)
 		s.mu.Unlock()
 		releaseClaim(claim)
+		s.m.spawnFailures.WithLabelValues(spawnReason(err)).Inc()
 		w.log.Error("worker spawn failed", slog.Any("err", err))
 		return SpawnResult{}, api.Errorf(http.StatusInternalServerError, api.CodeInternal, "Failed to spawn worker: %v", err).
 			WithDetails(map[string]any{"reason": spawnReason(err)})

@@ -87,7 +87,11 @@ func (s *Supervisor) applyFields(w *worker, fields map[string]string) {
 	}
 	// In http mode the health probe alone decides readiness.
 	if fields["READY"] == "1" && w.be.Health != "http" {
-		s.markReady(w, "READY=1")
+		via := "READY=1"
+		if w.earlyVia != "" {
+			via, w.earlyVia = w.earlyVia, ""
+		}
+		s.markReady(w, via)
 	}
 	if fields["WATCHDOG"] == "1" {
 		s.heartbeat(w)

@@ -1,0 +1,119 @@
+package supervisor
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/rbee/rbee-hive/config"
+)
+
+func TestSpawnFailureLeavesNothing(t *testing.T) {
+	h := newHarness(t, func(c *config.Config) {
+		c.Backends["missing"] = config.Backend{Command: []string{"/nonexistent/worker", "--port", "{port}"}, Health: "notify",
+			LoadTimeout: config.Duration(time.Minute), MemoryLimit: 64 << 20}
+	})
+	code, out := h.do("POST", "/v1/workers/spawn", map[string]any{"model_ref": "hf:a/b", "backend": "missing", "device": 0, "model_path": ""})
+	if code != 500 || !strings.Contains(string(out), "Failed to spawn worker") {
+		t.Fatalf("spawn of a missing binary: %d %s", code, out)
+	}
+	var env struct {
+		Error struct {
+			Details map[string]any `json:"details"`
+		} `json:"error"`
+	}
+	_ = json.Unmarshal(out, &env)
+	if env.Error.Details["reason"] != "exec" {
+		t.Errorf("reason %v", env.Error.Details["reason"])
+	}
+	if got := counter(t, h.reg, "rbee_hive_worker_spawn_failures_total", map[string]string{"reason": "exec"}); got != 1 {
+		t.Errorf("spawn_failures{exec} = %v", got)
+	}
+	if len(h.s.List()) != 0 {
+		t.Error("failed spawn left a worker")
+	}
+	if ids, _ := h.cg.List(); len(ids) != 0 {
+		t.Errorf("failed spawn left leaves %v", ids)
+	}
+}
+
+// dirStore is a minimal model store: hf:<name> is "downloaded" when Fetch
+// is released; file: references are local.
+type dirStore struct {
+	release chan struct{}
+	fail    bool
+}
+
+func (d *dirStore) Local(ref string) (string, bool) {
+	if p, ok := strings.CutPrefix(ref, "file:"); ok {
+		return p, true
+	}
+	return "", false
+}
+
+func (d *dirStore) Fetch(ctx context.Context, ref string) (string, error) {
+	select {
+	case <-d.release:
+	case <-ctx.Done():
+		return "", ctx.Err()
+	}
+	if d.fail {
+		return "", errors.New("HTTP 404 from the hub")
+	}
+	return "/models/" + strings.TrimPrefix(ref, "hf:"), nil
+}
+
+func TestDownloadingThenLoading(t *testing.T) {
+	for _, fail := range []bool{false, true} {
+		t.Run(map[bool]string{false: "ok", true: "fails"}[fail], func(t *testing.T) {
+			h := newHarness(t)
+			store := &dirStore{release: make(chan struct{}), fail: fail}
+			h.s.deps.Models = store
+			res := h.spawn(map[string]any{"backend": "sim", "model_ref": "hf:org/model-GGUF"})
+			if res.State != StateDownloading {
+				t.Fatalf("state %s", res.State)
+			}
+			if wi := h.get(res.WorkerID); wi.State != StateDownloading || wi.PID != nil {
+				t.Fatalf("while downloading: %+v", wi)
+			}
+			close(store.release)
+			if fail {
+				wi := h.waitState(res.WorkerID, StateFailed, 10*time.Second)
+				if wi.ExitReason != ReasonSpawnFailed || !strings.Contains(wi.StateReason, "404") {
+					t.Errorf("failed download: %+v", wi)
+				}
+				return
+			}
+			h.waitState(res.WorkerID, StateIdle, 10*time.Second)
+		})
+	}
+}
+
+func TestStopWhileDownloading(t *testing.T) {
+	h := newHarness(t)
+	h.s.deps.Models = &dirStore{release: make(chan struct{})}
+	res := h.spawn(map[string]any{"backend": "sim", "model_ref": "hf:org/model"})
+	if code, out := h.do("DELETE", "/v1/workers/"+res.WorkerID, nil); code != 200 {
+		t.Fatalf("delete: %d %s", code, out)
+	}
+	if _, err := h.s.Get(res.WorkerID); err == nil {
+		t.Error("worker still registered")
+	}
+}
+
+func TestWorkerIDs(t *testing.T) {
+	seen := map[string]bool{}
+	for i := 0; i < 1000; i++ {
+		id, err := newWorkerID()
+		if err != nil {
+			t.Fatal(err)
+		}
+		if len(id) != 14 || !strings.HasPrefix(id, "w-") || strings.Trim(id[2:], "abcdefghijklmnopqrstuvwxyz0123456789") != "" || seen[id] {
+			t.Fatalf("bad or repeated id %q", id)
+		}
+		seen[id] = true
+	}
+}
