@@ -28,6 +28,7 @@ type daemonFlags struct {
 	tokenFile  string
 	logFormat  string
 	logLevel   string
+	demo       bool
 }
 
 func parseDaemonFlags(args []string) (daemonFlags, error) {
@@ -38,6 +39,7 @@ func parseDaemonFlags(args []string) (daemonFlags, error) {
 	fs.StringVar(&f.tokenFile, "token-file", "", "file holding the API token")
 	fs.StringVar(&f.logFormat, "log-format", "", "auto, text, json or journal")
 	fs.StringVar(&f.logLevel, "log-level", "", "debug, info, warn or error")
+	fs.BoolVar(&f.demo, "demo", false, "spawn one demo worker (backend sim) at start")
 	if err := fs.Parse(args); err != nil {
 		return f, err
 	}
@@ -86,7 +88,7 @@ func runDaemon(ctx context.Context, args []string, stderr io.Writer) error {
 		return err
 	}
 	defer closeLog()
-	err = serveDaemon(ctx, &cfg, log)
+	err = serveDaemon(ctx, &cfg, log, f.demo)
 	if err != nil {
 		log.Error("hive stopped with an error", "err", err)
 	}
@@ -94,7 +96,7 @@ func runDaemon(ctx context.Context, args []string, stderr io.Writer) error {
 }
 
 // serveDaemon runs the hive until ctx ends, then drains and stops.
-func serveDaemon(ctx context.Context, cfg *config.Config, log *slog.Logger) error {
+func serveDaemon(ctx context.Context, cfg *config.Config, log *slog.Logger, demo bool) error {
 	token, source, err := loadToken(cfg.TokenFile, cfg.StateDir, os.Getenv)
 	if err != nil {
 		return err
@@ -111,8 +113,14 @@ func serveDaemon(ctx context.Context, cfg *config.Config, log *slog.Logger) erro
 	auth := api.Authenticator{Token: token}
 	apiAuth := func(r *http.Request) *api.Error { return auth.Check(r) }
 
-	h, err := newHive(ctx, cfg, log, reg, token)
+	// Bind first: a hive that cannot serve its API must not start workers.
+	ln, err := net.Listen("tcp", cfg.Listen)
 	if err != nil {
+		return fmt.Errorf("listen %s: %w", cfg.Listen, err)
+	}
+	h, err := newHive(ctx, cfg, log, reg, "http://"+advertised(cfg.Listen, ln.Addr()))
+	if err != nil {
+		ln.Close()
 		return err
 	}
 	defer h.close()
@@ -127,10 +135,6 @@ func serveDaemon(ctx context.Context, cfg *config.Config, log *slog.Logger) erro
 	}))
 	h.routes(rt, apiAuth)
 
-	ln, err := net.Listen("tcp", cfg.Listen)
-	if err != nil {
-		return fmt.Errorf("listen %s: %w", cfg.Listen, err)
-	}
 	srv := &http.Server{
 		Handler:           rt,
 		ReadHeaderTimeout: 10 * time.Second,
@@ -145,6 +149,11 @@ func serveDaemon(ctx context.Context, cfg *config.Config, log *slog.Logger) erro
 	go func() { serveErr <- srv.Serve(ln) }()
 	log.Info("hive listening", "addr", ln.Addr().String(), "version", version, "state_dir", cfg.StateDir)
 	h.ready()
+	if demo {
+		if err := h.spawnDemo(ctx); err != nil {
+			log.Error("demo worker not started", "err", err)
+		}
+	}
 
 	select {
 	case <-ctx.Done():
@@ -152,7 +161,6 @@ func serveDaemon(ctx context.Context, cfg *config.Config, log *slog.Logger) erro
 		return fmt.Errorf("http server: %w", err)
 	}
 	log.Info("shutting down")
-	h.stopping()
 	drain, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
 	// Stop taking requests first, then stop the workers: in-flight API calls
@@ -176,4 +184,18 @@ func buildInfo() prometheus.Collector {
 	}, []string{"version", "goversion"})
 	g.WithLabelValues(version, runtime.Version()).Set(1)
 	return g
+}
+
+// advertised is the hive address workers call back to: the bound address,
+// with a wildcard host replaced by loopback.
+func advertised(listen string, bound net.Addr) string {
+	host, _, err := net.SplitHostPort(listen)
+	_, port, perr := net.SplitHostPort(bound.String())
+	if perr != nil {
+		return listen
+	}
+	if err != nil || host == "" || host == "0.0.0.0" || host == "::" {
+		host = "127.0.0.1"
+	}
+	return net.JoinHostPort(host, port)
 }

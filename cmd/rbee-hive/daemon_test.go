@@ -26,9 +26,7 @@ type testBinaries struct{ dir string }
 var bins testBinaries // set once in TestMain, read-only afterwards
 
 func TestMain(m *testing.M) {
-	if gateRan() {
-		return
-	}
+	runGate()
 	dir, err := os.MkdirTemp("", "rbee-hive-test-bin")
 	if err != nil {
 		fmt.Fprintln(os.Stderr, err)
@@ -284,7 +282,6 @@ func TestTokenSources(t *testing.T) {
 	}
 }
 
-
 func TestDaemonSignalsExitZero(t *testing.T) {
 	for _, sig := range []syscall.Signal{syscall.SIGTERM, syscall.SIGINT} {
 		t.Run(sig.String(), func(t *testing.T) {
@@ -347,4 +344,3 @@ func TestCLIStatus(t *testing.T) {
 		t.Errorf("wrong token: exit %d %q", code, out.String())
 	}
 }
-

@@ -2,25 +2,260 @@ package main
 
 import (
 	"context"
+	"errors"
+	"fmt"
 	"log/slog"
+	"net/http"
+	"os"
+	"path/filepath"
+	"sync"
+	"time"
 
+	"github.com/coreos/go-systemd/v22/journal"
 	"github.com/prometheus/client_golang/prometheus"
 
+	"github.com/rbee/rbee-hive/admission"
 	"github.com/rbee/rbee-hive/api"
+	"github.com/rbee/rbee-hive/cgroup"
 	"github.com/rbee/rbee-hive/config"
+	"github.com/rbee/rbee-hive/gpu"
+	"github.com/rbee/rbee-hive/model"
+	"github.com/rbee/rbee-hive/procfs"
+	"github.com/rbee/rbee-hive/proxy"
+	"github.com/rbee/rbee-hive/supervisor"
+	"github.com/rbee/rbee-hive/supervisor/notify"
+	"github.com/rbee/rbee-hive/systemd"
 )
 
-// hive wires the supervisor's parts together; it owns their lifetimes.
+// hive wires the supervisor's parts together and owns their lifetimes.
 type hive struct {
-	log *slog.Logger
+	cfg      *config.Config
+	log      *slog.Logger
+	notifier *systemd.Notifier
+	cgroups  cgroup.Manager
+	gpus     gpu.GPUs
+	ledger   *admission.Ledger
+	models   *model.Store
+	listener *notify.Listener
+	journal  *systemd.WorkerJournal // nil without journald
+	sup      *supervisor.Supervisor
+
+	ctx       context.Context // background loops; cancelled after the workers are stopped
+	cancel    context.CancelFunc
+	wg        sync.WaitGroup
+	closeOnce sync.Once
 }
 
-func newHive(ctx context.Context, cfg *config.Config, log *slog.Logger, reg *prometheus.Registry, token string) (*hive, error) {
-	return &hive{log: log}, nil
+// newHive builds every part; on error it releases what it built.
+func newHive(ctx context.Context, cfg *config.Config, log *slog.Logger, reg *prometheus.Registry, hiveURL string) (h *hive, err error) {
+	h = &hive{cfg: cfg, log: log}
+	h.ctx, h.cancel = context.WithCancel(context.WithoutCancel(ctx))
+	defer func() {
+		if err != nil {
+			h.close()
+		}
+	}()
+	if h.notifier, err = systemd.NewNotifier(log); err != nil {
+		return nil, err
+	}
+	if err := os.MkdirAll(cfg.StateDir, 0o750); err != nil {
+		return nil, fmt.Errorf("state dir: %w", err)
+	}
+	h.cgroups, err = cgroup.New(cgroup.Options{Root: cfg.Cgroup.Root, MoveSelf: cfg.Cgroup.Root == ""})
+	if err != nil {
+		return nil, fmt.Errorf("cgroups (the hive needs root or a delegated cgroup): %w", err)
+	}
+	log.Info("cgroups ready", "mode", h.cgroups.Mode(), "root", h.cgroups.Root())
+
+	fakes := make([]gpu.FakeDevice, 0, len(cfg.GPU.Fake))
+	for _, f := range cfg.GPU.Fake {
+		fakes = append(fakes, gpu.FakeDevice{UUID: f.UUID, Name: f.Name, MemoryTotal: uint64(f.MemoryTotal)})
+	}
+	if h.gpus, err = gpu.Open(string(cfg.GPU.Driver), fakes); err != nil {
+		return nil, fmt.Errorf("gpu: %w", err)
+	}
+	mem, err := procfs.New("")
+	if err != nil {
+		return nil, err
+	}
+	h.ledger, err = admission.NewLedger(admission.Config{
+		Memory:             mem,
+		GPUs:               h.gpus,
+		MemoryReserveBytes: uint64(cfg.Resources.MemoryReserve),
+		VRAMMarginBytes:    uint64(cfg.Resources.VRAMMargin),
+		DiskPaths:          []string{cfg.ModelDir},
+	})
+	if err != nil {
+		return nil, err
+	}
+	reg.MustRegister(h.ledger.Collector())
+
+	h.models, err = model.New(model.Options{
+		Dir:          cfg.ModelDir,
+		Endpoint:     cfg.Models.HFEndpoint,
+		TokenFile:    cfg.Models.HFTokenFile,
+		DiskReserve:  uint64(cfg.Resources.DiskReserve),
+		MaxBytes:     uint64(cfg.Models.MaxBytes),
+		StallTimeout: cfg.Models.StallTimeout.D(),
+		Logger:       log.With("component", "models"),
+		Registry:     reg,
+		DiskChecker:  h.ledger.CheckDisk,
+	})
+	if err != nil {
+		return nil, err
+	}
+	px, err := proxy.New(reg, proxy.Options{Logger: log.With("component", "proxy")})
+	if err != nil {
+		return nil, err
+	}
+
+	// A socket handed over by rbee-hive-notify.socket keeps datagrams queued
+	// while the hive restarts; otherwise the hive binds its own.
+	h.listener, err = notify.FromActivation()
+	if errors.Is(err, notify.ErrNotActivated) {
+		h.listener, err = notify.Listen(cfg.Heartbeat.NotifySocket)
+	}
+	if err != nil {
+		return nil, fmt.Errorf("notify socket: %w", err)
+	}
+	log.Info("notify socket ready", "addr", h.listener.Addr())
+
+	deps := supervisor.Deps{
+		Logger:   log,
+		Cgroups:  h.cgroups,
+		Registry: reg,
+		SelfDir:  selfDir(),
+		HiveURL:  hiveURL,
+		Admitter: admitter{ledger: h.ledger, log: log},
+		Models:   modelStore{store: h.models},
+		Proxy:    proxyAdapter{px: px},
+	}
+	if h.gpus.Backend() != "none" {
+		deps.GPUs = gpuList{h.gpus}
+	}
+	if journal.Enabled() {
+		h.journal = systemd.NewWorkerJournal(systemd.WorkerJournalOptions{})
+		deps.LineSink = h.journal
+	}
+	reg.MustRegister(newHiveCollector(h.listener, h.journal))
+	if h.sup, err = supervisor.New(cfg, deps); err != nil {
+		return nil, err
+	}
+	n, err := h.sup.CleanLeftovers(ctx)
+	if err != nil {
+		return nil, fmt.Errorf("cleaning leftover workers: %w", err)
+	}
+	if n > 0 {
+		log.Warn("cleaned leftover workers of a previous hive", "count", n)
+	}
+	h.start()
+	return h, nil
 }
 
-func (h *hive) routes(rt *api.Router, auth api.AuthFunc) {}
-func (h *hive) ready()                                   {}
-func (h *hive) stopping()                                {}
-func (h *hive) shutdown()                                {}
-func (h *hive) close()                                   {}
+// start runs the background loops: supervision, the notify socket, the
+// systemd watchdog and status line.
+func (h *hive) start() {
+	h.goLoop("supervisor", h.sup.Run)
+	h.goLoop("notify socket", func(ctx context.Context) error { return h.listener.Serve(ctx, h.sup.HandleNotify) })
+	h.goLoop("watchdog", func(ctx context.Context) error { return h.notifier.RunWatchdog(ctx, h.sup.Alive) })
+	if h.notifier.Enabled() {
+		h.goLoop("status", func(ctx context.Context) error {
+			t := time.NewTicker(time.Second)
+			defer t.Stop()
+			for {
+				_ = h.notifier.Status(h.sup.Summary()) // sent only when it changes
+				select {
+				case <-ctx.Done():
+					return nil
+				case <-t.C:
+				}
+			}
+		})
+	}
+}
+
+func (h *hive) goLoop(name string, fn func(context.Context) error) {
+	h.wg.Add(1)
+	go func() {
+		defer h.wg.Done()
+		if err := fn(h.ctx); err != nil && h.ctx.Err() == nil {
+			h.log.Error("background loop stopped", "loop", name, "err", err)
+		}
+	}()
+}
+
+func (h *hive) routes(rt *api.Router, auth api.AuthFunc) {
+	h.sup.Routes(rt, auth)
+	h.models.Routes(rt, auth)
+	rt.HandleFunc("GET /v1/resources", auth, func(w http.ResponseWriter, r *http.Request) {
+		api.WriteJSON(w, http.StatusOK, h.ledger.Resources(r.Context()))
+	})
+}
+
+// ready tells systemd the hive serves: the socket is bound, the cgroup tree
+// exists and leftovers are gone.
+func (h *hive) ready() {
+	if err := h.notifier.Ready(); err != nil {
+		h.log.Warn("sd_notify READY failed", "err", err)
+	}
+}
+
+// shutdown stops every worker within the budget, then the loops.
+func (h *hive) shutdown() {
+	_ = h.notifier.Stopping()
+	budget := h.cfg.Workers.ShutdownBudget.D() + h.cfg.Workers.GracePeriod.D()
+	extend, stopExtending := context.WithCancel(h.ctx)
+	go h.notifier.KeepExtending(extend, budget)
+	ctx, cancel := context.WithTimeout(context.Background(), budget)
+	h.sup.Shutdown(ctx) // logs its own summary line
+	cancel()
+	stopExtending()
+}
+
+// close releases everything; safe on a partly built hive.
+func (h *hive) close() { h.closeOnce.Do(h.release) }
+
+func (h *hive) release() {
+	h.cancel()
+	h.wg.Wait()
+	if h.listener != nil {
+		_ = h.listener.Close()
+	}
+	if h.models != nil {
+		_ = h.models.Close()
+	}
+	if h.gpus != nil {
+		_ = h.gpus.Close()
+	}
+	if h.journal != nil {
+		h.journal.Close()
+	}
+}
+
+// spawnDemo starts one worker of the sim backend, for `make run`. The
+// simworker loads nothing; its model is a placeholder file in the state dir.
+func (h *hive) spawnDemo(ctx context.Context) error {
+	path := filepath.Join(h.cfg.StateDir, "demo-model.gguf")
+	if err := os.WriteFile(path, []byte("rbee-simworker demo placeholder\n"), 0o640); err != nil {
+		return fmt.Errorf("demo model: %w", err)
+	}
+	dev := int64(0)
+	res, err := h.sup.Spawn(ctx, supervisor.SpawnRequest{ModelRef: "file:" + path, Backend: "sim", Device: &dev})
+	if err != nil {
+		return err
+	}
+	h.log.Info("demo worker spawned", "worker_id", res.WorkerID, "url", res.URL)
+	return nil
+}
+
+// selfDir is where the rbee-hive binary lives: {self_dir} in backend commands.
+func selfDir() string {
+	exe, err := os.Executable()
+	if err != nil {
+		return "."
+	}
+	if p, err := filepath.EvalSymlinks(exe); err == nil {
+		exe = p
+	}
+	return filepath.Dir(exe)
+}

@@ -33,9 +33,7 @@ Client commands take --url (default $RBEE_HIVE_URL or http://127.0.0.1:9200),
 `
 
 func main() {
-	if gateRan() {
-		return
-	}
+	runGate()
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
 	code := run(ctx, os.Args[1:], os.Stdout, os.Stderr)
 	stop()

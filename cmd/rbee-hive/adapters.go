@@ -1,0 +1,146 @@
+package main
+
+import (
+	"context"
+	"log/slog"
+	"net/http"
+
+	"github.com/prometheus/client_golang/prometheus"
+
+	"github.com/rbee/rbee-hive/admission"
+	"github.com/rbee/rbee-hive/admission/estimate"
+	"github.com/rbee/rbee-hive/gpu"
+	"github.com/rbee/rbee-hive/model"
+	"github.com/rbee/rbee-hive/proxy"
+	"github.com/rbee/rbee-hive/supervisor"
+	"github.com/rbee/rbee-hive/supervisor/notify"
+	"github.com/rbee/rbee-hive/systemd"
+)
+
+// The adapters below fit each package's own API to the small interfaces the
+// supervisor declares, so that neither side imports the other's internals.
+
+// admitter estimates a GPU worker's VRAM from its model file when the
+// request named none, then asks the ledger.
+type admitter struct {
+	ledger *admission.Ledger
+	log    *slog.Logger
+}
+
+func (a admitter) Admit(ctx context.Context, req supervisor.AdmitRequest) (supervisor.Claim, error) {
+	r := admission.Request{WorkerID: req.WorkerID, MemoryBytes: uint64(req.MemoryBytes)}
+	if req.CUDA {
+		dev := req.Device
+		r.GPU = &dev
+		r.VRAMBytes = uint64(req.VRAMBytes)
+		if r.VRAMBytes == 0 && req.ModelPath != "" {
+			est, err := estimate.EstimateVRAM(req.ModelPath, req.ContextSize)
+			if err != nil {
+				// No estimate is no reason to refuse: the margin still applies
+				// and the monitor watches real use.
+				a.log.Warn("VRAM estimate failed", "worker_id", req.WorkerID, "model", req.ModelRef, "err", err)
+			} else {
+				r.VRAMBytes = est.VRAMBytes
+			}
+		}
+	}
+	c, err := a.ledger.Admit(ctx, r)
+	if err != nil {
+		return nil, err
+	}
+	return ledgerClaim{c}, nil
+}
+
+// ledgerClaim ends a RAM/VRAM claim when the supervisor says so.
+type ledgerClaim struct{ c *admission.Claim }
+
+func (l ledgerClaim) Loaded()  { l.c.Loaded() }
+func (l ledgerClaim) Release() { l.c.Release() }
+
+// modelStore adapts model.Store to the supervisor's ModelStore.
+type modelStore struct{ store *model.Store }
+
+func (m modelStore) Local(ref string) (string, bool) {
+	path, wait, err := m.store.Ensure(context.Background(), ref)
+	if err != nil || wait != nil {
+		return "", false
+	}
+	return path, true
+}
+
+func (m modelStore) Fetch(ctx context.Context, ref string) (string, error) {
+	path, wait, err := m.store.Ensure(ctx, ref)
+	if err != nil || wait == nil {
+		return path, err
+	}
+	select {
+	case r := <-wait:
+		return r.LocalPath, r.Err
+	case <-ctx.Done():
+		return "", ctx.Err()
+	}
+}
+
+// proxyAdapter adapts proxy.Proxy to the supervisor's Proxy.
+type proxyAdapter struct{ px *proxy.Proxy }
+
+func (p proxyAdapter) Forward(w http.ResponseWriter, r *http.Request, t supervisor.ProxyTarget) {
+	p.px.Serve(w, r, t.URL, proxy.Labels{Backend: t.Backend, Model: t.Model}, proxy.Hooks{
+		OnStart: t.OnStart,
+		OnEnd:   t.OnEnd,
+		Prepare: func(out *http.Request) {
+			if t.Token != "" {
+				out.Header.Set("Authorization", "Bearer "+t.Token)
+			}
+		},
+	})
+}
+
+// gpuList adapts gpu.GPUs to the supervisor's GPUs.
+type gpuList struct{ g gpu.GPUs }
+
+func (l gpuList) GPUDevices(ctx context.Context) ([]supervisor.GPUDevice, error) {
+	devs, err := l.g.Devices(ctx)
+	if err != nil {
+		return nil, err
+	}
+	out := make([]supervisor.GPUDevice, 0, len(devs))
+	for _, d := range devs {
+		out = append(out, supervisor.GPUDevice{Index: d.Index, UUID: d.UUID})
+	}
+	return out, nil
+}
+
+// hiveCollector exports counters owned by the wiring: notify datagrams and
+// log entries journald could not take.
+type hiveCollector struct {
+	listener *notify.Listener
+	journal  *systemd.WorkerJournal
+	received *prometheus.Desc
+	dropped  *prometheus.Desc
+}
+
+func newHiveCollector(l *notify.Listener, j *systemd.WorkerJournal) *hiveCollector {
+	return &hiveCollector{
+		listener: l,
+		journal:  j,
+		received: prometheus.NewDesc("rbee_hive_notify_datagrams_received_total",
+			"Datagrams read from the notify socket, accepted or not.", nil, nil),
+		dropped: prometheus.NewDesc("rbee_hive_log_entries_dropped_total",
+			"Worker output lines journald could not take in time (the log file and tail still have them).", nil, nil),
+	}
+}
+
+func (c *hiveCollector) Describe(ch chan<- *prometheus.Desc) {
+	ch <- c.received
+	ch <- c.dropped
+}
+
+func (c *hiveCollector) Collect(ch chan<- prometheus.Metric) {
+	ch <- prometheus.MustNewConstMetric(c.received, prometheus.CounterValue, float64(c.listener.Stats().Received))
+	var dropped uint64
+	if c.journal != nil {
+		dropped = c.journal.Dropped()
+	}
+	ch <- prometheus.MustNewConstMetric(c.dropped, prometheus.CounterValue, float64(dropped))
+}
