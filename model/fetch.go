@@ -281,14 +281,17 @@ func (j *fetchJob) attempt(ctx context.Context, f *os.File, fh *fileHasher, have
 	remaining := j.file.Size - *have
 	// One byte more than expected is enough to know the listing lied.
 	body := io.LimitReader(resp.Body, int64(remaining)+1)
-	buf := make([]byte, copyBufSize)
+	hp := startHashPipe(fh.h)
+	defer hp.stop() // before restart or return, the hash has seen every byte
 	var got int64
 	flushed := *have
 	for {
+		buf := hp.buffer()
 		n, rerr := body.Read(buf)
 		if n > 0 {
 			timer.Reset(j.stall)
 			if uint64(got)+uint64(n) > remaining {
+				hp.stop()
 				_ = j.restart(f, fh, have)
 				return got, fail(ReasonChecksum, api.Errorf(http.StatusBadGateway, api.CodeUpstream,
 					"%s is larger than the %d bytes the listing gave", j.file.Path, j.file.Size).
@@ -300,7 +303,7 @@ func (j *fetchJob) attempt(ctx context.Context, f *os.File, fh *fileHasher, have
 				}
 				return got, fmt.Errorf("model: write %s: %w", f.Name(), werr)
 			}
-			fh.h.Write(buf[:n])
+			hp.hash(buf[:n])
 			got += int64(n)
 			*have += uint64(n)
 			j.progress(*have, n)
@@ -310,6 +313,8 @@ func (j *fetchJob) attempt(ctx context.Context, f *os.File, fh *fileHasher, have
 				_ = unix.SyncFileRange(int(f.Fd()), int64(flushed), int64(*have-flushed), unix.SYNC_FILE_RANGE_WRITE)
 				flushed = *have
 			}
+		} else {
+			hp.release(buf)
 		}
 		if rerr == io.EOF {
 			break
@@ -318,6 +323,7 @@ func (j *fetchJob) attempt(ctx context.Context, f *os.File, fh *fileHasher, have
 			return got, stalled(rerr)
 		}
 	}
+	hp.stop()
 	if *have < j.file.Size {
 		return got, networkError(j.ref, j.file.Path, fmt.Errorf("body ended at %d of %d bytes: %w", *have, j.file.Size, io.ErrUnexpectedEOF))
 	}
@@ -388,4 +394,48 @@ func syncDir(dir string) {
 		_ = d.Sync()
 		_ = d.Close()
 	}
+}
+
+// hashPipe hashes on its own goroutine so sha256 overlaps the network reads
+// and disk writes instead of adding to them; a few buffers circulate.
+type hashPipe struct {
+	free, work chan []byte
+	done       chan struct{}
+	stopped    bool
+}
+
+const hashPipeBuffers = 4
+
+func startHashPipe(h hash.Hash) *hashPipe {
+	p := &hashPipe{free: make(chan []byte, hashPipeBuffers), work: make(chan []byte, hashPipeBuffers), done: make(chan struct{})}
+	for range hashPipeBuffers {
+		p.free <- make([]byte, copyBufSize)
+	}
+	go func() {
+		defer close(p.done)
+		for b := range p.work {
+			h.Write(b)
+			p.free <- b[:cap(b)]
+		}
+	}()
+	return p
+}
+
+// buffer returns a buffer the hasher is done with.
+func (p *hashPipe) buffer() []byte { return <-p.free }
+
+// hash queues b (a buffer from buffer()) for hashing; b is not reused before.
+func (p *hashPipe) hash(b []byte) { p.work <- b }
+
+// release returns an unused buffer.
+func (p *hashPipe) release(b []byte) { p.free <- b[:cap(b)] }
+
+// stop waits until everything queued is hashed. Idempotent; one goroutine.
+func (p *hashPipe) stop() {
+	if p.stopped {
+		return
+	}
+	p.stopped = true
+	close(p.work)
+	<-p.done
 }
