@@ -299,6 +299,9 @@ func TestMetricsLintAndSeries(t *testing.T) {
 	if got := counter(t, h.reg, "rbee_hive_workers", map[string]string{"state": "idle", "backend": "sim", "device": "0"}); got != 1 {
 		t.Errorf("workers{idle,sim,0} = %v", got)
 	}
+	h.waitFor("a health report", 5*time.Second, func() bool {
+		return counter(t, h.reg, "rbee_hive_workers_by_health", map[string]string{"health": "healthy", "backend": "sim", "device": "0"}) == 1
+	})
 	// Series exist at 0 for every state and known pair, GPUs included.
 	if got := counter(t, h.reg, "rbee_hive_workers", map[string]string{"state": "failed", "backend": "gpu", "device": "1"}); got != 0 {
 		t.Errorf("workers{failed,gpu,1} = %v", got)

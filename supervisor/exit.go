@@ -9,9 +9,10 @@ import (
 	"time"
 )
 
-// oomJoinWindow is how long a SIGKILLed exit waits for the leaf's OOM event
-// when the counters do not show it yet: on v1 the eventfd fires ~10 ms
-// before Wait returns, so evidence is joined, never raced.
+// oomJoinWindow bounds the wait for the leaf's OOM event when its counters
+// cannot be read. The kernel counts an OOM kill before the victim dies (the
+// v1 eventfd fires ~10 ms before Wait returns), so after Wait the counter is
+// the joined evidence; the event stream is only the fallback.
 const oomJoinWindow = 100 * time.Millisecond
 
 // wait is the one goroutine that calls cmd.Wait for a run. After the main
@@ -63,16 +64,15 @@ func (s *Supervisor) oomEvidence(r *run, oom *oomWatch) bool {
 	if oom.n.Load() > 0 {
 		return true
 	}
-	if st, err := r.leaf.Stats(); err == nil && st.OOMKills > 0 {
-		return true
+	if st, err := r.leaf.Stats(); err == nil {
+		return st.OOMKills > 0
 	}
 	select {
 	case <-oom.seen:
 		return true
 	case <-time.After(oomJoinWindow):
+		return false
 	}
-	st, err := r.leaf.Stats()
-	return err == nil && st.OOMKills > 0
 }
 
 // classify turns a wait status into an exit reason and code.

@@ -66,7 +66,7 @@ func simCommand(extra ...string) []string {
 
 // testConfig is the default config with test-sized timings and the backends
 // the tests use.
-func testConfig(t *testing.T) *config.Config {
+func testConfig(t testing.TB) *config.Config {
 	cfg := config.Default(true)
 	cfg.StateDir = t.TempDir()
 	rt, err := os.MkdirTemp("", "rbh") // short: unix socket paths are limited
@@ -96,7 +96,7 @@ func testConfig(t *testing.T) *config.Config {
 }
 
 // newCgroups returns a manager over a uniquely named root, removed at the end.
-func newCgroups(t *testing.T) cgroup.Manager {
+func newCgroups(t testing.TB) cgroup.Manager {
 	t.Helper()
 	if os.Geteuid() != 0 {
 		t.Skip("needs root: creates cgroups (CI runs as root)")
@@ -118,7 +118,7 @@ func newCgroups(t *testing.T) cgroup.Manager {
 
 // removeCgroupTree empties and deletes every leaf, then the tree's
 // directories in every hierarchy.
-func removeCgroupTree(t *testing.T, m cgroup.Manager, root string) {
+func removeCgroupTree(t testing.TB, m cgroup.Manager, root string) {
 	ids, _ := m.List()
 	for _, id := range ids {
 		t.Errorf("cgroup leaf %s left behind", id)
@@ -153,7 +153,7 @@ func removeCgroupTree(t *testing.T, m cgroup.Manager, root string) {
 
 // harness is a supervisor with its notify socket and HTTP API.
 type harness struct {
-	t     *testing.T
+	t     testing.TB
 	cfg   *config.Config
 	cg    cgroup.Manager
 	reg   *prometheus.Registry
@@ -180,7 +180,7 @@ func (b *syncBuffer) String() string {
 	return b.b.String()
 }
 
-func newHarness(t *testing.T, mutate ...func(*config.Config)) *harness {
+func newHarness(t testing.TB, mutate ...func(*config.Config)) *harness {
 	t.Helper()
 	cfg := testConfig(t)
 	for _, f := range mutate {
@@ -331,7 +331,7 @@ func alive(pid int) bool {
 	return i < 0 || i+2 >= len(s) || s[i+2] != 'Z'
 }
 
-func counter(t *testing.T, reg *prometheus.Registry, name string, labels map[string]string) float64 {
+func counter(t testing.TB, reg *prometheus.Registry, name string, labels map[string]string) float64 {
 	t.Helper()
 	mfs, err := reg.Gather()
 	if err != nil {

@@ -23,8 +23,12 @@ type metrics struct {
 	healthFails        prometheus.Counter
 
 	workersDesc *prometheus.Desc
+	healthDesc  *prometheus.Desc
 	memoryDesc  *prometheus.Desc
 }
+
+// reported health values; "unknown" until a worker says.
+var healthValues = []string{"healthy", "degraded", "unknown"}
 
 func newMetrics(s *Supervisor, reg *prometheus.Registry) (*metrics, error) {
 	m := &metrics{
@@ -47,6 +51,8 @@ func newMetrics(s *Supervisor, reg *prometheus.Registry) (*metrics, error) {
 			Help: "Failed HTTP health checks of ready http-mode workers."}),
 		workersDesc: prometheus.NewDesc("rbee_hive_workers", "Registered workers by state, backend and device.",
 			[]string{"state", "backend", "device"}, nil),
+		healthDesc: prometheus.NewDesc("rbee_hive_workers_by_health", "Running workers by the health they last reported (RBEE_HEALTH or health_status), backend and device.",
+			[]string{"health", "backend", "device"}, nil),
 		memoryDesc: prometheus.NewDesc("rbee_hive_worker_memory_bytes", "Memory in use by workers' cgroups (memory.current summed), by backend and device.",
 			[]string{"backend", "device"}, nil),
 	}
@@ -78,6 +84,7 @@ func newMetrics(s *Supervisor, reg *prometheus.Registry) (*metrics, error) {
 // Describe implements prometheus.Collector for the scrape-time gauges.
 func (m *metrics) Describe(ch chan<- *prometheus.Desc) {
 	ch <- m.workersDesc
+	ch <- m.healthDesc
 	ch <- m.memoryDesc
 }
 
@@ -91,6 +98,7 @@ type bd struct {
 func (m *metrics) Collect(ch chan<- prometheus.Metric) {
 	s := m.s
 	counts := make(map[bd]map[State]int)
+	health := make(map[bd]map[string]int)
 	pairs := make(map[bd]bool)
 	for _, name := range s.cfg.BackendNames() {
 		if s.cfg.Backends[name].CUDA {
@@ -114,6 +122,14 @@ func (m *metrics) Collect(ch chan<- prometheus.Metric) {
 		}
 		counts[k][w.state]++
 		if w.run != nil {
+			if health[k] == nil {
+				health[k] = make(map[string]int)
+			}
+			hv := w.health
+			if hv == "" {
+				hv = "unknown"
+			}
+			health[k][hv]++
 			leaves = append(leaves, struct {
 				key  bd
 				leaf cgroup.Leaf
@@ -134,6 +150,9 @@ func (m *metrics) Collect(ch chan<- prometheus.Metric) {
 		dev := strconv.Itoa(k.device)
 		for _, st := range allStates {
 			ch <- prometheus.MustNewConstMetric(m.workersDesc, prometheus.GaugeValue, float64(counts[k][st]), string(st), k.backend, dev)
+		}
+		for _, hv := range healthValues {
+			ch <- prometheus.MustNewConstMetric(m.healthDesc, prometheus.GaugeValue, float64(health[k][hv]), hv, k.backend, dev)
 		}
 		ch <- prometheus.MustNewConstMetric(m.memoryDesc, prometheus.GaugeValue, mem[k], k.backend, dev)
 	}

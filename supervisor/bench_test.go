@@ -1,0 +1,99 @@
+package supervisor
+
+import (
+	"sort"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/rbee/rbee-hive/config"
+)
+
+// report adds median and p99 of samples to the benchmark's output.
+func report(b *testing.B, samples []time.Duration, what string) {
+	if len(samples) == 0 {
+		return
+	}
+	sort.Slice(samples, func(i, j int) bool { return samples[i] < samples[j] })
+	q := func(p float64) time.Duration { return samples[int(p*float64(len(samples)-1))] }
+	b.ReportMetric(float64(q(0.5).Microseconds())/1000, what+"-p50-ms")
+	b.ReportMetric(float64(q(0.99).Microseconds())/1000, what+"-p99-ms")
+	b.ReportMetric(float64(samples[len(samples)-1].Microseconds())/1000, what+"-max-ms")
+}
+
+// BenchmarkSpawnToRunning: POST /v1/workers/spawn until the answer, by which
+// time the worker process runs inside its cgroup leaf (checked after).
+func BenchmarkSpawnToRunning(b *testing.B) {
+	h := newHarness(b)
+	var samples []time.Duration
+	for i := 0; i < b.N; i++ {
+		start := time.Now()
+		res := h.spawn(map[string]any{"backend": "sim"})
+		samples = append(samples, time.Since(start))
+		b.StopTimer()
+		wi := h.get(res.WorkerID)
+		if wi.PID == nil {
+			b.Fatal("no pid")
+		}
+		if id, err := h.cg.LeafOf(*wi.PID); err != nil || id != res.WorkerID {
+			b.Fatalf("not in its leaf: %q %v", id, err)
+		}
+		if code, _ := h.do("DELETE", "/v1/workers/"+res.WorkerID, nil); code != 200 {
+			b.Fatal("stop failed")
+		}
+		b.StartTimer()
+	}
+	report(b, samples, "spawn")
+}
+
+// BenchmarkCrashToRestarted: SIGKILL a ready worker; time until its next
+// process runs (zero backoff).
+func BenchmarkCrashToRestarted(b *testing.B) {
+	h := newHarness(b, func(c *config.Config) {
+		c.Workers.Restart.BackoffBase = 0
+		c.Workers.Restart.BackoffMax = 0
+		c.Workers.Restart.MaxFailures = 1 << 30
+	})
+	res := h.spawn(map[string]any{"backend": "sim", "restart": "always"})
+	wi := h.waitState(res.WorkerID, StateIdle, 10*time.Second)
+	var samples []time.Duration
+	b.ResetTimer()
+	for i := 0; i < b.N; i++ {
+		old := *wi.PID
+		t0 := time.Now()
+		if err := syscall.Kill(old, syscall.SIGKILL); err != nil {
+			b.Fatal(err)
+		}
+		h.waitFor("restart", 10*time.Second, func() bool {
+			wi = h.get(res.WorkerID)
+			return wi.PID != nil && *wi.PID != old
+		})
+		samples = append(samples, wi.StartedAt.Sub(t0))
+		b.StopTimer()
+		wi = h.waitState(res.WorkerID, StateIdle, 10*time.Second)
+		b.StartTimer()
+	}
+	report(b, samples, "restart")
+}
+
+// BenchmarkStaleDetection: a worker that never heartbeats after READY; how
+// long after threshold past its last sign of life it is marked stale.
+func BenchmarkStaleDetection(b *testing.B) {
+	const threshold = 500 * time.Millisecond
+	h := newHarness(b, func(c *config.Config) {
+		c.Heartbeat.Interval = config.Duration(200 * time.Millisecond)
+		c.Heartbeat.StaleThreshold = config.Duration(threshold)
+		c.Heartbeat.StaleAction = "mark"
+	})
+	var samples []time.Duration
+	for i := 0; i < b.N; i++ {
+		res := h.spawn(map[string]any{"backend": "sim", "env": map[string]string{"RBEE_SIM_NO_HEARTBEAT": "true"}})
+		h.waitState(res.WorkerID, StateIdle, 10*time.Second)
+		wi := h.waitState(res.WorkerID, StateStale, 10*time.Second)
+		samples = append(samples, wi.LastActivity.Sub(*wi.LastHeartbeat)-threshold)
+		b.StopTimer()
+		h.do("DELETE", "/v1/workers/"+res.WorkerID, nil)
+		b.StartTimer()
+	}
+	report(b, samples, "stale-lag")
+}
