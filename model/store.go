@@ -442,7 +442,9 @@ func (s *Store) start(ctx context.Context, refStr string) (string, *download, er
 		return p, nil, err
 	}
 	if err := s.resolve(ctx, d); err != nil {
-		s.met.failures.WithLabelValues(reasonOf(err)).Inc()
+		if ctx.Err() == nil { // a caller that went away is not a failed download
+			s.met.failures.WithLabelValues(reasonOf(err)).Inc()
+		}
 		s.log.Warn("model download refused", "ref", key, "reason", reasonOf(err), "error", err)
 		s.abandon(d, err)
 		return "", nil, err
@@ -480,7 +482,7 @@ func (s *Store) present(ctx context.Context, key string) (string, bool, error) {
 	if err != nil || !ok {
 		return "", false, err
 	}
-	if _, err := os.Stat(m.LocalPath); err != nil {
+	if err := s.checkFiles(m); err != nil {
 		s.log.Warn("model in catalog but missing on disk; downloading again", "ref", key, "path", m.LocalPath, "error", err)
 		if _, err := s.cat.remove(ctx, key); err != nil {
 			return "", false, err
@@ -488,6 +490,26 @@ func (s *Store) present(ctx context.Context, key string) (string, bool, error) {
 		return "", false, nil
 	}
 	return m.LocalPath, true, nil
+}
+
+// checkFiles stats every file of m (sizes included): someone may have
+// deleted or truncated files under the model dir by hand.
+func (s *Store) checkFiles(m Model) error {
+	if _, err := os.Stat(m.LocalPath); err != nil {
+		return err
+	}
+	base := s.baseDir(Ref{Provider: m.Provider, Repo: m.Repo, Revision: m.Revision})
+	for _, f := range m.Files {
+		p := filepath.Join(base, filepath.FromSlash(f.Path))
+		st, err := os.Stat(p)
+		if err != nil {
+			return err
+		}
+		if uint64(st.Size()) != f.Size {
+			return fmt.Errorf("%s is %d bytes, catalog says %d", p, st.Size(), f.Size)
+		}
+	}
+	return nil
 }
 
 func statLocal(p string) (string, *download, error) {

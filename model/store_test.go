@@ -850,3 +850,27 @@ func TestReadProgress(t *testing.T) {
 		})
 	}
 }
+
+func TestCatalogEntryWithMissingFilesDownloadsAgain(t *testing.T) {
+	f := newFakeHub(t)
+	content := randomBytes(100000, 22)
+	f.add("org/st@main",
+		testFile{path: "config.json", content: []byte(`{}`)},
+		testFile{path: "model.safetensors", content: content, lfs: true})
+	ts := newTestStore(t, f, t.TempDir(), nil)
+	dir := ensureWait(t, ts, "hf:org/st")
+	// Truncated by hand: the directory still exists, one file is wrong.
+	if err := os.Truncate(filepath.Join(dir, "model.safetensors"), 10); err != nil {
+		t.Fatal(err)
+	}
+	p, wait, err := ts.Ensure(context.Background(), "hf:org/st")
+	if err != nil || wait == nil {
+		t.Fatalf("Ensure after truncation = %q, %v, %v; want a new download", p, wait, err)
+	}
+	if r := waitResult(t, wait, 10*time.Second); r.Err != nil {
+		t.Fatal(r.Err)
+	}
+	if b, _ := os.ReadFile(filepath.Join(dir, "model.safetensors")); !bytes.Equal(b, content) {
+		t.Fatal("file not restored")
+	}
+}
