@@ -11,4 +11,26 @@
 // sleeps until the earliest one (no polling). Each process has exactly one
 // goroutine calling cmd.Wait, which then kills what is left of the tree,
 // removes the leaf and reports the exit.
+//
+// Decisions where the original differs or is silent:
+//   - model_path in a spawn request is accepted and ignored, as in the
+//     original; {model_path} comes from the ModelStore, or without one is the
+//     part after "provider:" (so file:/m/x.gguf gives /m/x.gguf).
+//   - The process is started inside the spawn request (a few ms) so a
+//     missing binary is a 500 at once and leaves nothing behind; readiness
+//     is never waited for. A model that must be downloaded answers
+//     state "downloading" and starts when the download ends.
+//   - POST /v1/workers/ready with an unknown worker id is a JSON 404 (the
+//     original answered a silent 200). Ready and heartbeat accept the API
+//     token or the worker's own RBEE_WORKER_TOKEN, the latter for itself only
+//     (403 otherwise).
+//   - Readiness follows the backend's health mode: READY=1 counts in notify
+//     and callback mode, the HTTP probe alone in http mode; POST
+//     /v1/workers/ready is accepted in every mode.
+//   - DELETE /v1/workers/{id} stops the worker (SIGTERM, grace, cgroup kill)
+//     and removes it from the registry; a second DELETE is a 404. Workers
+//     that end by themselves (stopped, failed) stay listed with their
+//     exit_reason until deleted (at most 256 are kept).
+//   - Every unplanned exit, a clean one under restart=always included,
+//     counts towards the backoff and the circuit breaker.
 package supervisor

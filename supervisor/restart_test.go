@@ -110,3 +110,42 @@ func TestRestartPolicies(t *testing.T) {
 		})
 	}
 }
+
+func TestAfterFailureBackoffResetAndBreaker(t *testing.T) {
+	cfg := testConfig(t)
+	cfg.Workers.Restart = config.Restart{BackoffBase: config.Duration(time.Second), BackoffMax: config.Duration(3 * time.Second),
+		StableAfter: config.Duration(10 * time.Second), MaxFailures: 3, FailureWindow: config.Duration(time.Minute)}
+	s, err := New(cfg, Deps{Cgroups: newCgroups(t)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	w := &worker{id: "w-unit", log: s.log, logs: newLogSink("w-unit", t.TempDir(), 4096, 1, nil), state: StateLoading}
+	s.workers[w.id] = w
+	t0 := time.Now()
+	steps := []struct {
+		ran       time.Duration // how long the failed run lasted
+		at        time.Duration // when it failed, after t0
+		wantState State
+		wantDelay time.Duration
+	}{
+		{time.Second, 0, StateRestarting, time.Second},
+		{time.Second, 2 * time.Second, StateRestarting, 2 * time.Second},
+		{20 * time.Second, 30 * time.Second, StateRestarting, time.Second}, // stable run: counters reset
+		{time.Second, 32 * time.Second, StateRestarting, 2 * time.Second},
+		{time.Second, 35 * time.Second, StateFailed, 0}, // 3 failures within the window
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	for i, st := range steps {
+		now := t0.Add(st.at)
+		s.afterFailure(w, ReasonExited, now.Add(-st.ran), now, "test")
+		if w.state != st.wantState {
+			t.Fatalf("step %d: state %s, want %s", i, w.state, st.wantState)
+		}
+		if st.wantState == StateRestarting {
+			if d := w.deadline.Sub(now); d != st.wantDelay || w.dlKind != dlRestart {
+				t.Errorf("step %d: restart in %s, want %s", i, d, st.wantDelay)
+			}
+		}
+	}
+}
