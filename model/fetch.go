@@ -136,6 +136,9 @@ func (j *fetchJob) run(ctx context.Context) (string, error) {
 	part := j.dest + incompleteSuffix
 	f, err := os.OpenFile(part, os.O_RDWR|os.O_CREATE, 0o644)
 	if err != nil {
+		if isDiskFull(err) {
+			return "", diskFullError(part, err)
+		}
 		return "", fmt.Errorf("model: open %s: %w", part, err)
 	}
 	defer f.Close()
@@ -145,39 +148,27 @@ func (j *fetchJob) run(ctx context.Context) (string, error) {
 	if err != nil {
 		return "", err
 	}
-	attempt := 0
-	for have < j.file.Size {
-		got, err := j.attempt(ctx, f, fh, &have)
-		if err == nil {
-			continue
-		}
-		if ctx.Err() != nil {
-			return "", fmt.Errorf("model: download %s: %w", j.file.Path, context.Cause(ctx))
-		}
-		if reasonOf(err) != ReasonNetwork {
-			if reasonOf(err) == ReasonChecksum {
-				_ = os.Remove(part)
-			}
-			return "", err
-		}
-		if got > 0 {
-			attempt = 0
-		}
-		attempt++
-		if attempt >= maxAttempts {
-			return "", err
-		}
-		backoff := min(firstBackoff<<(attempt-1), maxBackoff)
-		j.log("model download interrupted, resuming", "file", j.file.Path, "offset", have, "attempt", attempt, "backoff", backoff, "error", err)
-		select {
-		case <-ctx.Done():
-			return "", fmt.Errorf("model: download %s: %w", j.file.Path, context.Cause(ctx))
-		case <-time.After(backoff):
-		}
+	resumed := have > 0
+	if err := j.fill(ctx, f, fh, &have); err != nil {
+		return "", err
 	}
 	if err := fh.check(j.file.Path); err != nil {
-		_ = os.Remove(part)
-		return "", err
+		if resumed {
+			// The partial from an earlier run may be torn (a crash before its
+			// pages reached the disk): one clean download before giving up.
+			j.log("model download checksum failed after resume, downloading the file again", "file", j.file.Path)
+			if err := j.restart(f, fh, &have); err != nil {
+				return "", err
+			}
+			if err := j.fill(ctx, f, fh, &have); err != nil {
+				return "", err
+			}
+			err = fh.check(j.file.Path)
+		}
+		if err != nil {
+			_ = os.Remove(part)
+			return "", err
+		}
 	}
 	if err := f.Sync(); err != nil {
 		if isDiskFull(err) {
@@ -190,6 +181,42 @@ func (j *fetchJob) run(ctx context.Context) (string, error) {
 	}
 	syncDir(filepath.Dir(j.dest))
 	return fh.sha256(), nil
+}
+
+// fill downloads from *have to the end of the file, resuming with Range
+// after network errors; bytes received reset the attempt counter.
+func (j *fetchJob) fill(ctx context.Context, f *os.File, fh *fileHasher, have *uint64) error {
+	attempt := 0
+	for *have < j.file.Size {
+		got, err := j.attempt(ctx, f, fh, have)
+		if err == nil {
+			continue
+		}
+		if ctx.Err() != nil {
+			return fmt.Errorf("model: download %s: %w", j.file.Path, context.Cause(ctx))
+		}
+		if reasonOf(err) != ReasonNetwork {
+			if reasonOf(err) == ReasonChecksum {
+				_ = os.Remove(f.Name())
+			}
+			return err
+		}
+		if got > 0 {
+			attempt = 0
+		}
+		attempt++
+		if attempt >= maxAttempts {
+			return err
+		}
+		backoff := min(firstBackoff<<(attempt-1), maxBackoff)
+		j.log("model download interrupted, resuming", "file", j.file.Path, "offset", *have, "attempt", attempt, "backoff", backoff, "error", err)
+		select {
+		case <-ctx.Done():
+			return fmt.Errorf("model: download %s: %w", j.file.Path, context.Cause(ctx))
+		case <-time.After(backoff):
+		}
+	}
+	return nil
 }
 
 // resumePoint hashes what an earlier run left and positions f after it.

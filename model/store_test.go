@@ -874,3 +874,29 @@ func TestCatalogEntryWithMissingFilesDownloadsAgain(t *testing.T) {
 		t.Fatal("file not restored")
 	}
 }
+
+func TestCorruptPartialIsDownloadedAgain(t *testing.T) {
+	f := newFakeHub(t)
+	content := randomBytes(1*mib, 23)
+	f.add("org/repo@main", testFile{path: "m.gguf", content: content, lfs: true})
+	dir := t.TempDir()
+	base := filepath.Join(dir, "hf", "org", "repo", "main")
+	if err := os.MkdirAll(base, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	// A torn partial from a crashed hive: right length, wrong bytes.
+	if err := os.WriteFile(filepath.Join(base, "m.gguf"+incompleteSuffix), make([]byte, 500000), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	ts := newTestStore(t, f, dir, nil)
+	path := ensureWait(t, ts, "hf:org/repo:m.gguf")
+	if b, _ := os.ReadFile(path); !bytes.Equal(b, content) {
+		t.Fatal("file differs")
+	}
+	if rs := f.rangesSeen(); len(rs) != 2 || rs[0] != "bytes=500000-" || rs[1] != "" {
+		t.Fatalf("ranges %q, want a resume then a full download", rs)
+	}
+	if got := counter(t, ts, "failures", ReasonChecksum); got != 0 {
+		t.Fatalf("checksum failures %v", got)
+	}
+}
