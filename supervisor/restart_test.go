@@ -89,6 +89,7 @@ func TestRestartPolicies(t *testing.T) {
 		{RestartOnFailure, "sigterm", StateStopped},
 		{RestartOnFailure, "crash", StateRestarting},
 		{RestartAlways, "sigterm", StateRestarting},
+		{RestartAlways, "delete", ""}, // a deliberate stop is never restarted
 	} {
 		t.Run(tc.policy+"/"+tc.how, func(t *testing.T) {
 			h := newHarness(t, func(c *config.Config) { c.Workers.Restart.BackoffBase = config.Duration(2 * time.Second) })
@@ -98,10 +99,23 @@ func TestRestartPolicies(t *testing.T) {
 			}
 			res := h.spawn(req)
 			wi := h.waitState(res.WorkerID, StateIdle, 10*time.Second)
-			if tc.how == "sigterm" {
+			switch tc.how {
+			case "sigterm":
 				if err := syscall.Kill(*wi.PID, syscall.SIGTERM); err != nil {
 					t.Fatal(err)
 				}
+			case "delete":
+				if code, _ := h.do("DELETE", "/v1/workers/"+res.WorkerID, nil); code != 200 {
+					t.Fatalf("delete: %d", code)
+				}
+				time.Sleep(300 * time.Millisecond)
+				if _, err := h.s.Get(res.WorkerID); err == nil {
+					t.Error("deleted worker is back")
+				}
+				if ids, _ := h.cg.List(); len(ids) != 0 {
+					t.Errorf("leaves after delete: %v", ids)
+				}
+				return
 			}
 			wi = h.waitState(res.WorkerID, tc.want, 10*time.Second)
 			if wi.RestartPolicy != tc.policy || wi.PID != nil {

@@ -447,6 +447,9 @@ func (s *Supervisor) startFailed(w *worker, err error) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	w.log.Error("worker start failed", slog.Any("err", err))
+	if w.state.terminal() {
+		return // stopped while we were starting it
+	}
 	w.exitReason = ReasonSpawnFailed
 	w.exitCode = nil
 	if s.closing || w.noRestart || w.state == StateStopping {
