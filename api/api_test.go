@@ -50,6 +50,7 @@ func testRouter(t *testing.T, logs *bytes.Buffer) *Router {
 		}
 		WriteJSON(w, 200, in)
 	})
+	rt.HandleFunc("GET /items/{id}", nil, func(w http.ResponseWriter, r *http.Request) { WriteJSON(w, 200, map[string]string{"id": r.PathValue("id")}) })
 	rt.HandleFunc("GET /boom", nil, func(w http.ResponseWriter, r *http.Request) {
 		WriteError(w, fmt.Errorf("wrapped: %w", errors.New("disk on fire at /secret/path")))
 	})
@@ -171,6 +172,16 @@ func TestErrorEnvelopes(t *testing.T) {
 	rt.ServeHTTP(rec, req)
 	if rec.Code != 200 || !strings.Contains(rec.Body.String(), `"n":7`) {
 		t.Errorf("echo: %d %s", rec.Code, rec.Body)
+	}
+}
+
+func TestPathValues(t *testing.T) {
+	var logs bytes.Buffer
+	rt := testRouter(t, &logs)
+	rec := httptest.NewRecorder()
+	rt.ServeHTTP(rec, httptest.NewRequest("GET", "/items/w-abc123", nil))
+	if rec.Code != 200 || !strings.Contains(rec.Body.String(), `"id":"w-abc123"`) {
+		t.Errorf("path wildcard lost: %d %s", rec.Code, rec.Body)
 	}
 }
 

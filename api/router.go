@@ -69,7 +69,9 @@ func (rt *Router) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 			sw.WriteHeader(rec.status)
 		}
 	} else {
-		h.ServeHTTP(sw, r)
+		// Through the mux again, not h: only ServeMux.ServeHTTP fills in
+		// r.PathValue for the pattern's wildcards.
+		rt.mux.ServeHTTP(sw, r)
 	}
 	rt.log.LogAttrs(r.Context(), slog.LevelDebug, "http request",
 		slog.String("method", r.Method), slog.String("path", r.URL.Path),
