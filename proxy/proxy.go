@@ -30,6 +30,7 @@ import (
 	"net/http"
 	"net/url"
 	"strings"
+	"sync"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -52,6 +53,10 @@ const (
 	DefaultIdleTimeout  = 2 * time.Minute
 	DefaultWriteTimeout = 30 * time.Second
 )
+
+// maxLine is the longest SSE line that is parsed; longer lines are
+// forwarded intact but not counted.
+const maxLine = 32 << 10
 
 // maxErrorBody bounds how much of a worker's non-200 answer is read and
 // passed on in the error details.
@@ -107,6 +112,7 @@ type Proxy struct {
 	maxBody      int64
 	log          *slog.Logger
 	m            *metrics
+	readers      sync.Pool // *bufio.Reader: a stream's line buffer, reused
 }
 
 // Causes set on the upstream context, to tell a timeout from a client leaving.
@@ -383,7 +389,16 @@ func (p *Proxy) record(l Labels, st *stream, o outcome, start time.Time) {
 // events as they pass. It returns the upstream read error, nil after
 // [DONE] or a clean EOF, and stops early when the client is gone.
 func (p *Proxy) pump(cw *clientWriter, body io.Reader, st *stream, idle func(), start time.Time) error {
-	br := bufio.NewReaderSize(body, 64<<10)
+	br, _ := p.readers.Get().(*bufio.Reader)
+	if br == nil {
+		br = bufio.NewReaderSize(body, maxLine)
+	} else {
+		br.Reset(body)
+	}
+	defer func() {
+		br.Reset(nil) // drop the body before pooling
+		p.readers.Put(br)
+	}()
 	for {
 		line, err := br.ReadSlice('\n')
 		if len(line) > 0 {

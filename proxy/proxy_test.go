@@ -447,6 +447,12 @@ func TestProxyStreamOutcomes(t *testing.T) {
 			status:   StatusError, errType: ErrorTypeTimeout, wantToken: 1,
 		},
 		{
+			name:     "a line longer than the parse buffer is forwarded, not parsed",
+			stream:   "data: {\"type\":\"narration\",\"human\":\"" + strings.Repeat("x", 3*maxLine) + "\"}\n\ndata: {\"type\":\"token\",\"t\":\"a\",\"i\":0}\n\ndata: {\"type\":\"end\",\"tokens_out\":1,\"decode_time_ms\":10}\n\ndata: [DONE]\n\n",
+			wantLast: []string{"{\"type\":\"narration\",\"human\":\"" + strings.Repeat("x", 3*maxLine) + "\"}", `"type":"token"`, `"type":"end"`, "[DONE]"},
+			status:   StatusOK, wantToken: 1,
+		},
+		{
 			name:     "multi-line data and comments are framed per SSE",
 			stream:   ": keep-alive\n\nevent: message\ndata: {\"type\":\"token\",\ndata: \"t\":\"a\",\"i\":0}\r\n\r\ndata: {\"type\":\"end\",\"tokens_out\":1,\"decode_time_ms\":10}\n\ndata: [DONE]\n\n",
 			wantLast: []string{"{\"type\":\"token\",\n\"t\":\"a\",\"i\":0}", `"type":"end"`, "[DONE]"},

@@ -38,7 +38,10 @@ type event struct {
 	Code         string   `json:"code"`
 }
 
-var doneMarker = []byte("[DONE]")
+var (
+	doneMarker  = []byte("[DONE]")
+	tokenPrefix = []byte(`{"type":"token",`)
+)
 
 // feed takes one line as read (complete: it ends in '\n'; otherwise a
 // fragment of an overlong line or the stream's unterminated tail) and
@@ -76,7 +79,10 @@ func (s *stream) dispatch(start, now time.Time) {
 		return
 	}
 	var ev event
-	if json.Unmarshal(s.data, &ev) != nil {
+	if bytes.HasPrefix(s.data, tokenPrefix) {
+		// The workers' own encoding of the hot event: skip the JSON decoder.
+		ev.Type = "token"
+	} else if json.Unmarshal(s.data, &ev) != nil {
 		return // not ours to judge; the client gets it verbatim
 	}
 	switch ev.Type {
