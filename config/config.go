@@ -81,7 +81,7 @@ type Resources struct {
 
 // Cgroup configures the cgroup tree.
 type Cgroup struct {
-	Root string `toml:"root" comment:"cgroup tree root; empty: the hive's own delegated cgroup (v2) or <own memory cgroup>/rbee-hive (v1)"`
+	Root string `toml:"root" comment:"cgroup tree root; empty: the hive's own delegated cgroup (v2) or <own cgroup>/rbee-hive (v1); on v1 a relative path nests under the hive's own cgroup"`
 }
 
 // GPU selects the GPU driver.
@@ -371,8 +371,8 @@ func (c *Config) finish() error {
 	if c.Resources.SampleInterval <= 0 {
 		return bad("resources.sample_interval", "must be positive")
 	}
-	if c.Cgroup.Root != "" && !filepath.IsAbs(c.Cgroup.Root) {
-		return bad("cgroup.root", "%q must be an absolute path", c.Cgroup.Root)
+	if r := c.Cgroup.Root; r != "" && (filepath.Clean(r) != r || strings.Contains(r, "..")) {
+		return bad("cgroup.root", "%q must be a clean path without '..'", r)
 	}
 	for i, g := range c.GPU.Fake {
 		if g.MemoryTotal <= 0 {

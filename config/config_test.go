@@ -130,6 +130,7 @@ func TestLoadErrors(t *testing.T) {
 		{"bad backend name", "[backends.X]\ncommand = [\"/bin/x\"]\n", []string{"backends.X"}},
 		{"reserved env allowed", "[backends.x]\ncommand = [\"/bin/x\"]\nenv_allow = [\"LD_PRELOAD\"]\n", []string{"env_allow", "LD_PRELOAD"}},
 		{"port range", "[workers]\nport_min = 9000\nport_max = 8000\n", []string{"workers.port_min"}},
+		{"cgroup root traversal", "[cgroup]\nroot = \"a/../../b\"\n", []string{":2:", "cgroup.root"}},
 		{"jitter", "[workers.restart]\njitter = 1.5\n", []string{":2:", "workers.restart.jitter"}},
 	}
 	for _, tc := range tests {
