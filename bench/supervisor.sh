@@ -7,4 +7,4 @@
 set -eu
 cd "$(dirname "$0")/.."
 n="${1:-50}"
-exec go test ./supervisor/ -run '^$' -bench 'SpawnToRunning|CrashToRestarted|StaleDetection' -benchtime "${n}x" -count 1
+exec go test ./supervisor/ -run '^$' -bench 'BaselineExec|SpawnToRunning|CrashToRestarted|StaleDetection|HandleDatagram' -benchtime "${n}x" -count 1

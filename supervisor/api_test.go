@@ -296,6 +296,9 @@ func TestMetricsLintAndSeries(t *testing.T) {
 	if err != nil || len(problems) > 0 {
 		t.Fatalf("lint: %v %v", problems, err)
 	}
+	if problems, err := testutil.CollectAndLint(h.s.m); err != nil || len(problems) > 0 {
+		t.Fatalf("collector lint: %v %v", problems, err)
+	}
 	if got := counter(t, h.reg, "rbee_hive_workers", map[string]string{"state": "idle", "backend": "sim", "device": "0"}); got != 1 {
 		t.Errorf("workers{idle,sim,0} = %v", got)
 	}

@@ -1,6 +1,7 @@
 package supervisor
 
 import (
+	"os/exec"
 	"sort"
 	"syscall"
 	"testing"
@@ -96,4 +97,39 @@ func BenchmarkStaleDetection(b *testing.B) {
 		b.StartTimer()
 	}
 	report(b, samples, "stale-lag")
+}
+
+// BenchmarkHandleDatagram: attributing one notify datagram. A worker's main
+// pid is a map lookup; any other sender costs a /proc/<pid>/cgroup read.
+func BenchmarkHandleDatagram(b *testing.B) {
+	h := newHarness(b)
+	res := h.spawn(map[string]any{"backend": "sim"})
+	wi := h.waitState(res.WorkerID, StateIdle, 10*time.Second)
+	fields := map[string]string{"WATCHDOG": "1", "RBEE_HEALTH": "healthy"}
+	b.Run("worker", func(b *testing.B) {
+		pid := int32(*wi.PID)
+		for i := 0; i < b.N; i++ {
+			h.s.HandleDatagram(pid, fields)
+		}
+	})
+	b.Run("unknown_sender", func(b *testing.B) {
+		pid := int32(syscall.Getpid())
+		for i := 0; i < b.N; i++ {
+			h.s.HandleDatagram(pid, fields)
+		}
+	})
+}
+
+// BenchmarkBaselineExec is the floor to compare SpawnToRunning with: a
+// plain fork+exec+wait of /bin/true on this machine, in the same run.
+func BenchmarkBaselineExec(b *testing.B) {
+	var samples []time.Duration
+	for i := 0; i < b.N; i++ {
+		start := time.Now()
+		if err := exec.Command("/bin/true").Run(); err != nil {
+			b.Fatal(err)
+		}
+		samples = append(samples, time.Since(start))
+	}
+	report(b, samples, "exec")
 }
