@@ -102,7 +102,7 @@ func TestQueriesCoverMetrics(t *testing.T) {
 		"rbee_hive_inference_requests_total", "rbee_hive_inference_errors_total", "rbee_hive_inference_requests_in_flight",
 		"rbee_hive_memory_available_bytes", "rbee_hive_memory_used_bytes", "rbee_hive_memory_total_bytes",
 		"rbee_hive_vram_used_bytes", "rbee_hive_vram_total_bytes", "rbee_hive_vram_available_bytes",
-		"rbee_hive_disk_available_bytes", "rbee_hive_disk_used_bytes",
+		"rbee_hive_disk_available_bytes", "rbee_hive_disk_used_bytes", "rbee_hive_worker_memory_bytes",
 		"rbee_hive_worker_restarts_total", "rbee_hive_worker_oom_kills_total", "rbee_hive_workers_stale_total",
 		"rbee_hive_worker_exits_total", "rbee_hive_worker_spawn_failures_total",
 		"rbee_hive_heartbeats_rejected_total", "rbee_hive_admission_rejections_total",

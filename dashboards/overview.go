@@ -186,9 +186,11 @@ func Overview() (dashboard.Dashboard, error) {
 			target{gauge("rbee_hive_vram_used_bytes", "instance, gpu"), "{{instance}} gpu {{gpu}} used"},
 			target{gauge("rbee_hive_vram_available_bytes", "instance, gpu"), "{{instance}} gpu {{gpu}} available"},
 			target{gauge("rbee_hive_vram_total_bytes", "instance, gpu"), "{{instance}} gpu {{gpu}} total"})).
-		WithPanel(series("Disk", "The model store's filesystem.", "bytes", false,
-			target{gauge("rbee_hive_disk_used_bytes", "instance"), "{{instance}} used"},
-			target{gauge("rbee_hive_disk_available_bytes", "instance"), "{{instance}} available"}))
+		WithPanel(series("Disk", "Filesystems the hive stores models and state on, by path.", "bytes", false,
+			target{gauge("rbee_hive_disk_used_bytes", "instance, path"), "{{instance}} {{path}} used"},
+			target{gauge("rbee_hive_disk_available_bytes", "instance, path"), "{{instance}} {{path}} available"})).
+		WithPanel(series("Worker memory", "Memory in use by the workers' cgroups (memory.current), by backend and device.", "bytes", true,
+			target{gauge("rbee_hive_worker_memory_bytes", "backend, device"), "{{backend}} {{device}}"}))
 
 	b = b.WithRow(dashboard.NewRowBuilder("Reliability")).
 		WithPanel(series("Worker restarts by reason", "Restarts per rate interval (rbee_hive_worker_restarts_total).", "none", true,
