@@ -11,6 +11,9 @@ import (
 	"net/http/httptest"
 	"strings"
 	"testing"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/testutil"
 )
 
 type envelopeT struct {
@@ -172,6 +175,27 @@ func TestErrorEnvelopes(t *testing.T) {
 	rt.ServeHTTP(rec, req)
 	if rec.Code != 200 || !strings.Contains(rec.Body.String(), `"n":7`) {
 		t.Errorf("echo: %d %s", rec.Code, rec.Body)
+	}
+}
+
+func TestErrorsCounted(t *testing.T) {
+	var logs bytes.Buffer
+	rt := testRouter(t, &logs)
+	reg := prometheus.NewRegistry()
+	if err := rt.CountErrors(reg); err != nil {
+		t.Fatal(err)
+	}
+	for _, p := range []string{"/nope", "/nope", "/full", "/public"} {
+		rt.ServeHTTP(httptest.NewRecorder(), httptest.NewRequest("GET", p, nil))
+	}
+	rt.ServeHTTP(httptest.NewRecorder(), httptest.NewRequest("GET", "/private", nil))
+	for code, want := range map[string]float64{CodeNotFound: 2, CodeInsufficientMemory: 1, CodeMissingAPIKey: 1, CodeInternal: 0} {
+		if got := testutil.ToFloat64(rt.errors.WithLabelValues(code)); got != want {
+			t.Errorf("errors_total{type=%q} = %v, want %v", code, got, want)
+		}
+	}
+	if problems, err := testutil.GatherAndLint(reg); err != nil || len(problems) > 0 {
+		t.Errorf("lint: %v %v", err, problems)
 	}
 }
 

@@ -72,9 +72,29 @@ func AsError(err error) *Error {
 	return &Error{Status: http.StatusInternalServerError, Code: CodeInternal, Message: "internal error"}
 }
 
+// codeRecorder is implemented by the Router's response writer, so that the
+// error code of every failed request can be counted by type.
+type codeRecorder interface{ recordErrorCode(code string) }
+
+// recordCode finds the router's writer under any wrappers that Unwrap.
+func recordCode(w http.ResponseWriter, code string) {
+	for w != nil {
+		if r, ok := w.(codeRecorder); ok {
+			r.recordErrorCode(code)
+			return
+		}
+		u, ok := w.(interface{ Unwrap() http.ResponseWriter })
+		if !ok {
+			return
+		}
+		w = u.Unwrap()
+	}
+}
+
 // WriteError writes err as the JSON error envelope.
 func WriteError(w http.ResponseWriter, err error) {
 	ae := AsError(err)
+	recordCode(w, ae.Code)
 	if ae.Status == http.StatusUnauthorized {
 		w.Header().Set("WWW-Authenticate", `Bearer realm="rbee-hive"`)
 	}

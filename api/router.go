@@ -4,6 +4,8 @@ import (
 	"log/slog"
 	"net/http"
 	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
 )
 
 // AuthFunc authenticates a request; nil means allowed.
@@ -12,13 +14,32 @@ type AuthFunc func(r *http.Request) *Error
 // Router is a net/http ServeMux whose every failure, 404 and 405 included,
 // is a JSON envelope, and whose routes declare their authentication.
 type Router struct {
-	mux *http.ServeMux
-	log *slog.Logger
+	mux    *http.ServeMux
+	log    *slog.Logger
+	errors *prometheus.CounterVec // nil until CountErrors
 }
 
 // NewRouter returns an empty Router.
 func NewRouter(log *slog.Logger) *Router {
 	return &Router{mux: http.NewServeMux(), log: log}
+}
+
+// CountErrors exports rbee_hive_errors_total{type}: every error answer, by
+// its error code (a fixed, small set).
+func (rt *Router) CountErrors(reg prometheus.Registerer) error {
+	c := prometheus.NewCounterVec(prometheus.CounterOpts{
+		Name: "rbee_hive_errors_total",
+		Help: "API requests answered with an error envelope, by error code.",
+	}, []string{"type"})
+	for _, code := range []string{CodeBadRequest, CodeValidation, CodeInvalidAPIKey, CodeMissingAPIKey, CodeNotFound, CodeInternal,
+		CodeInsufficientMemory, CodeInsufficientVRAM, CodeInsufficientDisk} {
+		c.WithLabelValues(code)
+	}
+	if err := reg.Register(c); err != nil {
+		return err
+	}
+	rt.errors = c
+	return nil
 }
 
 // Handle registers h for a Go 1.22 pattern ("GET /v1/health"). With a nil
@@ -73,6 +94,9 @@ func (rt *Router) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		// r.PathValue for the pattern's wildcards.
 		rt.mux.ServeHTTP(sw, r)
 	}
+	if sw.errorCode != "" && rt.errors != nil {
+		rt.errors.WithLabelValues(sw.errorCode).Inc()
+	}
 	rt.log.LogAttrs(r.Context(), slog.LevelDebug, "http request",
 		slog.String("method", r.Method), slog.String("path", r.URL.Path),
 		slog.Int("status", sw.Status()), slog.Duration("duration", time.Since(start)))
@@ -101,8 +125,11 @@ func (c *captureWriter) WriteHeader(s int) {
 // http.ResponseController (flushing SSE) working through it.
 type statusWriter struct {
 	http.ResponseWriter
-	status int
+	status    int
+	errorCode string
 }
+
+func (s *statusWriter) recordErrorCode(code string) { s.errorCode = code }
 
 func (s *statusWriter) WriteHeader(code int) {
 	if s.status == 0 {

@@ -110,6 +110,9 @@ func serveDaemon(ctx context.Context, cfg *config.Config, log *slog.Logger, demo
 		buildInfo(),
 	)
 	rt := api.NewRouter(log)
+	if err := rt.CountErrors(reg); err != nil {
+		return err
+	}
 	auth := api.Authenticator{Token: token}
 	apiAuth := func(r *http.Request) *api.Error { return auth.Check(r) }
 
