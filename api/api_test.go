@@ -53,7 +53,9 @@ func testRouter(t *testing.T, logs *bytes.Buffer) *Router {
 		}
 		WriteJSON(w, 200, in)
 	})
-	rt.HandleFunc("GET /items/{id}", nil, func(w http.ResponseWriter, r *http.Request) { WriteJSON(w, 200, map[string]string{"id": r.PathValue("id")}) })
+	rt.HandleFunc("GET /items/{id}", nil, func(w http.ResponseWriter, r *http.Request) {
+		WriteJSON(w, 200, map[string]string{"id": r.PathValue("id")})
+	})
 	rt.HandleFunc("GET /boom", nil, func(w http.ResponseWriter, r *http.Request) {
 		WriteError(w, fmt.Errorf("wrapped: %w", errors.New("disk on fire at /secret/path")))
 	})
