@@ -530,4 +530,3 @@ func findKeyLine(data []byte, dotted string) int {
 	}
 	return 0
 }
-

@@ -21,7 +21,7 @@ func TestDefaults(t *testing.T) {
 	t.Setenv("XDG_STATE_HOME", "/tmp/xdg-state")
 	t.Setenv("XDG_RUNTIME_DIR", "/tmp/xdg-run")
 	tests := []struct {
-		root                          bool
+		root                         bool
 		state, runtime, models, sock string
 	}{
 		{true, "/var/lib/rbee-hive", "/run/rbee-hive", "/var/lib/rbee-hive/models", "/run/rbee-hive/notify.sock"},
