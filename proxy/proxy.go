@@ -219,7 +219,7 @@ func (p *Proxy) serve(w http.ResponseWriter, r *http.Request, upstream *url.URL,
 		ctx, cancelT = context.WithTimeoutCause(ctx, p.timeout, errDeadline)
 		defer cancelT()
 	}
-	idle := noopTimer{}.reset
+	idle := func() {} // pushes the idle deadline back; a no-op without one
 	if p.idleTimeout > 0 {
 		t := time.AfterFunc(p.idleTimeout, func() { cancel(errIdle) })
 		defer t.Stop()
@@ -246,7 +246,7 @@ func (p *Proxy) serve(w http.ResponseWriter, r *http.Request, upstream *url.URL,
 
 	resp, err := p.client.Do(req)
 	if err != nil {
-		return p.failBeforeStream(w, r, ctx, err)
+		return p.failBeforeStream(ctx, w, r, err)
 	}
 	defer resp.Body.Close()
 	idle()
@@ -299,17 +299,13 @@ func (p *Proxy) serve(w http.ResponseWriter, r *http.Request, upstream *url.URL,
 	}
 }
 
-type noopTimer struct{}
-
-func (noopTimer) reset() {}
-
 func isTimeout(ctx context.Context) bool {
 	c := context.Cause(ctx)
 	return errors.Is(c, errDeadline) || errors.Is(c, errIdle)
 }
 
 // failBeforeStream answers a request whose worker gave no response.
-func (p *Proxy) failBeforeStream(w http.ResponseWriter, r *http.Request, ctx context.Context, err error) outcome {
+func (p *Proxy) failBeforeStream(ctx context.Context, w http.ResponseWriter, r *http.Request, err error) outcome {
 	switch {
 	case r.Context().Err() != nil:
 		return outcome{status: StatusCancelled, errorType: ErrorTypeClientCancel, err: err}

@@ -668,3 +668,27 @@ func TestNewRejectsDuplicateRegistration(t *testing.T) {
 		t.Error("nil registerer accepted")
 	}
 }
+
+// The per-write deadline must not outlive the stream: a keep-alive
+// connection's next request, long after, still gets its answer (net/http
+// clears the deadline after each request; this pins that down).
+func TestProxyWriteDeadlineDoesNotLeak(t *testing.T) {
+	rg := newRig(t, &worker{tokens: 2}, Options{WriteTimeout: 200 * time.Millisecond})
+	c := &http.Client{Transport: &http.Transport{MaxIdleConnsPerHost: 1}}
+	defer c.CloseIdleConnections()
+	for i := range 2 {
+		if i == 1 {
+			time.Sleep(500 * time.Millisecond)
+		}
+		resp, err := c.Post(rg.hive.URL+"/v1/workers/w-1/inference", "application/json", strings.NewReader(body))
+		if err != nil {
+			t.Fatalf("request %d: %v", i, err)
+		}
+		evs := readAll(t, resp.Body)
+		resp.Body.Close()
+		rg.waitEnd()
+		if len(evs) == 0 || evs[len(evs)-1] != "[DONE]" {
+			t.Fatalf("request %d: events %q", i, evs)
+		}
+	}
+}
