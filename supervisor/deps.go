@@ -53,17 +53,29 @@ type AdmitRequest struct {
 // ready (its memory is now visible in the host's figures); Release when the
 // worker is gone for good. Both may be called more than once.
 type Claim interface {
-	Loaded()
+	// Loaded receives the worker's main pid so that GPU memory can be
+	// matched to it.
+	Loaded(pids ...int)
 	Release()
 }
 
-// ModelStore resolves model references to local paths.
+// ModelStore resolves model references to local paths (model.Store).
 type ModelStore interface {
-	// Local returns the path of a model that is already on disk.
-	Local(ref string) (path string, ok bool)
-	// Fetch downloads the model (or waits for a download in progress) and
-	// returns its path. It honours ctx.
-	Fetch(ctx context.Context, ref string) (path string, err error)
+	// Acquire marks ref in use until release is called: a model in use is
+	// neither evicted nor deletable. Called before Ensure.
+	Acquire(ref string) (release func())
+	// Ensure returns the path of a model already on disk (wait nil), or
+	// starts or joins its download and returns a channel that delivers the
+	// outcome once. Refusals known at once (a bad reference, 507
+	// INSUFFICIENT_DISK) are returned as the error, so a spawn fails right
+	// away instead of after a download that cannot fit.
+	Ensure(ctx context.Context, ref string) (path string, wait <-chan ModelResult, err error)
+}
+
+// ModelResult is the outcome of a model download.
+type ModelResult struct {
+	Path string
+	Err  error
 }
 
 // GPUDevice is one GPU as the spawn API sees it.

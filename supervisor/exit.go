@@ -148,6 +148,9 @@ func (s *Supervisor) finish(w *worker, to State, why string) {
 	s.clearDeadline(w)
 	s.setState(w, to, why)
 	releaseClaim(w.claim)
+	if w.modelRel != nil {
+		w.modelRel()
+	}
 	if s.ports[w.port] == w.id {
 		delete(s.ports, w.port)
 	}

@@ -87,6 +87,7 @@ type worker struct {
 	reqEnv    map[string]string
 	created   time.Time
 	claim     Claim
+	modelRel  func() // releases the model store's in-use mark
 	logs      *logSink
 	log       *slog.Logger
 

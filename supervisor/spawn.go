@@ -69,25 +69,36 @@ func (s *Supervisor) Spawn(ctx context.Context, req SpawnRequest) (SpawnResult, 
 	if err != nil {
 		return SpawnResult{}, fmt.Errorf("worker id: %w", err)
 	}
-	modelPath, local := s.localModel(p)
+	modelPath, wait, modelRel, err := s.resolveModel(ctx, p)
+	if err != nil {
+		s.m.spawnFailures.WithLabelValues(failModel).Inc()
+		return SpawnResult{}, err
+	}
+	local := wait == nil
 	var claim Claim
 	if s.deps.Admitter != nil {
 		c, err := s.deps.Admitter.Admit(ctx, AdmitRequest{WorkerID: id, Backend: p.backend, Device: p.device,
 			GPUUUID: p.gpuUUID, CUDA: p.be.CUDA, MemoryBytes: p.memLimit, VRAMBytes: p.vram,
 			ModelRef: p.modelRef, ModelPath: pathIf(local, modelPath), ContextSize: p.be.ContextSize})
 		if err != nil {
+			modelRel()
 			return SpawnResult{}, err // 507 *api.Error from the admitter, passed through
 		}
 		claim = c
 	}
+	// undo releases what this spawn holds when it fails before registering.
+	undo := func() {
+		releaseClaim(claim)
+		modelRel()
+	}
 	token, err := randomHex(32)
 	if err != nil {
-		releaseClaim(claim)
+		undo()
 		return SpawnResult{}, fmt.Errorf("worker token: %w", err)
 	}
 	port, err := s.allocPort(id)
 	if err != nil {
-		releaseClaim(claim)
+		undo()
 		s.m.spawnFailures.WithLabelValues(failPorts).Inc()
 		return SpawnResult{}, err
 	}
@@ -96,7 +107,7 @@ func (s *Supervisor) Spawn(ctx context.Context, req SpawnRequest) (SpawnResult, 
 		modelRef: p.modelRef, modelPath: modelPath, port: port,
 		url:   "http://" + net.JoinHostPort(s.cfg.WorkerHost, strconv.Itoa(port)),
 		token: token, policy: p.policy, memLimit: p.memLimit, vram: p.vram, reqEnv: p.env,
-		created: time.Now(), claim: claim,
+		created: time.Now(), claim: claim, modelRel: modelRel,
 		log: s.log.With(slog.String("worker_id", id), slog.String("backend", p.backend), slog.Int("device", p.device)),
 	}
 	w.logs = newLogSink(id, s.logDir, int64(s.cfg.Workers.LogMaxBytes), s.cfg.Workers.LogFiles, s.deps.LineSink)
@@ -104,7 +115,7 @@ func (s *Supervisor) Spawn(ctx context.Context, req SpawnRequest) (SpawnResult, 
 	if s.closing {
 		delete(s.ports, port)
 		s.mu.Unlock()
-		releaseClaim(claim)
+		undo()
 		return SpawnResult{}, api.Errorf(http.StatusServiceUnavailable, api.CodeUnavailable, "the hive is shutting down")
 	}
 	s.workers[id] = w
@@ -121,7 +132,7 @@ func (s *Supervisor) Spawn(ctx context.Context, req SpawnRequest) (SpawnResult, 
 		w.cancelPre = cancel
 		s.wg.Add(1)
 		s.mu.Unlock()
-		go s.download(dctx, w)
+		go s.download(dctx, w, wait)
 		return SpawnResult{WorkerID: id, URL: w.url, State: StateDownloading}, nil
 	}
 	s.mu.Unlock()
@@ -129,7 +140,7 @@ func (s *Supervisor) Spawn(ctx context.Context, req SpawnRequest) (SpawnResult, 
 		s.mu.Lock()
 		s.removeLocked(w)
 		s.mu.Unlock()
-		releaseClaim(claim)
+		undo()
 		s.m.spawnFailures.WithLabelValues(spawnReason(err)).Inc()
 		w.log.Error("worker spawn failed", slog.Any("err", err))
 		return SpawnResult{}, api.Errorf(http.StatusInternalServerError, api.CodeInternal, "Failed to spawn worker: %v", err).
@@ -159,19 +170,32 @@ func spawnReason(err error) string {
 	return failExec
 }
 
-// localModel resolves the model path without downloading. Without a model
-// store, file:<path> is the path and any other reference is passed through.
-func (s *Supervisor) localModel(p *spawnPlan) (string, bool) {
-	if s.deps.Models != nil {
-		return s.deps.Models.Local(p.modelRef)
+// resolveModel finds the model's path or starts its download (wait non-nil).
+// Without a model store, file:<path> is the path and any other reference
+// is passed through. The returned release ends the in-use mark.
+func (s *Supervisor) resolveModel(ctx context.Context, p *spawnPlan) (string, <-chan ModelResult, func(), error) {
+	if s.deps.Models == nil {
+		return p.reference, nil, func() {}, nil
 	}
-	return p.reference, true
+	release := s.deps.Models.Acquire(p.modelRef)
+	path, wait, err := s.deps.Models.Ensure(ctx, p.modelRef)
+	if err != nil {
+		release()
+		return "", nil, nil, err
+	}
+	return path, wait, release, nil
 }
 
-// download fetches the model of a downloading worker, then starts it.
-func (s *Supervisor) download(ctx context.Context, w *worker) {
+// download waits for the model of a downloading worker, then starts it.
+func (s *Supervisor) download(ctx context.Context, w *worker, wait <-chan ModelResult) {
 	defer s.wg.Done()
-	path, err := s.deps.Models.Fetch(ctx, w.modelRef)
+	var res ModelResult
+	select {
+	case res = <-wait:
+	case <-ctx.Done():
+		res.Err = ctx.Err()
+	}
+	path, err := res.Path, res.Err
 	s.mu.Lock()
 	w.cancelPre = nil
 	if w.state != StateDownloading {

@@ -5,9 +5,11 @@ import (
 	"encoding/json"
 	"errors"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
+	"github.com/rbee/rbee-hive/api"
 	"github.com/rbee/rbee-hive/config"
 )
 
@@ -40,30 +42,56 @@ func TestSpawnFailureLeavesNothing(t *testing.T) {
 	}
 }
 
-// dirStore is a minimal model store: hf:<name> is "downloaded" when Fetch
-// is released; file: references are local.
+// dirStore is a minimal model store: hf:<name> is "downloaded" when release
+// is closed; file: references are local; hf:full/* does not fit on disk.
 type dirStore struct {
 	release chan struct{}
 	fail    bool
+
+	mu    sync.Mutex
+	inUse map[string]int
 }
 
-func (d *dirStore) Local(ref string) (string, bool) {
+func (d *dirStore) Acquire(ref string) func() {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if d.inUse == nil {
+		d.inUse = map[string]int{}
+	}
+	d.inUse[ref]++
+	var once sync.Once
+	return func() {
+		once.Do(func() {
+			d.mu.Lock()
+			d.inUse[ref]--
+			d.mu.Unlock()
+		})
+	}
+}
+
+func (d *dirStore) used(ref string) int {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	return d.inUse[ref]
+}
+
+func (d *dirStore) Ensure(ctx context.Context, ref string) (string, <-chan ModelResult, error) {
 	if p, ok := strings.CutPrefix(ref, "file:"); ok {
-		return p, true
+		return p, nil, nil
 	}
-	return "", false
-}
-
-func (d *dirStore) Fetch(ctx context.Context, ref string) (string, error) {
-	select {
-	case <-d.release:
-	case <-ctx.Done():
-		return "", ctx.Err()
+	if strings.HasPrefix(ref, "hf:full/") {
+		return "", nil, api.Errorf(507, api.CodeInsufficientDisk, "not enough disk").WithDetails(map[string]any{"needed_bytes": 1})
 	}
-	if d.fail {
-		return "", errors.New("HTTP 404 from the hub")
-	}
-	return "/models/" + strings.TrimPrefix(ref, "hf:"), nil
+	ch := make(chan ModelResult, 1)
+	go func() {
+		<-d.release
+		if d.fail {
+			ch <- ModelResult{Err: errors.New("HTTP 404 from the hub")}
+			return
+		}
+		ch <- ModelResult{Path: "/models/" + strings.TrimPrefix(ref, "hf:")}
+	}()
+	return "", ch, nil
 }
 
 func TestDownloadingThenLoading(t *testing.T) {
@@ -88,7 +116,29 @@ func TestDownloadingThenLoading(t *testing.T) {
 				return
 			}
 			h.waitState(res.WorkerID, StateIdle, 10*time.Second)
+			if n := store.used("hf:org/model-GGUF"); n != 1 {
+				t.Errorf("model in use by %d workers, want 1", n)
+			}
+			if code, out := h.do("DELETE", "/v1/workers/"+res.WorkerID, nil); code != 200 {
+				t.Fatalf("delete: %d %s", code, out)
+			}
+			if n := store.used("hf:org/model-GGUF"); n != 0 {
+				t.Errorf("model still in use by %d after the worker stopped", n)
+			}
 		})
+	}
+}
+
+func TestSpawnDiskRefusedAtOnce(t *testing.T) {
+	h := newHarness(t)
+	store := &dirStore{release: make(chan struct{})}
+	h.s.deps.Models = store
+	code, out := h.do("POST", "/v1/workers/spawn", map[string]any{"backend": "sim", "model_ref": "hf:full/model", "device": 0, "model_path": ""})
+	if code != 507 || !strings.Contains(string(out), api.CodeInsufficientDisk) {
+		t.Fatalf("spawn: %d %s", code, out)
+	}
+	if len(h.s.List()) != 0 || store.used("hf:full/model") != 0 {
+		t.Errorf("a refused spawn left a worker or an in-use mark")
 	}
 }
 

@@ -139,7 +139,7 @@ func (s *Supervisor) markReady(w *worker, via string) {
 		w.run.ready = true
 		w.lastHeartbeat = now
 		if w.claim != nil {
-			w.claim.Loaded()
+			w.claim.Loaded(w.run.pid)
 		}
 		w.log.Info("worker ready", slog.String("via", via), slog.Duration("load_time", now.Sub(w.run.started)))
 	}

@@ -48,37 +48,25 @@ func (a admitter) Admit(ctx context.Context, req supervisor.AdmitRequest) (super
 	if err != nil {
 		return nil, err
 	}
-	return ledgerClaim{c}, nil
+	return c, nil
 }
-
-// ledgerClaim ends a RAM/VRAM claim when the supervisor says so.
-type ledgerClaim struct{ c *admission.Claim }
-
-func (l ledgerClaim) Loaded()  { l.c.Loaded() }
-func (l ledgerClaim) Release() { l.c.Release() }
 
 // modelStore adapts model.Store to the supervisor's ModelStore.
 type modelStore struct{ store *model.Store }
 
-func (m modelStore) Local(ref string) (string, bool) {
-	path, wait, err := m.store.Ensure(context.Background(), ref)
-	if err != nil || wait != nil {
-		return "", false
-	}
-	return path, true
-}
+func (m modelStore) Acquire(ref string) func() { return m.store.Acquire(ref) }
 
-func (m modelStore) Fetch(ctx context.Context, ref string) (string, error) {
+func (m modelStore) Ensure(ctx context.Context, ref string) (string, <-chan supervisor.ModelResult, error) {
 	path, wait, err := m.store.Ensure(ctx, ref)
 	if err != nil || wait == nil {
-		return path, err
+		return path, nil, err
 	}
-	select {
-	case r := <-wait:
-		return r.LocalPath, r.Err
-	case <-ctx.Done():
-		return "", ctx.Err()
-	}
+	out := make(chan supervisor.ModelResult, 1)
+	go func() {
+		r := <-wait // the store delivers exactly once, also when it closes
+		out <- supervisor.ModelResult{Path: r.LocalPath, Err: r.Err}
+	}()
+	return "", out, nil
 }
 
 // proxyAdapter adapts proxy.Proxy to the supervisor's Proxy.
