@@ -1,0 +1,546 @@
+package e2e
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"crypto/rand"
+	"encoding/hex"
+	"encoding/json"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/rbee/rbee-hive/cgroup"
+	"github.com/rbee/rbee-hive/systemd/journaltest"
+)
+
+func TestMain(m *testing.M) {
+	// The hive starts workers through its own binary's gate, not ours, but
+	// a test binary linking cgroup must still honour the contract.
+	cgroup.MaybeRunGate()
+	// Main re-executes this binary in a private mount namespace so the
+	// journald tests get their own /run/systemd/journal; every test runs in
+	// that child.
+	code := journaltest.Main(m)
+	bins.cleanup()
+	os.Exit(code)
+}
+
+// binaries are rbee-hive and rbee-simworker, built once per test process
+// (lazily: the parent of journaltest's re-exec never needs them), or taken
+// from $RBEE_E2E_BIN_DIR when set (e.g. bin/ after `make build`).
+type binaries struct {
+	once     sync.Once
+	dir      string // built here; removed at the end
+	prebuilt string
+	err      error
+}
+
+var bins binaries
+
+func (b *binaries) get(t testing.TB) string {
+	t.Helper()
+	b.once.Do(func() {
+		if dir := os.Getenv("RBEE_E2E_BIN_DIR"); dir != "" {
+			for _, name := range []string{"rbee-hive", "rbee-simworker"} {
+				if _, err := os.Stat(filepath.Join(dir, name)); err != nil {
+					b.err = fmt.Errorf("RBEE_E2E_BIN_DIR: %w", err)
+				}
+			}
+			b.prebuilt = dir
+			return
+		}
+		dir, err := os.MkdirTemp("", "rbee-e2e-bin")
+		if err != nil {
+			b.err = err
+			return
+		}
+		b.dir = dir
+		cmd := exec.Command("go", "build", "-o", dir, "./cmd/rbee-hive", "./cmd/rbee-simworker")
+		cmd.Dir = "../.."
+		if out, err := cmd.CombinedOutput(); err != nil {
+			b.err = fmt.Errorf("go build: %v\n%s", err, out)
+		}
+	})
+	if b.err != nil {
+		t.Fatal(b.err)
+	}
+	if b.prebuilt != "" {
+		return b.prebuilt
+	}
+	return b.dir
+}
+
+func (b *binaries) cleanup() {
+	if b.dir != "" {
+		os.RemoveAll(b.dir)
+	}
+}
+
+// require skips (or, under CI, fails) a test that cannot run here: not root,
+// or a program missing.
+func require(t testing.TB, programs ...string) {
+	t.Helper()
+	var why string
+	if os.Geteuid() != 0 {
+		why = "needs root (cgroups, mount namespaces)"
+	}
+	for _, p := range programs {
+		if why != "" {
+			break
+		}
+		if strings.HasPrefix(p, "/") {
+			if _, err := os.Stat(p); err != nil {
+				why = p + " missing"
+			}
+		} else if _, err := exec.LookPath(p); err != nil {
+			why = p + " not in PATH"
+		}
+	}
+	if why == "" {
+		return
+	}
+	if os.Getenv("CI") != "" {
+		t.Fatalf("%s (CI must run this test: see scripts/install-deps.sh)", why)
+	}
+	t.Skip(why)
+}
+
+// waitFor polls cond every 50ms until it holds or timeout passes.
+func waitFor(t testing.TB, timeout time.Duration, what string, cond func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(timeout)
+	for !cond() {
+		if time.Now().After(deadline) {
+			t.Fatalf("timed out after %v waiting for %s", timeout, what)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+}
+
+func freePort(t testing.TB) int {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	return ln.Addr().(*net.TCPAddr).Port
+}
+
+func randomName(prefix string) string {
+	var b [4]byte
+	_, _ = rand.Read(b[:])
+	return prefix + hex.EncodeToString(b[:])
+}
+
+// syncBuffer collects a child's output for failure reports.
+type syncBuffer struct {
+	mu sync.Mutex
+	b  bytes.Buffer
+}
+
+func (s *syncBuffer) Write(p []byte) (int, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.Write(p)
+}
+
+func (s *syncBuffer) String() string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.String()
+}
+
+// hiveOptions shape a test hive's config.
+type hiveOptions struct {
+	logFormat string // "journal", "json", ...
+	logLevel  string
+	extra     string // appended to the config file: backends, [heartbeat], [gpu] ...
+}
+
+// simEnv are the rbee-simworker knobs (RBEE_SIM_*, see its README) a spawn
+// request may set through the sim backends' env_allow.
+const simEnvAllow = `["RBEE_SIM_CRASH_AFTER", "RBEE_SIM_ALLOC_MIB", "RBEE_SIM_NO_HEARTBEAT", "RBEE_SIM_LOAD_TIME", "RBEE_SIM_HANG_AFTER", "RBEE_SIM_TOKENS_PER_SECOND"]`
+
+// simBackends is a [backends.*] block: "sim" (512MiB) and "small" (64MiB,
+// for OOM kills), both rbee-simworker over the notify protocol.
+const simBackends = `
+[backends.sim]
+command = ["{self_dir}/rbee-simworker", "--port", "{port}", "--worker-id", "{worker_id}", "--model", "{model_path}", "--model-ref", "{model_ref}"]
+health = "notify"
+load_timeout = "20s"
+memory_limit = "512MiB"
+env_allow = ` + simEnvAllow + `
+
+[backends.small]
+command = ["{self_dir}/rbee-simworker", "--port", "{port}", "--worker-id", "{worker_id}", "--model", "{model_path}", "--model-ref", "{model_ref}"]
+health = "notify"
+load_timeout = "20s"
+memory_limit = "64MiB"
+env_allow = ` + simEnvAllow + `
+`
+
+// hive is a running `rbee-hive daemon`.
+type hive struct {
+	t          testing.TB
+	cmd        *exec.Cmd
+	url        string
+	dir        string
+	runtime    string
+	token      string
+	model      string // a placeholder model file, as "file:<path>"
+	cgroupRoot string
+	logs       *syncBuffer
+	done       chan struct{}
+}
+
+// startHive runs the real daemon with a config in a temp dir, waits for
+// /v1/health, and stops it (and checks its cgroups are gone) at cleanup.
+func startHive(t testing.TB, o hiveOptions) *hive {
+	t.Helper()
+	bin := bins.get(t)
+	if o.logFormat == "" {
+		o.logFormat = "json"
+	}
+	if o.logLevel == "" {
+		o.logLevel = "info"
+	}
+	dir := t.TempDir()
+	// The notify socket path must fit a sockaddr_un (107 bytes); TempDir
+	// paths can be long.
+	rt, err := os.MkdirTemp("", "rbe")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { os.RemoveAll(rt) })
+	// A root of our own: `go test ./...` runs cmd/rbee-hive's daemon tests
+	// at the same time, and they use the default root.
+	root := randomName("rbee-e2e-")
+	if cgroupV2() {
+		root = "/sys/fs/cgroup/" + root
+	}
+	port := freePort(t)
+	model := filepath.Join(dir, "model.gguf")
+	if err := os.WriteFile(model, []byte("rbee-simworker placeholder model\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	cfg := fmt.Sprintf(`listen = "127.0.0.1:%d"
+state_dir = %q
+runtime_dir = %q
+log_format = %q
+log_level = %q
+
+[cgroup]
+root = %q
+
+[workers]
+grace_period = "3s"
+shutdown_budget = "20s"
+port_min = 30000
+port_max = 39999
+
+[workers.restart]
+backoff_base = "200ms"
+backoff_max = "1s"
+jitter = 0.0
+max_failures = 3
+failure_window = "60s"
+%s`, port, filepath.Join(dir, "state"), rt, o.logFormat, o.logLevel, root, o.extra)
+	cfgPath := filepath.Join(dir, "hive.toml")
+	if err := os.WriteFile(cfgPath, []byte(cfg), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	h := &hive{t: t, url: fmt.Sprintf("http://127.0.0.1:%d", port), dir: dir, runtime: rt, model: "file:" + model,
+		cgroupRoot: root, logs: &syncBuffer{}, done: make(chan struct{})}
+	h.cmd = exec.Command(filepath.Join(bin, "rbee-hive"), "daemon", "--config", cfgPath)
+	// No NOTIFY_SOCKET, LLORCH_API_TOKEN, ... from whoever runs the tests.
+	h.cmd.Env = []string{"PATH=/usr/sbin:/usr/bin:/sbin:/bin", "HOME=" + dir}
+	h.cmd.Stdout, h.cmd.Stderr = h.logs, h.logs
+	h.cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
+	if err := h.cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	go func() { _ = h.cmd.Wait(); close(h.done) }()
+	t.Cleanup(h.cleanup)
+	deadline := time.Now().Add(20 * time.Second)
+	for {
+		resp, err := http.Get(h.url + "/v1/health")
+		if err == nil {
+			resp.Body.Close()
+			if resp.StatusCode == http.StatusOK {
+				break
+			}
+		}
+		select {
+		case <-h.done:
+			t.Fatalf("hive exited at start: %v\n%s", h.cmd.ProcessState, h.logs.String())
+		case <-time.After(50 * time.Millisecond):
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("hive not answering /v1/health within 20s:\n%s", h.logs.String())
+		}
+	}
+	tok, err := os.ReadFile(filepath.Join(dir, "state", "api-token"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	h.token = strings.TrimSpace(string(tok))
+	return h
+}
+
+func (h *hive) notifySocket() string { return filepath.Join(h.runtime, "notify.sock") }
+
+// cleanup stops the hive (SIGTERM: it stops its workers), then checks that
+// no worker cgroup is left and removes the tree's directories.
+func (h *hive) cleanup() {
+	t := h.t
+	select {
+	case <-h.done:
+	default:
+		_ = h.cmd.Process.Signal(syscall.SIGTERM)
+		select {
+		case <-h.done:
+		case <-time.After(40 * time.Second):
+			t.Errorf("hive ignored SIGTERM for 40s; killing it")
+			_ = h.cmd.Process.Kill()
+			<-h.done
+		}
+	}
+	for _, d := range cgroupDirs(h.cgroupRoot) {
+		leaves, _ := filepath.Glob(filepath.Join(d, "workers", "w-*"))
+		for _, leaf := range leaves {
+			t.Errorf("worker cgroup %s left behind after the hive stopped", leaf)
+			killCgroup(leaf)
+		}
+		for _, sub := range []string{"workers", "supervisor", ""} {
+			_ = os.Remove(filepath.Join(d, sub))
+		}
+	}
+	if t.Failed() {
+		t.Logf("hive output:\n%s", h.logs.String())
+	}
+}
+
+func cgroupV2() bool {
+	_, err := os.Stat("/sys/fs/cgroup/cgroup.controllers")
+	return err == nil
+}
+
+// cgroupDirs are the directories of a hive cgroup root: itself on v2; on
+// v1 the root nested under this process's cgroup in every hierarchy (the
+// hive inherits our cgroups).
+func cgroupDirs(root string) []string {
+	if filepath.IsAbs(root) {
+		return []string{root}
+	}
+	data, _ := os.ReadFile("/proc/self/cgroup")
+	seen := map[string]bool{}
+	var dirs []string
+	for _, line := range strings.Split(string(data), "\n") {
+		parts := strings.SplitN(line, ":", 3)
+		if len(parts) != 3 || parts[1] == "" || strings.HasPrefix(parts[1], "name=") {
+			continue
+		}
+		d := filepath.Join("/sys/fs/cgroup", parts[1], parts[2], root)
+		if !seen[d] {
+			seen[d] = true
+			dirs = append(dirs, d)
+		}
+	}
+	return dirs
+}
+
+// killCgroup SIGKILLs every process of a leaf and removes it.
+func killCgroup(dir string) {
+	for range 50 {
+		data, _ := os.ReadFile(filepath.Join(dir, "cgroup.procs"))
+		pids := strings.Fields(string(data))
+		if len(pids) == 0 {
+			break
+		}
+		for _, p := range pids {
+			if pid, err := strconv.Atoi(p); err == nil {
+				_ = syscall.Kill(pid, syscall.SIGKILL)
+			}
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	_ = os.Remove(dir)
+}
+
+// do sends an authenticated API request and returns status and body.
+func (h *hive) do(method, path string, body any) (int, []byte) {
+	h.t.Helper()
+	code, b, err := h.try(context.Background(), method, path, body)
+	if err != nil {
+		h.t.Fatalf("%s %s: %v", method, path, err)
+	}
+	return code, b
+}
+
+// try is do without failing the test (for goroutines and timed calls).
+func (h *hive) try(ctx context.Context, method, path string, body any) (int, []byte, error) {
+	var r io.Reader
+	if body != nil {
+		b, err := json.Marshal(body)
+		if err != nil {
+			return 0, nil, err
+		}
+		r = bytes.NewReader(b)
+	}
+	req, err := http.NewRequestWithContext(ctx, method, h.url+path, r)
+	if err != nil {
+		return 0, nil, err
+	}
+	req.Header.Set("Authorization", "Bearer "+h.token)
+	if body != nil {
+		req.Header.Set("Content-Type", "application/json")
+	}
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		return 0, nil, err
+	}
+	defer resp.Body.Close()
+	b, err := io.ReadAll(resp.Body)
+	return resp.StatusCode, b, err
+}
+
+// spawnRequest is POST /v1/workers/spawn's body.
+type spawnRequest struct {
+	ModelRef         string            `json:"model_ref"`
+	Backend          string            `json:"backend"`
+	Device           int               `json:"device"`
+	MemoryLimitBytes *int64            `json:"memory_limit_bytes,omitempty"`
+	Restart          string            `json:"restart,omitempty"`
+	Env              map[string]string `json:"env,omitempty"`
+}
+
+// spawn starts a worker of backend with the given RBEE_SIM_* knobs and
+// returns its id.
+func (h *hive) spawn(backend string, env map[string]string) string {
+	h.t.Helper()
+	code, body := h.do("POST", "/v1/workers/spawn", spawnRequest{ModelRef: h.model, Backend: backend, Env: env})
+	if code != http.StatusOK {
+		h.t.Fatalf("spawn %s %v: %d %s", backend, env, code, body)
+	}
+	var res struct {
+		WorkerID string `json:"worker_id"`
+	}
+	if err := json.Unmarshal(body, &res); err != nil || res.WorkerID == "" {
+		h.t.Fatalf("spawn response %s: %v", body, err)
+	}
+	return res.WorkerID
+}
+
+// workerInfo is the part of GET /v1/workers/{id} the tests read.
+type workerInfo struct {
+	ID           string `json:"id"`
+	URL          string `json:"url"`
+	State        string `json:"state"`
+	RestartCount int    `json:"restart_count"`
+	ExitReason   string `json:"exit_reason"`
+	PID          *int   `json:"pid"`
+}
+
+func (h *hive) worker(id string) (workerInfo, int) {
+	h.t.Helper()
+	code, body := h.do("GET", "/v1/workers/"+id, nil)
+	var wi workerInfo
+	if code == http.StatusOK {
+		if err := json.Unmarshal(body, &wi); err != nil {
+			h.t.Fatalf("worker %s: %v: %s", id, err, body)
+		}
+	}
+	return wi, code
+}
+
+// waitState waits until worker id is in one of states.
+func (h *hive) waitState(id string, timeout time.Duration, states ...string) workerInfo {
+	h.t.Helper()
+	var wi workerInfo
+	waitFor(h.t, timeout, fmt.Sprintf("worker %s in %v (last: %+v)", id, states, &wi), func() bool {
+		wi, _ = h.worker(id)
+		for _, s := range states {
+			if wi.State == s {
+				return true
+			}
+		}
+		return false
+	})
+	return wi
+}
+
+// stop is DELETE /v1/workers/{id}.
+func (h *hive) stop(id string) {
+	h.t.Helper()
+	if code, body := h.do("DELETE", "/v1/workers/"+id, nil); code != http.StatusOK {
+		h.t.Fatalf("stop %s: %d %s", id, code, body)
+	}
+}
+
+// infer runs one inference through the hive's proxy and returns the number
+// of token events read from the SSE stream.
+func (h *hive) infer(id, jobID string, maxTokens int) (int, error) {
+	body, _ := json.Marshal(map[string]any{"job_id": jobID, "prompt": "hello from the e2e test", "max_tokens": maxTokens})
+	req, err := http.NewRequest("POST", h.url+"/v1/workers/"+id+"/inference", bytes.NewReader(body))
+	if err != nil {
+		return 0, err
+	}
+	req.Header.Set("Authorization", "Bearer "+h.token)
+	req.Header.Set("Content-Type", "application/json")
+	req.Header.Set("Accept", "text/event-stream")
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		return 0, err
+	}
+	defer resp.Body.Close()
+	if resp.StatusCode != http.StatusOK {
+		b, _ := io.ReadAll(resp.Body)
+		return 0, fmt.Errorf("inference %s: %d %s", id, resp.StatusCode, b)
+	}
+	tokens, done := 0, false
+	sc := bufio.NewScanner(resp.Body)
+	for sc.Scan() {
+		line := sc.Text()
+		switch {
+		case line == "data: [DONE]":
+			done = true
+		case strings.HasPrefix(line, "data: ") && strings.Contains(line, `"type":"token"`):
+			tokens++
+		}
+	}
+	if err := sc.Err(); err != nil {
+		return tokens, err
+	}
+	if !done {
+		return tokens, fmt.Errorf("inference %s: stream ended without [DONE] after %d tokens", id, tokens)
+	}
+	return tokens, nil
+}
+
+// metrics fetches the hive's /metrics body.
+func (h *hive) metrics() []byte {
+	h.t.Helper()
+	resp, err := http.Get(h.url + "/metrics")
+	if err != nil {
+		h.t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	b, err := io.ReadAll(resp.Body)
+	if err != nil || resp.StatusCode != http.StatusOK {
+		h.t.Fatalf("/metrics: %d %v", resp.StatusCode, err)
+	}
+	return b
+}
