@@ -27,6 +27,10 @@ type Deps struct {
 	GPUs     GPUs
 	Proxy    Proxy
 	LineSink LineSink
+	// NotifyDrops reports datagrams the notify socket dropped before they
+	// reached the supervisor, by reason (oversize, no_credentials,
+	// malformed); they are exported in rbee_hive_heartbeats_rejected_total.
+	NotifyDrops func() map[string]uint64
 }
 
 // Admitter reserves host resources for a worker before it is spawned. A

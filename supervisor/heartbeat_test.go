@@ -6,6 +6,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus/testutil"
+
 	"github.com/rbee/rbee-hive/config"
 )
 
@@ -168,4 +170,32 @@ func (h *harness) workerToken(id string) string {
 	h.s.mu.Lock()
 	defer h.s.mu.Unlock()
 	return h.s.workers[id].token
+}
+
+// TestSocketDropsExported: datagrams the socket drops before attribution
+// (here: oversize) show up in the same rejected family as spoofed senders.
+func TestSocketDropsExported(t *testing.T) {
+	h := newHarness(t)
+	conn, err := net.Dial("unixgram", h.cfg.Heartbeat.NotifySocket)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	if _, err := conn.Write([]byte("WATCHDOG=1\nSTATUS=" + strings.Repeat("x", 5000))); err != nil {
+		t.Fatal(err)
+	}
+	deadline := time.Now().Add(5 * time.Second)
+	for {
+		got := counter(t, h.reg, "rbee_hive_heartbeats_rejected_total", map[string]string{"reason": "oversize"})
+		if got == 1 {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("rejected{oversize} = %v, want 1", got)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	if problems, err := testutil.GatherAndLint(h.reg); err != nil || len(problems) > 0 {
+		t.Errorf("lint: %v %v", err, problems)
+	}
 }

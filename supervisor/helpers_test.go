@@ -206,6 +206,7 @@ func newHarness(t testing.TB, mutate ...func(*config.Config)) *harness {
 	if err != nil {
 		t.Fatalf("notify.Listen: %v", err)
 	}
+	s.deps.NotifyDrops = func() map[string]uint64 { return ln.Stats().Dropped() }
 	ctx, cancel := context.WithCancel(context.Background())
 	var wg sync.WaitGroup
 	wg.Add(2)

@@ -5,6 +5,8 @@ import (
 	"strconv"
 
 	"github.com/prometheus/client_golang/prometheus"
+	dto "github.com/prometheus/client_model/go"
+
 	"github.com/rbee/rbee-hive/cgroup"
 )
 
@@ -22,9 +24,10 @@ type metrics struct {
 	heartbeats         prometheus.Counter
 	healthFails        prometheus.Counter
 
-	workersDesc *prometheus.Desc
-	healthDesc  *prometheus.Desc
-	memoryDesc  *prometheus.Desc
+	rejectedDesc *prometheus.Desc // heartbeatsRejected plus the socket's drops
+	workersDesc  *prometheus.Desc
+	healthDesc   *prometheus.Desc
+	memoryDesc   *prometheus.Desc
 }
 
 // reported health values; "unknown" until a worker says.
@@ -49,6 +52,8 @@ func newMetrics(s *Supervisor, reg *prometheus.Registry) (*metrics, error) {
 			Help: "Heartbeats accepted (WATCHDOG=1, POST /v1/heartbeat, successful http health checks)."}),
 		healthFails: prometheus.NewCounter(prometheus.CounterOpts{Name: "rbee_hive_worker_health_check_failures_total",
 			Help: "Failed HTTP health checks of ready http-mode workers."}),
+		rejectedDesc: prometheus.NewDesc("rbee_hive_heartbeats_rejected_total", "Heartbeats and notify datagrams rejected, by reason.",
+			[]string{"reason"}, nil),
 		workersDesc: prometheus.NewDesc("rbee_hive_workers", "Registered workers by state, backend and device.",
 			[]string{"state", "backend", "device"}, nil),
 		healthDesc: prometheus.NewDesc("rbee_hive_workers_by_health", "Running workers by the health they last reported (RBEE_HEALTH or health_status), backend and device.",
@@ -72,7 +77,9 @@ func newMetrics(s *Supervisor, reg *prometheus.Registry) (*metrics, error) {
 	if reg == nil {
 		return m, nil
 	}
-	for _, c := range []prometheus.Collector{m.spawnFailures, m.restarts, m.exits, m.heartbeatsRejected,
+	// heartbeatsRejected is not registered itself: Collect merges it with
+	// the notify socket's drops into one family.
+	for _, c := range []prometheus.Collector{m.spawnFailures, m.restarts, m.exits,
 		m.oomKills, m.stale, m.heartbeats, m.healthFails, m} {
 		if err := reg.Register(c); err != nil {
 			return nil, fmt.Errorf("supervisor: registering metrics: %w", err)
@@ -83,6 +90,7 @@ func newMetrics(s *Supervisor, reg *prometheus.Registry) (*metrics, error) {
 
 // Describe implements prometheus.Collector for the scrape-time gauges.
 func (m *metrics) Describe(ch chan<- *prometheus.Desc) {
+	ch <- m.rejectedDesc
 	ch <- m.workersDesc
 	ch <- m.healthDesc
 	ch <- m.memoryDesc
@@ -96,6 +104,7 @@ type bd struct {
 // Collect reads the registry at scrape time: every state for every known
 // backend/device pair (0 included), and the cgroups' memory.current.
 func (m *metrics) Collect(ch chan<- prometheus.Metric) {
+	m.collectRejected(ch)
 	s := m.s
 	counts := make(map[bd]map[State]int)
 	health := make(map[bd]map[string]int)
@@ -155,5 +164,22 @@ func (m *metrics) Collect(ch chan<- prometheus.Metric) {
 			ch <- prometheus.MustNewConstMetric(m.healthDesc, prometheus.GaugeValue, float64(health[k][hv]), hv, k.backend, dev)
 		}
 		ch <- prometheus.MustNewConstMetric(m.memoryDesc, prometheus.GaugeValue, mem[k], k.backend, dev)
+	}
+}
+
+// collectRejected emits the supervisor's own rejections and the notify
+// socket's drops as one family; their reasons do not overlap.
+func (m *metrics) collectRejected(ch chan<- prometheus.Metric) {
+	for _, r := range rejectReasons {
+		var pb dto.Metric
+		if err := m.heartbeatsRejected.WithLabelValues(r).Write(&pb); err == nil {
+			ch <- prometheus.MustNewConstMetric(m.rejectedDesc, prometheus.CounterValue, pb.GetCounter().GetValue(), r)
+		}
+	}
+	if m.s.deps.NotifyDrops == nil {
+		return
+	}
+	for r, n := range m.s.deps.NotifyDrops() {
+		ch <- prometheus.MustNewConstMetric(m.rejectedDesc, prometheus.CounterValue, float64(n), r)
 	}
 }

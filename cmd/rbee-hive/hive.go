@@ -129,6 +129,9 @@ func newHive(ctx context.Context, cfg *config.Config, log *slog.Logger, reg *pro
 		Admitter: admitter{ledger: h.ledger, log: log},
 		Models:   modelStore{store: h.models},
 		Proxy:    proxyAdapter{px: px},
+		NotifyDrops: func() map[string]uint64 {
+			return h.listener.Stats().Dropped()
+		},
 	}
 	if h.gpus.Backend() != "none" {
 		deps.GPUs = gpuList{h.gpus}
