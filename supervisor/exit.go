@@ -116,7 +116,16 @@ func (s *Supervisor) onExit(w *worker, r *run, st *os.ProcessState, oomed bool) 
 	if w.pending != "" {
 		attrs = append(attrs, slog.String("ordered", w.pending))
 	}
-	w.log.LogAttrs(context.Background(), slog.LevelWarn, "worker exited", attrs...)
+	// Priorities for `journalctl -p warning`: an exit we ordered is routine,
+	// a crash is a warning, the OOM killer is an error.
+	level, msg := slog.LevelWarn, "worker exited"
+	switch {
+	case reason == ReasonOOM:
+		level, msg = slog.LevelError, "worker killed by the OOM killer"
+	case w.pending == ReasonStopped:
+		level = slog.LevelInfo
+	}
+	w.log.LogAttrs(context.Background(), level, msg, attrs...)
 	// A kill we ordered names the reason (stale, load_timeout, stopped), but
 	// an OOM that beat it is still an OOM.
 	if w.pending != "" && reason != ReasonOOM {
