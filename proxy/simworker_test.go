@@ -112,7 +112,7 @@ func TestProxyWithSimworker(t *testing.T) {
 	})
 
 	t.Run("worker crashes mid-stream", func(t *testing.T) {
-		rg := newRigURL(t, startSimworker(t, bin, "--tokens-per-second", "20", "--crash-after", "700ms"), Options{})
+		rg := newRigURL(t, startSimworker(t, bin, "--tokens-per-second", "20", "--crash-after", "2s"), Options{})
 		evs := readAll(t, rg.post(t.Context(), `{"job_id":"job-1","prompt":"hello","max_tokens":200}`).Body)
 		rg.waitEnd()
 		if len(evs) < 2 || evs[len(evs)-1] != "[DONE]" || !strings.Contains(evs[len(evs)-2], `"code":"`+CodeStreamError+`"`) {
@@ -125,7 +125,7 @@ func TestProxyWithSimworker(t *testing.T) {
 	})
 
 	t.Run("worker wedges mid-stream", func(t *testing.T) {
-		rg := newRigURL(t, startSimworker(t, bin, "--tokens-per-second", "20", "--hang-after", "700ms"), Options{IdleTimeout: 500 * time.Millisecond})
+		rg := newRigURL(t, startSimworker(t, bin, "--tokens-per-second", "20", "--hang-after", "2s"), Options{IdleTimeout: 500 * time.Millisecond})
 		evs := readAll(t, rg.post(t.Context(), `{"job_id":"job-1","prompt":"hello","max_tokens":200}`).Body)
 		rg.waitEnd()
 		if len(evs) < 2 || evs[len(evs)-1] != "[DONE]" || !strings.Contains(evs[len(evs)-2], `"code":"`+CodeStreamTimeout+`"`) {

@@ -155,26 +155,12 @@ func newHive(ctx context.Context, cfg *config.Config, log *slog.Logger, reg *pro
 	return h, nil
 }
 
-// start runs the background loops: supervision, the notify socket, the
-// systemd watchdog and status line.
+// start runs the background loops: supervision, the notify socket and the
+// systemd watchdog.
 func (h *hive) start() {
 	h.goLoop("supervisor", h.sup.Run)
 	h.goLoop("notify socket", func(ctx context.Context) error { return h.listener.Serve(ctx, h.sup.HandleNotify) })
 	h.goLoop("watchdog", func(ctx context.Context) error { return h.notifier.RunWatchdog(ctx, h.sup.Alive) })
-	if h.notifier.Enabled() {
-		h.goLoop("status", func(ctx context.Context) error {
-			t := time.NewTicker(time.Second)
-			defer t.Stop()
-			for {
-				_ = h.notifier.Status(h.sup.Summary()) // sent only when it changes
-				select {
-				case <-ctx.Done():
-					return nil
-				case <-t.C:
-				}
-			}
-		})
-	}
 }
 
 func (h *hive) goLoop(name string, fn func(context.Context) error) {
@@ -200,6 +186,21 @@ func (h *hive) routes(rt *api.Router, auth api.AuthFunc) {
 func (h *hive) ready() {
 	if err := h.notifier.Ready(); err != nil {
 		h.log.Warn("sd_notify READY failed", "err", err)
+	}
+	// STATUS= follows READY=1, and then only when the summary changes.
+	if h.notifier.Enabled() {
+		h.goLoop("status", func(ctx context.Context) error {
+			t := time.NewTicker(time.Second)
+			defer t.Stop()
+			for {
+				_ = h.notifier.Status(h.sup.Summary()) // sent only when it changes
+				select {
+				case <-ctx.Done():
+					return nil
+				case <-t.C:
+				}
+			}
+		})
 	}
 }
 
