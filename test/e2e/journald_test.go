@@ -3,6 +3,7 @@ package e2e
 import (
 	"bytes"
 	"context"
+	"encoding/json"
 	"fmt"
 	"net/http"
 	"regexp"
@@ -26,7 +27,7 @@ const (
 type lifecycleCheck struct {
 	name    string
 	worker  string            // worker id: matched as WORKER_ID=<id>
-	message string            // MESSAGE, exactly
+	message string            // MESSAGE, exactly; "": any
 	fields  map[string]string // further fields the entry must carry
 	minPri  int               // PRIORITY must lie in [minPri, maxPri]
 	maxPri  int
@@ -47,11 +48,24 @@ func TestJournaldLifecycle(t *testing.T) {
 	// it is ready and is restarted once.
 	steady := h.spawn("sim", nil)
 	crasher := h.spawn("sim", map[string]string{"RBEE_SIM_CRASH_AFTER": "1500ms"})
+	// And one the kernel OOM-kills while it loads (256MiB in a 64MiB cgroup).
+	code, body := h.do("POST", "/v1/workers/spawn", spawnRequest{ModelRef: h.model, Backend: "small", Restart: "never",
+		Env: map[string]string{"RBEE_SIM_ALLOC_MIB": "256"}})
+	if code != http.StatusOK {
+		t.Fatalf("spawn: %d %s", code, body)
+	}
+	var oomed struct {
+		WorkerID string `json:"worker_id"`
+	}
+	if err := json.Unmarshal(body, &oomed); err != nil {
+		t.Fatal(err)
+	}
 	h.waitState(steady, 15*time.Second, "idle")
 	waitFor(t, 20*time.Second, "the crashing worker to be restarted", func() bool {
 		wi, _ := h.worker(crasher)
 		return wi.RestartCount >= 1
 	})
+	h.waitState(oomed.WorkerID, 15*time.Second, "failed")
 	h.stop(crasher)
 	h.stop(steady)
 
@@ -69,6 +83,9 @@ func TestJournaldLifecycle(t *testing.T) {
 			why: "a stop the operator asked for is routine (info or notice); warning pages on-call for nothing"},
 		{name: "crash", worker: crasher, message: "worker exited", fields: map[string]string{"EXIT_REASON": "exited", "EXIT_CODE": "1"},
 			minPri: priErr, maxPri: priWarning, why: "a crash must stand out: warning or worse"},
+		// Matched by its fields, not its wording.
+		{name: "oom kill", worker: oomed.WorkerID, fields: map[string]string{"EXIT_REASON": "oom"},
+			minPri: priErr, maxPri: priWarning, why: "an OOM kill must stand out: warning or worse"},
 		{name: "restarted", worker: crasher, message: "restarting worker", fields: map[string]string{"RESTART_COUNT": "1", "REASON": "exited"},
 			minPri: priNotice, maxPri: priInfo},
 		{name: "restarting state", worker: crasher, message: "worker state", fields: map[string]string{"TO": "restarting"},
@@ -76,7 +93,11 @@ func TestJournaldLifecycle(t *testing.T) {
 	}
 	for _, c := range checks {
 		t.Run(c.name, func(t *testing.T) {
-			entries := j.WaitFor(t, 1, 5*time.Second, "WORKER_ID="+c.worker, "MESSAGE="+c.message)
+			matches := []string{"WORKER_ID=" + c.worker}
+			if c.message != "" {
+				matches = append(matches, "MESSAGE="+c.message)
+			}
+			entries := j.WaitFor(t, 1, 5*time.Second, matches...)
 			var matched []journaltest.Entry
 			for _, e := range entries {
 				if hasFields(e, c.fields) {
