@@ -50,14 +50,26 @@ type WorkerInfo struct {
 	Resources        *Resources        `json:"resources,omitempty"`
 }
 
-// Resources are a worker's cgroup figures, read when asked.
+// Resources are a running worker's figures from its latest monitor sample
+// (every resources.sample_interval): its cgroup's memory and CPU and, for
+// cuda workers, the GPU memory of the processes in its cgroup.
 type Resources struct {
 	MemoryCurrentBytes uint64  `json:"memory_current_bytes"`
 	MemoryPeakBytes    uint64  `json:"memory_peak_bytes"`
 	CPUSeconds         float64 `json:"cpu_seconds"`
-	Pids               uint64  `json:"pids"`
-	OOMKills           uint64  `json:"oom_kills"`
-	VRAMBytes          *uint64 `json:"vram_bytes,omitempty"`
+	// CPUPercent is the CPU rate between the last two samples; 100 is one
+	// core. Absent until there are two samples.
+	CPUPercent *float64 `json:"cpu_percent,omitempty"`
+	Pids       uint64   `json:"pids"`
+	OOMKills   uint64   `json:"oom_kills"`
+	// VRAMBytes is sampled from the GPU for cuda workers; otherwise the
+	// worker's own RBEE_VRAM_BYTES figure, if it reports one.
+	VRAMBytes *uint64 `json:"vram_bytes,omitempty"`
+	// VRAMLimitBytes is the expected VRAM × resources.vram_limit_factor;
+	// absent when the expectation is unknown.
+	VRAMLimitBytes *uint64   `json:"vram_limit_bytes,omitempty"`
+	VRAMOverLimit  bool      `json:"vram_over_limit,omitempty"`
+	SampledAt      time.Time `json:"sampled_at"`
 }
 
 // info snapshots w. Caller holds s.mu.
@@ -73,6 +85,7 @@ func (s *Supervisor) info(w *worker) WorkerInfo {
 	if w.run != nil {
 		pid, started := w.run.pid, w.run.started
 		wi.PID, wi.StartedAt = &pid, &started
+		wi.Resources = s.resources(w, w.run)
 	}
 	if !w.lastRestart.IsZero() {
 		t := w.lastRestart
@@ -116,7 +129,8 @@ func (s *Supervisor) List() []WorkerInfo {
 	return out
 }
 
-// Get returns one worker with its resource figures.
+// Get returns one worker. A running worker not sampled yet gets its cgroup
+// figures read now.
 func (s *Supervisor) Get(id string) (WorkerInfo, error) {
 	s.mu.Lock()
 	w := s.workers[id]
@@ -125,19 +139,17 @@ func (s *Supervisor) Get(id string) (WorkerInfo, error) {
 		return WorkerInfo{}, workerNotFound(id)
 	}
 	wi := s.info(w)
-	var r *run
-	if w.run != nil {
-		r = w.run
-	}
+	r := w.run
 	vram := w.figures["RBEE_VRAM_BYTES"]
 	s.mu.Unlock()
-	if r != nil {
+	if r != nil && wi.Resources == nil {
 		if st, err := r.leaf.Stats(); err == nil {
-			wi.Resources = &Resources{MemoryCurrentBytes: st.MemoryCurrent, MemoryPeakBytes: st.MemoryPeak,
-				CPUSeconds: st.CPUUsage.Seconds(), Pids: st.PidsCurrent, OOMKills: st.OOMKills}
-			if v, err := strconv.ParseUint(vram, 10, 64); err == nil {
-				wi.Resources.VRAMBytes = &v
-			}
+			wi.Resources = resourcesOf(st, time.Now())
+		}
+	}
+	if wi.Resources != nil && wi.Resources.VRAMBytes == nil {
+		if v, err := strconv.ParseUint(vram, 10, 64); err == nil {
+			wi.Resources.VRAMBytes = &v
 		}
 	}
 	return wi, nil

@@ -1,6 +1,7 @@
 package supervisor
 
 import (
+	"context"
 	"os/exec"
 	"sort"
 	"syscall"
@@ -132,4 +133,81 @@ func BenchmarkBaselineExec(b *testing.B) {
 		samples = append(samples, time.Since(start))
 	}
 	report(b, samples, "exec")
+}
+
+// BenchmarkMonitorPass: one sampling pass over 50 running workers in real
+// leaves (sleeping /bin/sleep processes, so the pass is all there is to
+// measure). cpu-share-% is the hive's CPU time per pass over the default
+// 5 s interval; the cuda case also queries the fake GPU and lists each
+// leaf's pids (every worker holds fake VRAM). gather is one /metrics
+// collection of the same 50 workers, for comparison.
+func BenchmarkMonitorPass(b *testing.B) {
+	const workers = 50
+	const interval = 5 * time.Second
+	for _, cuda := range []bool{false, true} {
+		name := "cpu"
+		if cuda {
+			name = "cuda"
+		}
+		b.Run(name, func(b *testing.B) {
+			h := newHarness(b, func(c *config.Config) {
+				c.Resources.SampleInterval = config.Duration(time.Hour) // only the benchmark samples
+				c.Backends["sleeper"] = config.Backend{Command: []string{"/bin/sleep", "3600"}, Health: "callback",
+					CUDA: cuda, LoadTimeout: config.Duration(time.Hour), MemoryLimit: 64 << 20}
+			})
+			for i := 0; i < workers; i++ {
+				dev := 0
+				if cuda {
+					dev = i % 2
+				}
+				res := h.spawn(map[string]any{"backend": "sleeper", "device": dev, "vram_bytes": 1 << 30})
+				if cuda {
+					if err := h.gpu.SetProcess(dev, *h.get(res.WorkerID).PID, 512<<20); err != nil {
+						b.Fatal(err)
+					}
+				}
+			}
+			m := newMonitor(h.s)
+			ctx := context.Background()
+			m.pass(ctx) // the first pass has no CPU rate to compute
+			b.Run("pass", func(b *testing.B) {
+				cpu0 := cpuTime(b)
+				for i := 0; i < b.N; i++ {
+					m.pass(ctx)
+				}
+				perPass := (cpuTime(b) - cpu0) / time.Duration(b.N)
+				b.ReportMetric(float64(perPass.Microseconds()), "cpu-us/pass")
+				b.ReportMetric(100*perPass.Seconds()/interval.Seconds(), "cpu-share-%")
+			})
+			b.Run("gather", func(b *testing.B) {
+				cpu0 := cpuTime(b)
+				for i := 0; i < b.N; i++ {
+					if _, err := h.reg.Gather(); err != nil {
+						b.Fatal(err)
+					}
+				}
+				b.ReportMetric(float64(((cpuTime(b) - cpu0) / time.Duration(b.N)).Microseconds()), "cpu-us/gather")
+			})
+			if cuda {
+				var sampled int
+				for _, wi := range h.s.List() {
+					if wi.Resources != nil && wi.Resources.VRAMBytes != nil && *wi.Resources.VRAMBytes == 512<<20 {
+						sampled++
+					}
+				}
+				if sampled != workers {
+					b.Fatalf("%d of %d workers have their VRAM sampled", sampled, workers)
+				}
+			}
+		})
+	}
+}
+
+// cpuTime is this process's user+system CPU time so far.
+func cpuTime(b *testing.B) time.Duration {
+	var ru syscall.Rusage
+	if err := syscall.Getrusage(syscall.RUSAGE_SELF, &ru); err != nil {
+		b.Fatal(err)
+	}
+	return time.Duration(ru.Utime.Nano() + ru.Stime.Nano())
 }

@@ -61,6 +61,10 @@ type Claim interface {
 	// matched to it.
 	Loaded(pids ...int)
 	Release()
+	// VRAMBytes is the VRAM the worker was admitted for: the request's
+	// vram_bytes or the admitter's estimate from the model, without the
+	// margin; 0 when unknown. The monitor's VRAM limit is this × factor.
+	VRAMBytes() uint64
 }
 
 // ModelStore resolves model references to local paths (model.Store).
@@ -88,9 +92,18 @@ type GPUDevice struct {
 	UUID  string
 }
 
-// GPUs lists the host's GPUs (the lead adapts gpu.GPUs.Devices).
+// GPUProcess is one process's memory on a GPU, as the driver reports it.
+type GPUProcess struct {
+	PID       int // host pid
+	UsedBytes uint64
+}
+
+// GPUs lists the host's GPUs and their processes (adapts gpu.GPUs.Devices
+// and gpu.GPUs.Processes).
 type GPUs interface {
 	GPUDevices(ctx context.Context) ([]GPUDevice, error)
+	// GPUProcesses lists the processes using GPU index and their memory.
+	GPUProcesses(ctx context.Context, index int) ([]GPUProcess, error)
 }
 
 // ProxyTarget is the worker an inference request goes to.

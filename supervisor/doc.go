@@ -10,7 +10,11 @@
 // deadlines and restart backoffs are deadlines on the workers, and the loop
 // sleeps until the earliest one (no polling). Each process has exactly one
 // goroutine calling cmd.Wait, which then kills what is left of the tree,
-// removes the leaf and reports the exit.
+// removes the leaf and reports the exit. A second goroutine of Run, the
+// monitor, samples every running worker each resources.sample_interval
+// (cgroup memory and CPU; for cuda workers the GPU's per-process memory of
+// the pids in the leaf), stores the sample on the run for the API and
+// /metrics, and applies resources.vram_limit_action.
 //
 // Decisions where the original differs or is silent:
 //   - model_path in a spawn request is accepted and ignored, as in the

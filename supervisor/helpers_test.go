@@ -24,6 +24,7 @@ import (
 	"github.com/rbee/rbee-hive/api"
 	"github.com/rbee/rbee-hive/cgroup"
 	"github.com/rbee/rbee-hive/config"
+	"github.com/rbee/rbee-hive/gpu"
 	"github.com/rbee/rbee-hive/supervisor/notify"
 )
 
@@ -161,6 +162,7 @@ type harness struct {
 	srv   *httptest.Server
 	token string
 	logs  *syncBuffer
+	gpu   *gpu.Fake // the hardware edge: two fake GPUs, GPU-aaaa and GPU-bbbb
 }
 
 type syncBuffer struct {
@@ -186,13 +188,17 @@ func newHarness(t testing.TB, mutate ...func(*config.Config)) *harness {
 	for _, f := range mutate {
 		f(cfg)
 	}
-	h := &harness{t: t, cfg: cfg, cg: newCgroups(t), reg: prometheus.NewRegistry(), token: "test-api-token", logs: &syncBuffer{}}
+	fake, err := gpu.NewFake([]gpu.FakeDevice{{UUID: "GPU-aaaa", MemoryTotal: 80 << 30}, {UUID: "GPU-bbbb", MemoryTotal: 80 << 30}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	h := &harness{t: t, cfg: cfg, cg: newCgroups(t), reg: prometheus.NewRegistry(), token: "test-api-token", logs: &syncBuffer{}, gpu: fake}
 	var handler http.Handler = http.NotFoundHandler()
 	h.srv = httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) { handler.ServeHTTP(w, r) }))
 	t.Cleanup(h.srv.Close)
 	logger := slog.New(slog.NewTextHandler(io.MultiWriter(h.logs), &slog.HandlerOptions{Level: slog.LevelDebug}))
 	s, err := New(cfg, Deps{Logger: logger, Cgroups: h.cg, Registry: h.reg, SelfDir: simDir, HiveURL: h.srv.URL,
-		GPUs: fakeGPUs{{Index: 0, UUID: "GPU-aaaa"}, {Index: 1, UUID: "GPU-bbbb"}}})
+		GPUs: gpuAdapter{fake}})
 	if err != nil {
 		t.Fatalf("New: %v", err)
 	}
@@ -225,9 +231,33 @@ func newHarness(t testing.TB, mutate ...func(*config.Config)) *harness {
 	return h
 }
 
-type fakeGPUs []GPUDevice
+// gpuAdapter fits a gpu.GPUs to the supervisor's GPUs, as cmd/rbee-hive's
+// gpuList does for the daemon.
+type gpuAdapter struct{ g gpu.GPUs }
 
-func (f fakeGPUs) GPUDevices(context.Context) ([]GPUDevice, error) { return f, nil }
+func (a gpuAdapter) GPUDevices(ctx context.Context) ([]GPUDevice, error) {
+	devs, err := a.g.Devices(ctx)
+	if err != nil {
+		return nil, err
+	}
+	out := make([]GPUDevice, 0, len(devs))
+	for _, d := range devs {
+		out = append(out, GPUDevice{Index: d.Index, UUID: d.UUID})
+	}
+	return out, nil
+}
+
+func (a gpuAdapter) GPUProcesses(ctx context.Context, index int) ([]GPUProcess, error) {
+	procs, err := a.g.Processes(ctx, index)
+	if err != nil {
+		return nil, err
+	}
+	out := make([]GPUProcess, 0, len(procs))
+	for _, p := range procs {
+		out = append(out, GPUProcess{PID: p.PID, UsedBytes: p.UsedMemory})
+	}
+	return out, nil
+}
 
 // do sends a request to the API with the API token (or tok if given).
 func (h *harness) do(method, path string, body any, tok ...string) (int, []byte) {

@@ -23,11 +23,13 @@ type metrics struct {
 	stale              prometheus.Counter
 	heartbeats         prometheus.Counter
 	healthFails        prometheus.Counter
+	vramExceeded       *prometheus.CounterVec
 
 	rejectedDesc *prometheus.Desc // heartbeatsRejected plus the socket's drops
 	workersDesc  *prometheus.Desc
 	healthDesc   *prometheus.Desc
 	memoryDesc   *prometheus.Desc
+	vramDesc     *prometheus.Desc
 }
 
 // reported health values; "unknown" until a worker says.
@@ -52,6 +54,9 @@ func newMetrics(s *Supervisor, reg *prometheus.Registry) (*metrics, error) {
 			Help: "Heartbeats accepted (WATCHDOG=1, POST /v1/heartbeat, successful http health checks)."}),
 		healthFails: prometheus.NewCounter(prometheus.CounterOpts{Name: "rbee_hive_worker_health_check_failures_total",
 			Help: "Failed HTTP health checks of ready http-mode workers."}),
+		vramExceeded: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "rbee_hive_worker_vram_limit_exceeded_total",
+			Help: "Times a cuda worker's sampled VRAM crossed its expected VRAM × resources.vram_limit_factor, by backend and device."},
+			[]string{"backend", "device"}),
 		rejectedDesc: prometheus.NewDesc("rbee_hive_heartbeats_rejected_total", "Heartbeats and notify datagrams rejected, by reason.",
 			[]string{"reason"}, nil),
 		workersDesc: prometheus.NewDesc("rbee_hive_workers", "Registered workers by state, backend and device.",
@@ -59,6 +64,8 @@ func newMetrics(s *Supervisor, reg *prometheus.Registry) (*metrics, error) {
 		healthDesc: prometheus.NewDesc("rbee_hive_workers_by_health", "Running workers by the health they last reported (RBEE_HEALTH or health_status), backend and device.",
 			[]string{"health", "backend", "device"}, nil),
 		memoryDesc: prometheus.NewDesc("rbee_hive_worker_memory_bytes", "Memory in use by workers' cgroups (memory.current summed), by backend and device.",
+			[]string{"backend", "device"}, nil),
+		vramDesc: prometheus.NewDesc("rbee_hive_worker_vram_bytes", "GPU memory used by the processes in cuda workers' cgroups (summed, as last sampled), by backend and device.",
 			[]string{"backend", "device"}, nil),
 	}
 	// Series exist at 0 from the start, so dashboards and rate() have data.
@@ -74,13 +81,20 @@ func newMetrics(s *Supervisor, reg *prometheus.Registry) (*metrics, error) {
 	for _, r := range rejectReasons {
 		m.heartbeatsRejected.WithLabelValues(r)
 	}
+	for _, name := range s.cfg.BackendNames() {
+		if s.cfg.Backends[name].CUDA {
+			for _, d := range s.devices {
+				m.vramExceeded.WithLabelValues(name, strconv.Itoa(d.Index))
+			}
+		}
+	}
 	if reg == nil {
 		return m, nil
 	}
 	// heartbeatsRejected is not registered itself: Collect merges it with
 	// the notify socket's drops into one family.
 	for _, c := range []prometheus.Collector{m.spawnFailures, m.restarts, m.exits,
-		m.oomKills, m.stale, m.heartbeats, m.healthFails, m} {
+		m.oomKills, m.stale, m.heartbeats, m.healthFails, m.vramExceeded, m} {
 		if err := reg.Register(c); err != nil {
 			return nil, fmt.Errorf("supervisor: registering metrics: %w", err)
 		}
@@ -94,6 +108,7 @@ func (m *metrics) Describe(ch chan<- *prometheus.Desc) {
 	ch <- m.workersDesc
 	ch <- m.healthDesc
 	ch <- m.memoryDesc
+	ch <- m.vramDesc
 }
 
 type bd struct {
@@ -102,7 +117,8 @@ type bd struct {
 }
 
 // Collect reads the registry at scrape time: every state for every known
-// backend/device pair (0 included), and the cgroups' memory.current.
+// backend/device pair (0 included), the cgroups' memory.current, and the
+// monitor's last VRAM samples (a scrape never queries the GPU driver).
 func (m *metrics) Collect(ch chan<- prometheus.Metric) {
 	m.collectRejected(ch)
 	s := m.s
@@ -118,6 +134,7 @@ func (m *metrics) Collect(ch chan<- prometheus.Metric) {
 			pairs[bd{name, 0}] = true
 		}
 	}
+	vram := make(map[bd]float64)
 	var leaves []struct {
 		key  bd
 		leaf cgroup.Leaf
@@ -139,6 +156,9 @@ func (m *metrics) Collect(ch chan<- prometheus.Metric) {
 				hv = "unknown"
 			}
 			health[k][hv]++
+			if smp := w.run.sample; smp != nil && smp.hasVRAM {
+				vram[k] += float64(smp.vram)
+			}
 			leaves = append(leaves, struct {
 				key  bd
 				leaf cgroup.Leaf
@@ -164,6 +184,9 @@ func (m *metrics) Collect(ch chan<- prometheus.Metric) {
 			ch <- prometheus.MustNewConstMetric(m.healthDesc, prometheus.GaugeValue, float64(health[k][hv]), hv, k.backend, dev)
 		}
 		ch <- prometheus.MustNewConstMetric(m.memoryDesc, prometheus.GaugeValue, mem[k], k.backend, dev)
+		if s.cfg.Backends[k.backend].CUDA {
+			ch <- prometheus.MustNewConstMetric(m.vramDesc, prometheus.GaugeValue, vram[k], k.backend, dev)
+		}
 	}
 }
 

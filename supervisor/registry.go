@@ -43,9 +43,13 @@ const (
 	ReasonLoadTimeout = "load_timeout"
 	ReasonSpawnFailed = "spawn_failed"
 	ReasonStopped     = "stopped"
+	// ReasonVRAMLimit: stopped by the monitor for using more VRAM than
+	// expected × resources.vram_limit_factor (vram_limit_action = "kill").
+	ReasonVRAMLimit = "vram_limit"
 )
 
-var exitReasons = []string{ReasonExited, ReasonSignaled, ReasonOOM, ReasonStale, ReasonLoadTimeout, ReasonSpawnFailed, ReasonStopped}
+var exitReasons = []string{ReasonExited, ReasonSignaled, ReasonOOM, ReasonStale, ReasonLoadTimeout, ReasonSpawnFailed,
+	ReasonVRAMLimit, ReasonStopped}
 
 // Restart policies.
 const (
@@ -84,12 +88,15 @@ type worker struct {
 	policy    string
 	memLimit  int64
 	vram      int64
-	reqEnv    map[string]string
-	created   time.Time
-	claim     Claim
-	modelRel  func() // releases the model store's in-use mark
-	logs      *logSink
-	log       *slog.Logger
+	// vramExpected is the VRAM the worker should need (the request's
+	// vram_bytes, else the admitter's estimate); 0: unknown, no limit.
+	vramExpected uint64
+	reqEnv       map[string]string
+	created      time.Time
+	claim        Claim
+	modelRel     func() // releases the model store's in-use mark
+	logs         *logSink
+	log          *slog.Logger
 
 	// mu-guarded
 	state         State
@@ -133,6 +140,9 @@ type run struct {
 	ready   bool
 	cancel  context.CancelFunc // health poller, OOM watch
 	done    chan struct{}      // closed after the exit was handled
+	// monitor results, guarded by Supervisor.mu
+	sample   *resourceSample
+	overVRAM bool // over the VRAM limit at the last sample (one log per crossing)
 }
 
 // setState moves w to a new state and logs the transition. Caller holds s.mu.

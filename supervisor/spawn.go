@@ -110,6 +110,12 @@ func (s *Supervisor) Spawn(ctx context.Context, req SpawnRequest) (SpawnResult, 
 		created: time.Now(), claim: claim, modelRel: modelRel,
 		log: s.log.With(slog.String("worker_id", id), slog.String("backend", p.backend), slog.Int("device", p.device)),
 	}
+	if p.be.CUDA {
+		w.vramExpected = uint64(p.vram)
+		if w.vramExpected == 0 && claim != nil {
+			w.vramExpected = claim.VRAMBytes()
+		}
+	}
 	w.logs = newLogSink(id, s.logDir, int64(s.cfg.Workers.LogMaxBytes), s.cfg.Workers.LogFiles, s.deps.LineSink)
 	s.mu.Lock()
 	if s.closing {

@@ -88,11 +88,18 @@ func New(cfg *config.Config, deps Deps) (*Supervisor, error) {
 	return s, nil
 }
 
-// Run drives deadlines (load timeouts, stale workers, restart backoffs) and
-// answers Alive probes until ctx ends. Call Shutdown afterwards.
+// Run drives deadlines (load timeouts, stale workers, restart backoffs),
+// samples the workers' resources and answers Alive probes until ctx ends.
+// Call Shutdown afterwards.
 func (s *Supervisor) Run(ctx context.Context) error {
 	timer := time.NewTimer(time.Hour)
 	defer timer.Stop()
+	// The resource monitor runs beside the deadline loop: a slow cgroup or
+	// GPU read must not delay a deadline or an Alive probe.
+	var mon sync.WaitGroup
+	mon.Add(1)
+	go func() { defer mon.Done(); newMonitor(s).run(ctx) }()
+	defer mon.Wait()
 	for {
 		next := s.fireDeadlines(ctx, time.Now())
 		timer.Reset(time.Until(next))

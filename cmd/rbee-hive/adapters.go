@@ -48,8 +48,17 @@ func (a admitter) Admit(ctx context.Context, req supervisor.AdmitRequest) (super
 	if err != nil {
 		return nil, err
 	}
-	return c, nil
+	return claim{Claim: c, vram: r.VRAMBytes}, nil
 }
+
+// claim is a ledger claim that remembers the VRAM it was admitted for, so
+// the supervisor's monitor can hold the worker to it (vram_limit_factor).
+type claim struct {
+	*admission.Claim
+	vram uint64
+}
+
+func (c claim) VRAMBytes() uint64 { return c.vram }
 
 // modelStore adapts model.Store to the supervisor's ModelStore.
 type modelStore struct{ store *model.Store }
@@ -95,6 +104,18 @@ func (l gpuList) GPUDevices(ctx context.Context) ([]supervisor.GPUDevice, error)
 	out := make([]supervisor.GPUDevice, 0, len(devs))
 	for _, d := range devs {
 		out = append(out, supervisor.GPUDevice{Index: d.Index, UUID: d.UUID})
+	}
+	return out, nil
+}
+
+func (l gpuList) GPUProcesses(ctx context.Context, index int) ([]supervisor.GPUProcess, error) {
+	procs, err := l.g.Processes(ctx, index)
+	if err != nil {
+		return nil, err
+	}
+	out := make([]supervisor.GPUProcess, 0, len(procs))
+	for _, p := range procs {
+		out = append(out, supervisor.GPUProcess{PID: p.PID, UsedBytes: p.UsedMemory})
 	}
 	return out, nil
 }
