@@ -93,7 +93,8 @@ func (c *client) do(ctx context.Context, method, path string, in, out any) error
 	return nil
 }
 
-// send performs the request and turns non-2xx answers into errors.
+// send performs the request and turns non-2xx answers into errors. The
+// whole exchange, body included, is bounded by 30 s.
 func (c *client) send(ctx context.Context, method, path string, in any) (*http.Response, error) {
 	var body io.Reader
 	if in != nil {
@@ -104,40 +105,29 @@ func (c *client) send(ctx context.Context, method, path string, in any) (*http.R
 		body = bytes.NewReader(b)
 	}
 	ctx, cancel := context.WithTimeoutCause(ctx, 30*time.Second, fmt.Errorf("no answer from %s in 30s", c.base))
-	req, err := http.NewRequestWithContext(ctx, method, c.base+path, body)
+	resp, err := c.exchange(ctx, method, path, body)
 	if err != nil {
 		cancel()
 		return nil, err
 	}
-	if in != nil {
-		req.Header.Set("Content-Type", "application/json")
-	}
-	if c.token != "" {
-		req.Header.Set("Authorization", "Bearer "+c.token)
-	}
-	resp, err := c.http.Do(req)
-	if err != nil {
-		cancel()
-		return nil, fmt.Errorf("is the hive running? %w", err)
-	}
 	resp.Body = &cancelBody{ReadCloser: resp.Body, cancel: cancel}
-	if resp.StatusCode >= 300 {
-		defer resp.Body.Close()
-		var env struct {
-			Error apiError `json:"error"`
-		}
-		_ = json.NewDecoder(io.LimitReader(resp.Body, 1<<20)).Decode(&env)
-		env.Error.Status = resp.StatusCode
-		return nil, &env.Error
-	}
 	return resp, nil
 }
 
-// stream is send without the 30 s cap, for SSE.
+// stream is send without a deadline, for SSE.
 func (c *client) stream(ctx context.Context, method, path string) (*http.Response, error) {
-	req, err := http.NewRequestWithContext(ctx, method, c.base+path, nil)
+	return c.exchange(ctx, method, path, nil)
+}
+
+// exchange sends one request with the token and maps an error envelope to
+// *apiError.
+func (c *client) exchange(ctx context.Context, method, path string, body io.Reader) (*http.Response, error) {
+	req, err := http.NewRequestWithContext(ctx, method, c.base+path, body)
 	if err != nil {
 		return nil, err
+	}
+	if body != nil {
+		req.Header.Set("Content-Type", "application/json")
 	}
 	if c.token != "" {
 		req.Header.Set("Authorization", "Bearer "+c.token)
