@@ -7,6 +7,7 @@ import (
 	"net/http"
 	"slices"
 	"strconv"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -133,4 +134,45 @@ func spawnSleepers(b *testing.B, h *hive, n, total int) {
 		}
 		return idle >= total
 	})
+}
+
+// BenchmarkResourcesEndpoint measures GET /v1/resources (host RAM, disk,
+// each GPU: two fake GPUs here, claims) against GET /v1/health, the
+// cheapest authenticated-free route, in the same run.
+//
+//	go test -run '^$' -bench ResourcesEndpoint -benchtime 500x ./test/e2e/
+func BenchmarkResourcesEndpoint(b *testing.B) {
+	h := startHive(b, hiveOptions{extra: `
+[gpu]
+driver = "fake"
+[[gpu.fake]]
+name = "Fake H100"
+memory_total = "80GiB"
+[[gpu.fake]]
+name = "Fake H100"
+memory_total = "80GiB"
+`})
+	var base float64
+	for _, path := range []string{"/v1/health", "/v1/resources"} {
+		b.Run(strings.TrimPrefix(path, "/v1/"), func(b *testing.B) {
+			var lat []time.Duration
+			for b.Loop() {
+				t0 := time.Now()
+				code, _, err := h.try(b.Context(), "GET", path, nil)
+				if err != nil || code != http.StatusOK {
+					b.Fatalf("%s: %d %v", path, code, err)
+				}
+				lat = append(lat, time.Since(t0))
+			}
+			slices.Sort(lat)
+			p50 := ms(lat[len(lat)/2])
+			b.ReportMetric(p50, "p50-ms")
+			b.ReportMetric(ms(lat[min(len(lat)-1, len(lat)*99/100)]), "p99-ms")
+			if base == 0 {
+				base = p50
+			} else {
+				b.ReportMetric(p50/base, "p50-x-health")
+			}
+		})
+	}
 }
