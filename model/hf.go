@@ -9,7 +9,6 @@ import (
 	"net/http"
 	"net/url"
 	"path"
-	"path/filepath"
 	"regexp"
 	"sort"
 	"strings"
@@ -240,9 +239,12 @@ func (h *hub) listFiles(ctx context.Context, ref Ref) ([]RepoFile, error) {
 				continue
 			}
 			// The listing is remote input: a path that could escape the
-			// model directory is refused, not cleaned.
-			if !filepath.IsLocal(e.Path) || strings.Contains(e.Path, `\`) {
-				return nil, fail(ReasonNetwork, fmt.Errorf("model: tree listing of %s has unsafe path %q", what, e.Path))
+			// model directory, or not be a file of its own there, is refused,
+			// not cleaned.
+			if why := unsafeRepoPath(e.Path); why != "" {
+				return nil, fail(ReasonNetwork, api.Errorf(http.StatusBadGateway, api.CodeUpstream,
+					"the HuggingFace listing of %s has an unsafe file path %q: %s", what, e.Path, why).
+					WithDetails(map[string]any{"model_ref": ref.String(), "reason": ReasonNetwork}))
 			}
 			f := RepoFile{Path: e.Path, Size: e.Size}
 			if e.LFS != nil {
@@ -263,6 +265,45 @@ func (h *hub) listFiles(ctx context.Context, ref Ref) ([]RepoFile, error) {
 		}
 	}
 	return files, nil
+}
+
+// maxNameBytes keeps a file name's partial (name + incompleteSuffix) within
+// Linux's NAME_MAX of 255 bytes.
+const maxNameBytes = 255 - len(incompleteSuffix)
+
+// maxRepoPathBytes bounds a listed path; Hub paths are far shorter.
+const maxRepoPathBytes = 1024
+
+// unsafeRepoPath says why p, a path from the remote tree listing, cannot
+// become a file under the model directory as is, or "" when it can. Git
+// itself never produces such paths, so refusing them costs no real repo.
+func unsafeRepoPath(p string) string {
+	switch {
+	case p == "":
+		return "empty"
+	case len(p) > maxRepoPathBytes:
+		return fmt.Sprintf("longer than %d bytes", maxRepoPathBytes)
+	case strings.ContainsFunc(p, func(r rune) bool { return r < 0x20 || r == 0x7f || r == '\\' }):
+		return "control character or backslash"
+	case path.IsAbs(p):
+		return "absolute"
+	case path.Clean(p) != p || p == ".":
+		// Also catches "a/..", "./a", "a//b": two names for one file, or a
+		// directory (the revision's own) taken for a file.
+		return "not a clean relative path"
+	}
+	for _, seg := range strings.Split(p, "/") {
+		switch {
+		case seg == "..":
+			return "'..' segment"
+		case len(seg) > maxNameBytes:
+			return fmt.Sprintf("a name longer than %d bytes", maxNameBytes)
+		case strings.HasSuffix(seg, incompleteSuffix):
+			// It would share its name with another file's partial download.
+			return "ends in " + incompleteSuffix
+		}
+	}
+	return ""
 }
 
 // nextLink extracts the rel="next" target of an RFC 8288 Link header.

@@ -1,8 +1,11 @@
 package model
 
 import (
+	"encoding/json"
 	"errors"
 	"net/http"
+	"net/http/httptest"
+	"slices"
 	"strings"
 	"testing"
 
@@ -157,6 +160,40 @@ func TestNextLink(t *testing.T) {
 	for in, want := range tests {
 		if got := nextLink(in); got != want {
 			t.Errorf("nextLink(%q) = %q, want %q", in, got, want)
+		}
+	}
+}
+
+// The tree listing is remote input: every path that could escape the model
+// directory, alias another file, or not fit on disk is refused before
+// anything is written.
+func TestListingRefusesUnsafePaths(t *testing.T) {
+	long := strings.Repeat("x", maxNameBytes+1)
+	bad := []string{
+		"../escape.gguf", "a/../../escape.gguf", "/etc/passwd", `a\..\b.gguf`,
+		".", "a/..", "./m.gguf", "a//m.gguf", "a/./m.gguf", "a/",
+		"m\x00.gguf", "m\n.gguf", long + ".gguf", "d/" + long,
+		"m.gguf" + incompleteSuffix, strings.Repeat("d/", maxRepoPathBytes/2) + "m.gguf",
+	}
+	good := []string{"m.gguf", "sub/dir/model-q4_k_m.gguf", ".gitattributes", "weird name (1).gguf", strings.Repeat("y", maxNameBytes)}
+	for _, p := range append(bad, good...) {
+		srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+			json.NewEncoder(w).Encode([]map[string]any{{"type": "file", "path": p, "size": 1, "oid": "x"}})
+		}))
+		h, err := newHub(srv.URL, "", nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		files, err := h.listFiles(t.Context(), Ref{Provider: ProviderHF, Repo: "o/r", Revision: "main"})
+		srv.Close()
+		wantBad := slices.Contains(bad, p)
+		switch {
+		case wantBad && err == nil:
+			t.Errorf("path %q accepted: %v", p, files)
+		case wantBad && api.AsError(err).Status != http.StatusBadGateway:
+			t.Errorf("path %q: %v, want a 502", p, err)
+		case !wantBad && err != nil:
+			t.Errorf("path %q refused: %v", p, err)
 		}
 	}
 }
