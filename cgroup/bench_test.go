@@ -5,6 +5,9 @@ import (
 	"fmt"
 	"testing"
 	"time"
+
+	"github.com/containerd/cgroups/v3/cgroup1"
+	"github.com/containerd/cgroups/v3/cgroup2"
 )
 
 // BenchmarkSpawn compares starting (and reaping) the same tiny program bare
@@ -115,4 +118,54 @@ func BenchmarkOOMEvent(b *testing.B) {
 	}
 	b.ReportMetric(float64(startToEvent.Microseconds())/1000/float64(b.N), "start-to-event-ms")
 	b.ReportMetric(float64(eventMinusWait.Microseconds())/1000/float64(b.N), "event-minus-wait-ms")
+}
+
+// BenchmarkStats measures one Leaf.Stats of a leaf with a running process
+// (the supervisor's monitor calls it per worker every sample_interval)
+// against the library's full stat of the same leaf (memory.stat, PSI, io,
+// ...: what Stats read before it read only the files it reports).
+func BenchmarkStats(b *testing.B) {
+	m := newTestManager(b, Options{})
+	l, err := m.Create("w-stats", Limits{MemoryMax: 256 << 20, PidsMax: 64})
+	if err != nil {
+		b.Fatal(err)
+	}
+	c := helperCmd("sleep")
+	if err := l.Start(c); err != nil {
+		b.Fatal(err)
+	}
+	defer func() {
+		ctx, cancel := contextTimeout(10 * time.Second)
+		defer cancel()
+		_ = l.Kill(ctx)
+		_ = c.Wait()
+	}()
+	b.Run("Stats", func(b *testing.B) {
+		for i := 0; i < b.N; i++ {
+			if _, err := l.Stats(); err != nil {
+				b.Fatal(err)
+			}
+		}
+	})
+	b.Run("library-full-stat", func(b *testing.B) {
+		for i := 0; i < b.N; i++ {
+			if err := libraryStat(l); err != nil {
+				b.Fatal(err)
+			}
+		}
+	})
+}
+
+// libraryStat is containerd/cgroups' stat of a leaf with every controller
+// the driver uses: v1 Stat(IgnoreNotExist), v2 StatFiltered(memory|cpu|pids).
+func libraryStat(l Leaf) error {
+	switch ll := l.(type) {
+	case *v1Leaf:
+		_, err := ll.cg.Stat(cgroup1.IgnoreNotExist)
+		return err
+	case *v2Leaf:
+		_, err := ll.cg.StatFiltered(cgroup2.StatMemory | cgroup2.StatCPU | cgroup2.StatPids)
+		return err
+	}
+	return fmt.Errorf("unknown leaf %T", l)
 }

@@ -239,29 +239,26 @@ func (l *v1Leaf) OOMEvents(ctx context.Context) (<-chan OOMEvent, error) {
 	return watchV1(ctx, l.id, l.cg, l.dirs[cgroup1.Memory])
 }
 
-func (l *v1Leaf) Stats() (Stats, error) {
-	if dirGone(l.dirs[cgroup1.Memory]) {
-		return Stats{}, fmt.Errorf("cgroup v1: leaf %s: %w", l.id, ErrNotFound)
+func (l *v1Leaf) Stats() (Stats, error) { return readStats("v1", l.id, l.statFiles()) }
+
+func (l *v1Leaf) statFiles() statFiles {
+	mem := l.dirs[cgroup1.Memory]
+	f := statFiles{
+		current: filepath.Join(mem, "memory.usage_in_bytes"),
+		peak:    filepath.Join(mem, "memory.max_usage_in_bytes"),
+		cpu:     func() (time.Duration, error) { return 0, nil },
+		oom:     func() (uint64, error) { return v1OOMKills(filepath.Join(mem, "memory.oom_control")) },
 	}
-	// IgnoreNotExist: memory.memsw.* and kmem files are absent on some hosts.
-	m, err := l.cg.Stat(cgroup1.IgnoreNotExist)
-	if err != nil {
-		return Stats{}, fmt.Errorf("cgroup v1: stats of leaf %s: %w", l.id, err)
+	if d, ok := l.dirs[cgroup1.Pids]; ok {
+		f.pids = filepath.Join(d, "pids.current")
 	}
-	var s Stats
-	if m.Memory != nil && m.Memory.Usage != nil {
-		s.MemoryCurrent, s.MemoryPeak = m.Memory.Usage.Usage, m.Memory.Usage.Max
+	if d, ok := l.dirs[cgroup1.Cpuacct]; ok {
+		f.cpu = func() (time.Duration, error) {
+			ns, err := optionalUint(filepath.Join(d, "cpuacct.usage")) // ns
+			return time.Duration(ns), err
+		}
 	}
-	if m.MemoryOomControl != nil {
-		s.OOMKills = m.MemoryOomControl.OomKill
-	}
-	if m.CPU != nil && m.CPU.Usage != nil {
-		s.CPUUsage = time.Duration(m.CPU.Usage.Total) // cpuacct.usage is in ns
-	}
-	if m.Pids != nil {
-		s.PidsCurrent = m.Pids.Current
-	}
-	return s, nil
+	return f
 }
 
 func (l *v1Leaf) Pids() ([]int, error) {

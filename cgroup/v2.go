@@ -10,7 +10,6 @@ import (
 	"strconv"
 	"strings"
 	"syscall"
-	"time"
 
 	"github.com/containerd/cgroups/v3/cgroup2"
 	"golang.org/x/sys/unix"
@@ -273,31 +272,7 @@ func (l *v2Leaf) OOMEvents(ctx context.Context) (<-chan OOMEvent, error) {
 	return watchV2(ctx, l.id, l.dir)
 }
 
-func (l *v2Leaf) Stats() (Stats, error) {
-	if _, err := os.Stat(l.dir); err != nil {
-		return Stats{}, fmt.Errorf("cgroup v2: leaf %s: %w", l.id, ErrNotFound)
-	}
-	m, err := l.cg.StatFiltered(cgroup2.StatMemory | cgroup2.StatCPU | cgroup2.StatPids)
-	if err != nil {
-		return Stats{}, fmt.Errorf("cgroup v2: stats of leaf %s: %w", l.id, err)
-	}
-	var s Stats
-	if m.Memory != nil {
-		s.MemoryCurrent, s.MemoryPeak = m.Memory.Usage, m.Memory.MaxUsage
-	}
-	// Not the library's MemoryEvents: it reports a missing oom_group_kill
-	// as 0, which cannot be told from "no group kill" (see v2OOMKills).
-	if s.OOMKills, err = v2OOMKills(l.dir); err != nil {
-		return Stats{}, fmt.Errorf("cgroup v2: stats of leaf %s: %w", l.id, err)
-	}
-	if m.CPU != nil {
-		s.CPUUsage = time.Duration(m.CPU.UsageUsec) * time.Microsecond
-	}
-	if m.Pids != nil {
-		s.PidsCurrent = m.Pids.Current
-	}
-	return s, nil
-}
+func (l *v2Leaf) Stats() (Stats, error) { return readStats("v2", l.id, l.statFiles()) }
 
 func (l *v2Leaf) Pids() ([]int, error) {
 	ps, err := l.cg.Procs(true)
