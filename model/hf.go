@@ -77,7 +77,7 @@ type treeEntry struct {
 }
 
 // hub talks to a HuggingFace endpoint. The token only ever goes into an
-// Authorization header towards the endpoint's own host.
+// Authorization header towards the endpoint's own scheme and host.
 type hub struct {
 	endpoint *url.URL
 	token    string
@@ -96,8 +96,9 @@ func newHub(endpoint, token string, c *http.Client) (*hub, error) {
 	inner := c.CheckRedirect
 	cc.CheckRedirect = func(req *http.Request, via []*http.Request) error {
 		// Go already strips Authorization for other domains, but keeps it for
-		// subdomains; the CDN never needs our token, so drop it on any host change.
-		if req.URL.Host != via[0].URL.Host {
+		// subdomains and for https → http on the same host; the CDN never
+		// needs our token, so drop it on any change of origin.
+		if !sameOrigin(req.URL, via[0].URL) {
 			req.Header.Del("Authorization")
 		}
 		if inner != nil {
@@ -117,10 +118,16 @@ func (h *hub) newRequest(ctx context.Context, u *url.URL) (*http.Request, error)
 		return nil, fmt.Errorf("model: request %s: %w", u.Redacted(), err)
 	}
 	req.Header.Set("User-Agent", "rbee-hive")
-	if h.token != "" && u.Host == h.endpoint.Host {
+	if h.token != "" && sameOrigin(u, h.endpoint) {
 		req.Header.Set("Authorization", "Bearer "+h.token)
 	}
 	return req, nil
+}
+
+// sameOrigin: the token may go only where it went first, never in clear
+// text to a Link or redirect that downgrades to http.
+func sameOrigin(a, b *url.URL) bool {
+	return strings.EqualFold(a.Scheme, b.Scheme) && strings.EqualFold(a.Host, b.Host)
 }
 
 // escapePath escapes each segment of a slash path for a URL.

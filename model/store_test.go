@@ -900,3 +900,65 @@ func TestCorruptPartialIsDownloadedAgain(t *testing.T) {
 		t.Fatalf("checksum failures %v", got)
 	}
 }
+
+// rtFunc is an http.RoundTripper from a function.
+type rtFunc func(*http.Request) (*http.Response, error)
+
+func (f rtFunc) RoundTrip(r *http.Request) (*http.Response, error) { return f(r) }
+
+// The token goes only to the endpoint's own scheme and host: a Link or a
+// redirect from https to http on the same host must not carry it in clear.
+func TestTokenNeverSentOverHTTPDowngrade(t *testing.T) {
+	content := randomBytes(1000, 21)
+	var mu sync.Mutex
+	auth := map[string]string{} // URL → Authorization seen
+	rt := rtFunc(func(r *http.Request) (*http.Response, error) {
+		mu.Lock()
+		auth[r.URL.String()] = r.Header.Get("Authorization")
+		mu.Unlock()
+		resp := &http.Response{StatusCode: http.StatusOK, Header: http.Header{}, Request: r, Body: io.NopCloser(strings.NewReader(""))}
+		switch {
+		case r.URL.Path == "/api/models/o/r/tree/main" && r.URL.Query().Get("cursor") == "":
+			resp.Header.Set("Link", `<http://hub.test/api/models/o/r/tree/main?recursive=true&cursor=1>; rel="next"`)
+			resp.Body = io.NopCloser(strings.NewReader(fmt.Sprintf(`[{"type":"file","path":"m.gguf","size":%d,"lfs":{"oid":%q,"size":%d}}]`,
+				len(content), sha(content), len(content))))
+		case r.URL.Path == "/api/models/o/r/tree/main":
+			resp.Body = io.NopCloser(strings.NewReader(`[]`))
+		case r.URL.Path == "/o/r/resolve/main/m.gguf":
+			resp.StatusCode = http.StatusFound
+			resp.Header.Set("Location", "http://hub.test/blob/m.gguf")
+		case r.URL.Path == "/blob/m.gguf":
+			resp.Body = io.NopCloser(bytes.NewReader(content))
+		default:
+			resp.StatusCode = http.StatusNotFound
+		}
+		return resp, nil
+	})
+	s, err := New(Options{Dir: t.TempDir(), Endpoint: "https://hub.test", Token: "hf_secret",
+		HTTPClient: &http.Client{Transport: rt}, Logger: testLogger(t), DiskChecker: func(string, uint64, uint64) error { return nil }})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	_, wait, err := s.Ensure(t.Context(), "hf:o/r:m.gguf")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if r := waitResult(t, wait, 10*time.Second); r.Err != nil {
+		t.Fatal(r.Err)
+	}
+	mu.Lock()
+	defer mu.Unlock()
+	var https int
+	for u, a := range auth {
+		switch {
+		case strings.HasPrefix(u, "http:") && a != "":
+			t.Errorf("token sent in clear to %s", u)
+		case strings.HasPrefix(u, "https:") && a == "Bearer hf_secret":
+			https++
+		}
+	}
+	if https != 2 { // the first tree page and the resolve request
+		t.Errorf("token sent on %d https requests, want 2 (seen %v)", https, auth)
+	}
+}
