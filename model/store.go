@@ -409,6 +409,20 @@ func (s *Store) start(ctx context.Context, refStr string) (string, *download, er
 	if ref.Provider == ProviderFile {
 		return statLocal(ref.Path)
 	}
+	for {
+		path, d, err := s.startHF(ctx, ref)
+		if !errors.Is(err, errCallerGone) {
+			return path, d, err
+		}
+		// The caller we joined left while listing; list on our own ctx.
+	}
+}
+
+// errCallerGone is what joiners of a listing get when the caller that ran
+// it went away: not a failure of the model, so they try again themselves.
+var errCallerGone = errors.New("model: the caller listing the repo went away")
+
+func (s *Store) startHF(ctx context.Context, ref Ref) (string, *download, error) {
 	key := ref.String()
 	if p, ok, err := s.present(ctx, key); err != nil || ok {
 		return p, nil, err
@@ -426,6 +440,9 @@ func (s *Store) start(ctx context.Context, refStr string) (string, *download, er
 		case <-ctx.Done():
 			return "", nil, fmt.Errorf("model: waiting for %s: %w", key, ctx.Err())
 		}
+		if d.callerGone {
+			return "", nil, errCallerGone
+		}
 		if d.resolveErr != nil || d.presentPath != "" {
 			return d.presentPath, nil, d.resolveErr
 		}
@@ -442,9 +459,14 @@ func (s *Store) start(ctx context.Context, refStr string) (string, *download, er
 		return p, nil, err
 	}
 	if err := s.resolve(ctx, d); err != nil {
-		if ctx.Err() == nil { // a caller that went away is not a failed download
-			s.met.failures.WithLabelValues(reasonOf(err)).Inc()
+		if ctx.Err() != nil {
+			// A caller that went away is not a failed download, and must
+			// not fail the callers that joined it.
+			d.callerGone = true
+			s.abandon(d, err)
+			return "", nil, err
 		}
+		s.met.failures.WithLabelValues(reasonOf(err)).Inc()
 		s.log.Warn("model download refused", "ref", key, "reason", reasonOf(err), "error", err)
 		s.abandon(d, err)
 		return "", nil, err
@@ -716,6 +738,7 @@ type download struct {
 	resolved chan struct{} // closed once listing and admission are done
 	// Set before resolved is closed, read-only after.
 	resolveErr  error
+	callerGone  bool // resolveErr is the listing caller's ctx ending
 	presentPath string
 	sel         selection
 	base        string

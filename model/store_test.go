@@ -14,6 +14,7 @@ import (
 	"path/filepath"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -960,5 +961,52 @@ func TestTokenNeverSentOverHTTPDowngrade(t *testing.T) {
 	}
 	if https != 2 { // the first tree page and the resolve request
 		t.Errorf("token sent on %d https requests, want 2 (seen %v)", https, auth)
+	}
+}
+
+// A caller that leaves while the repo is listed must not fail the callers
+// that joined its listing: they list again themselves.
+func TestJoinerSurvivesFirstCallerLeaving(t *testing.T) {
+	f := newFakeHub(t)
+	content := randomBytes(64<<10, 22)
+	f.add("org/repo@main", testFile{path: "m.gguf", content: content, lfs: true})
+	listing := make(chan struct{})
+	var first atomic.Bool
+	tr := http.DefaultTransport.(*http.Transport).Clone()
+	t.Cleanup(tr.CloseIdleConnections)
+	rt := rtFunc(func(r *http.Request) (*http.Response, error) {
+		if strings.Contains(r.URL.Path, "/tree/") && first.CompareAndSwap(false, true) {
+			close(listing)
+			<-r.Context().Done() // the first listing hangs until its caller leaves
+			return nil, r.Context().Err()
+		}
+		return tr.RoundTrip(r)
+	})
+	ts := newTestStore(t, f, t.TempDir(), func(o *Options) { o.HTTPClient = &http.Client{Transport: rt} })
+
+	ctx1, cancel1 := context.WithCancel(context.Background())
+	err1 := make(chan error, 1)
+	go func() { _, _, err := ts.Ensure(ctx1, "hf:org/repo:m.gguf"); err1 <- err }()
+	<-listing
+	type res struct {
+		wait <-chan Result
+		err  error
+	}
+	second := make(chan res, 1)
+	go func() { _, w, err := ts.Ensure(context.Background(), "hf:org/repo:m.gguf"); second <- res{w, err} }()
+	time.Sleep(100 * time.Millisecond) // let the second caller join the listing
+	cancel1()
+	if err := <-err1; err == nil {
+		t.Fatal("the first caller's Ensure succeeded after its ctx ended")
+	}
+	r := <-second
+	if r.err != nil {
+		t.Fatalf("joined caller failed with the first caller's cancellation: %v", r.err)
+	}
+	if got := waitResult(t, r.wait, 10*time.Second); got.Err != nil {
+		t.Fatal(got.Err)
+	}
+	if n := counter(t, ts, "failures", ReasonNetwork) + counter(t, ts, "failures", ReasonInternal); n != 0 {
+		t.Errorf("failures counted: %v", n)
 	}
 }
