@@ -17,6 +17,10 @@ type freezer interface {
 	thaw(ctx context.Context) error
 }
 
+// thawTimeout bounds one thaw; thawing takes effect at once on a healthy
+// kernel.
+const thawTimeout = 5 * time.Second
+
 // freezeKillLoop kills every process in a cgroup without cgroup.kill: freeze
 // (so nothing can fork or exit while the pid list is read, which also makes
 // signalling by pid safe: a frozen task cannot die and have its pid reused),
@@ -24,6 +28,13 @@ type freezer interface {
 // runc#2105), and repeat until the cgroup is empty. fz may be nil when no
 // freezer is available; the loop then relies on repetition alone.
 func freezeKillLoop(ctx context.Context, fz freezer, list func() ([]int, error)) error {
+	// Thaw even when ctx has ended (a leaf left frozen holds its SIGKILLed
+	// tasks forever), but bounded: the state may never be reached.
+	thaw := func() error {
+		tctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), thawTimeout)
+		defer cancel()
+		return fz.thaw(tctx)
+	}
 	for {
 		pids, err := list()
 		if err != nil {
@@ -38,24 +49,24 @@ func freezeKillLoop(ctx context.Context, fz freezer, list func() ([]int, error))
 		if fz != nil {
 			if err := fz.freeze(ctx); err != nil {
 				// Thaw in any case: a half-frozen leaf must not be left behind.
-				_ = fz.thaw(context.WithoutCancel(ctx))
+				_ = thaw()
 				return fmt.Errorf("freeze: %w", err)
 			}
 			if pids, err = list(); err != nil && !isGone(err) {
-				_ = fz.thaw(context.WithoutCancel(ctx))
+				_ = thaw()
 				return fmt.Errorf("list pids: %w", err)
 			}
 		}
 		for _, p := range pids {
 			if err := unix.Kill(p, unix.SIGKILL); err != nil && !errors.Is(err, unix.ESRCH) {
 				if fz != nil {
-					_ = fz.thaw(context.WithoutCancel(ctx))
+					_ = thaw()
 				}
 				return fmt.Errorf("kill pid %d: %w", p, err)
 			}
 		}
 		if fz != nil {
-			if err := fz.thaw(ctx); err != nil {
+			if err := thaw(); err != nil {
 				return fmt.Errorf("thaw: %w", err)
 			}
 		}

@@ -1,0 +1,41 @@
+package cgroup
+
+import (
+	"context"
+	"errors"
+	"testing"
+	"time"
+)
+
+// stuckFreezer never reaches a state: freeze and thaw wait for their ctx.
+type stuckFreezer struct{ thaws int }
+
+func (f *stuckFreezer) freeze(ctx context.Context) error { <-ctx.Done(); return ctx.Err() }
+func (f *stuckFreezer) thaw(ctx context.Context) error {
+	f.thaws++
+	<-ctx.Done()
+	return ctx.Err()
+}
+
+// A freeze that does not finish within ctx must not leave freezeKillLoop
+// stuck in the thaw that follows it: the stop path has to return.
+func TestFreezeKillLoopBoundedThaw(t *testing.T) {
+	fz := &stuckFreezer{}
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Millisecond)
+	defer cancel()
+	done := make(chan error, 1)
+	go func() {
+		done <- freezeKillLoop(ctx, fz, func() ([]int, error) { return []int{1 << 30}, nil })
+	}()
+	select {
+	case err := <-done:
+		if !errors.Is(err, context.DeadlineExceeded) {
+			t.Errorf("freezeKillLoop = %v, want the freeze's deadline error", err)
+		}
+		if fz.thaws != 1 {
+			t.Errorf("thaw called %d times, want 1", fz.thaws)
+		}
+	case <-time.After(thawTimeout + 5*time.Second):
+		t.Fatal("freezeKillLoop still running: the thaw after a failed freeze is unbounded")
+	}
+}
