@@ -17,6 +17,24 @@ type freezer interface {
 	thaw(ctx context.Context) error
 }
 
+// fileFreezer is the freezer of either cgroup version: write a value to one
+// file, then poll until reached says the kernel got there.
+type fileFreezer struct {
+	dir, file      string
+	frozen, thawed string
+	reached        func(want string) (bool, error)
+}
+
+func (f fileFreezer) set(ctx context.Context, v string) error {
+	if err := writeFile(f.dir, f.file, v); err != nil {
+		return err
+	}
+	return pollUntil(ctx, func() (bool, error) { return f.reached(v) })
+}
+
+func (f fileFreezer) freeze(ctx context.Context) error { return f.set(ctx, f.frozen) }
+func (f fileFreezer) thaw(ctx context.Context) error   { return f.set(ctx, f.thawed) }
+
 // thawTimeout bounds one thaw; thawing takes effect at once on a healthy
 // kernel.
 const thawTimeout = 5 * time.Second

@@ -278,7 +278,7 @@ func (l *v1Leaf) Pids() ([]int, error) {
 func (l *v1Leaf) Kill(ctx context.Context) error {
 	var fz freezer
 	if d, ok := l.dirs[cgroup1.Freezer]; ok {
-		fz = v1Freezer{d}
+		fz = v1Freezer(d)
 	}
 	if err := freezeKillLoop(ctx, fz, func() ([]int, error) { return readPids(l.dirs[cgroup1.Memory]) }); err != nil {
 		return fmt.Errorf("cgroup v1: kill leaf %s: %w", l.id, err)
@@ -304,21 +304,14 @@ func (l *v1Leaf) Delete() error {
 	return nil
 }
 
-// v1Freezer drives freezer.state.
-type v1Freezer struct{ dir string }
-
-func (f v1Freezer) set(ctx context.Context, state string) error {
-	if err := writeFile(f.dir, "freezer.state", state); err != nil {
-		return err
-	}
-	return pollUntil(ctx, func() (bool, error) {
-		b, err := os.ReadFile(filepath.Join(f.dir, "freezer.state"))
-		if err != nil {
-			return false, err
-		}
-		return strings.TrimSpace(string(b)) == state, nil
-	})
+// v1Freezer writes freezer.state and reads it back until it says the same.
+func v1Freezer(dir string) fileFreezer {
+	return fileFreezer{dir: dir, file: "freezer.state", frozen: "FROZEN", thawed: "THAWED",
+		reached: func(want string) (bool, error) {
+			b, err := os.ReadFile(filepath.Join(dir, "freezer.state"))
+			if err != nil {
+				return false, err
+			}
+			return strings.TrimSpace(string(b)) == want, nil
+		}}
 }
-
-func (f v1Freezer) freeze(ctx context.Context) error { return f.set(ctx, "FROZEN") }
-func (f v1Freezer) thaw(ctx context.Context) error   { return f.set(ctx, "THAWED") }

@@ -301,7 +301,7 @@ func (l *v2Leaf) Kill(ctx context.Context) error {
 		return nil
 	case errors.Is(err, os.ErrNotExist):
 		// Kernel < 5.14: no cgroup.kill.
-		if err := freezeKillLoop(ctx, v2Freezer{l.dir}, l.listPids); err != nil {
+		if err := freezeKillLoop(ctx, v2Freezer(l.dir), l.listPids); err != nil {
 			return fmt.Errorf("cgroup v2: kill leaf %s: %w", l.id, err)
 		}
 	default:
@@ -334,24 +334,17 @@ func (l *v2Leaf) Delete() error {
 	return nil
 }
 
-// v2Freezer drives cgroup.freeze and waits for cgroup.events "frozen".
-type v2Freezer struct{ dir string }
-
-func (f v2Freezer) set(ctx context.Context, v uint64) error {
-	if err := writeFile(f.dir, "cgroup.freeze", strconv.FormatUint(v, 10)); err != nil {
-		return err
-	}
-	return pollUntil(ctx, func() (bool, error) {
-		ev, err := readKV(filepath.Join(f.dir, "cgroup.events"))
-		if err != nil {
-			return false, err
-		}
-		return ev["frozen"] == v, nil
-	})
+// v2Freezer writes cgroup.freeze; cgroup.events "frozen" says when it took.
+func v2Freezer(dir string) fileFreezer {
+	return fileFreezer{dir: dir, file: "cgroup.freeze", frozen: "1", thawed: "0",
+		reached: func(want string) (bool, error) {
+			ev, err := readKV(filepath.Join(dir, "cgroup.events"))
+			if err != nil {
+				return false, err
+			}
+			return strconv.FormatUint(ev["frozen"], 10) == want, nil
+		}}
 }
-
-func (f v2Freezer) freeze(ctx context.Context) error { return f.set(ctx, 1) }
-func (f v2Freezer) thaw(ctx context.Context) error   { return f.set(ctx, 0) }
 
 func dirGone(dir string) bool {
 	_, err := os.Stat(dir)
