@@ -58,6 +58,8 @@ const (
 // forwarded intact but not counted.
 const maxLine = 32 << 10
 
+const earlyEndMessage = "the worker's stream ended before its end event"
+
 // maxErrorBody bounds how much of a worker's non-200 answer is read and
 // passed on in the error details.
 const maxErrorBody = 64 << 10
@@ -294,7 +296,7 @@ func (p *Proxy) serve(w http.ResponseWriter, r *http.Request, upstream *url.URL,
 		if readErr == nil {
 			readErr = io.ErrUnexpectedEOF
 		}
-		cw.finish(st, CodeStreamError, "the worker's stream ended before its end event")
+		cw.finish(st, CodeStreamError, earlyEndMessage)
 		return outcome{status: StatusError, errorType: ErrorTypeStream, err: fmt.Errorf("worker stream: %w", readErr)}
 	}
 }
@@ -399,6 +401,9 @@ func (p *Proxy) pump(cw *clientWriter, body io.Reader, st *stream, idle func(), 
 		line, err := br.ReadSlice('\n')
 		if len(line) > 0 {
 			idle()
+			if err == nil && st.closesEarly(line) {
+				cw.errorEvent(CodeStreamError, earlyEndMessage)
+			}
 			cw.write(line)
 			if st.feed(line, err == nil, start, time.Now()) {
 				cw.flush()

@@ -434,6 +434,13 @@ func TestProxyStreamOutcomes(t *testing.T) {
 			status:   StatusError, errType: ErrorTypeStream, wantToken: 1,
 		},
 		{
+			// Nothing may follow [DONE]: the proxy's error event goes before it.
+			name:     "DONE without end gets the error event before DONE",
+			stream:   "data: {\"type\":\"token\",\"t\":\"a\",\"i\":0}\n\ndata: [DONE]\n\n",
+			wantLast: []string{`{"type":"token","t":"a","i":0}`, `"code":"WORKER_STREAM_ERROR"`, "[DONE]"},
+			status:   StatusError, errType: ErrorTypeStream, wantToken: 1,
+		},
+		{
 			name:     "end without DONE gets DONE",
 			stream:   "data: {\"type\":\"token\",\"t\":\"a\",\"i\":0}\n\ndata: {\"type\":\"end\",\"tokens_out\":7,\"decode_time_ms\":70,\"stop_reason\":\"EOS\"}\n\n",
 			wantLast: []string{`"type":"end"`, "[DONE]"},

@@ -73,6 +73,18 @@ func (s *stream) feed(line []byte, complete bool, start, now time.Time) bool {
 	return false
 }
 
+// closesEarly reports whether line, a complete line read at an event
+// boundary, is the worker's [DONE] with neither an end nor an error event
+// before it: the client must get the proxy's error event before that
+// [DONE], since nothing may follow it.
+func (s *stream) closesEarly(line []byte) bool {
+	if s.overlong || s.hasData || s.ended || s.workerErr != "" {
+		return false
+	}
+	v, ok := bytes.CutPrefix(bytes.TrimRight(line, "\r\n"), []byte("data:"))
+	return ok && bytes.Equal(bytes.TrimPrefix(v, []byte(" ")), doneMarker)
+}
+
 func (s *stream) dispatch(start, now time.Time) {
 	if bytes.Equal(s.data, doneMarker) {
 		s.done = true
@@ -127,7 +139,8 @@ type clientWriter struct {
 	deadlineAt   time.Time // when the write deadline was last pushed
 	err          error
 	written      bool
-	trailingNL   int // newlines at the end of all that was written
+	trailingNL   int  // newlines at the end of all that was written
+	errorSent    bool // the proxy's own error event went out
 }
 
 func newClientWriter(w http.ResponseWriter, writeTimeout time.Duration) *clientWriter {
@@ -185,21 +198,35 @@ func (c *clientWriter) finish(s *stream, code, message string) {
 	if c.err != nil {
 		return
 	}
-	// Close an open line and event so the error event stands alone.
-	for c.err == nil && c.written && c.trailingNL < 2 {
-		c.write([]byte("\n"))
-	}
-	if code != "" {
-		b, _ := json.Marshal(struct {
-			Type    string `json:"type"`
-			Code    string `json:"code"`
-			Message string `json:"message"`
-		}{"error", code, message})
-		c.write([]byte("data: "))
-		c.write(append(b, '\n', '\n'))
-	}
-	if !s.done {
+	if !s.done { // nothing may follow the worker's [DONE]
+		if code != "" {
+			c.errorEvent(code, message)
+		}
+		c.closeEvent()
 		c.write([]byte("data: [DONE]\n\n"))
 	}
 	c.flush()
+}
+
+// closeEvent ends an open line and event, so what follows stands alone.
+func (c *clientWriter) closeEvent() {
+	for c.err == nil && c.written && c.trailingNL < 2 {
+		c.write([]byte("\n"))
+	}
+}
+
+// errorEvent writes the proxy's error event, once, as an event of its own.
+func (c *clientWriter) errorEvent(code, message string) {
+	if c.errorSent {
+		return
+	}
+	c.errorSent = true
+	c.closeEvent()
+	b, _ := json.Marshal(struct {
+		Type    string `json:"type"`
+		Code    string `json:"code"`
+		Message string `json:"message"`
+	}{"error", code, message})
+	c.write([]byte("data: "))
+	c.write(append(b, '\n', '\n'))
 }
