@@ -44,11 +44,7 @@ func newV2(opts Options) (*v2Manager, error) {
 		if err != nil {
 			return nil, fmt.Errorf("cgroup v2: find own cgroup: %w", err)
 		}
-		root = filepath.Join(v2Mount, self[""])
-		if self[""] == "/" || self[""] == "" {
-			// At the top of the tree (no systemd unit): use a named subtree.
-			root = filepath.Join(v2Mount, "rbee-hive")
-		}
+		root = defaultV2Root(self[""])
 	}
 	if !filepath.IsAbs(root) {
 		return nil, fmt.Errorf("%w: cgroup v2 root %q must be an absolute path under %s", ErrInvalid, root, v2Mount)
@@ -69,6 +65,24 @@ func newV2(opts Options) (*v2Manager, error) {
 		return nil, err
 	}
 	return m, nil
+}
+
+// defaultV2Root is the tree's root for a process in cgroup self (a path
+// relative to v2Mount) when Options.Root is empty: its own cgroup, or, when
+// it already sits in a cgroup named supervisor (systemd >= 254 started it
+// there with DelegateSubgroup=supervisor), that cgroup's parent, the unit's
+// delegated cgroup; otherwise the tree would nest one level too deep
+// (<unit>/supervisor/{supervisor,workers}). At the top of the tree (no
+// systemd unit) it is a named subtree.
+func defaultV2Root(self string) string {
+	self = filepath.Clean("/" + self)
+	if self == "/" {
+		return filepath.Join(v2Mount, "rbee-hive")
+	}
+	if filepath.Base(self) == "supervisor" && filepath.Dir(self) != "/" {
+		return filepath.Join(v2Mount, filepath.Dir(self))
+	}
+	return filepath.Join(v2Mount, self)
 }
 
 // setup builds <root>/supervisor and <root>/workers. The no-internal-processes

@@ -192,3 +192,21 @@ func TestLimitsWritten(t *testing.T) {
 	}
 	t.Logf("checked %d files", len(want))
 }
+
+// TestDefaultV2Root: an empty Options.Root is the hive's delegated cgroup,
+// also when systemd >= 254 started the hive in its supervisor/ subgroup
+// (DelegateSubgroup=supervisor in the shipped drop-in).
+func TestDefaultV2Root(t *testing.T) {
+	for self, want := range map[string]string{
+		"":                                "/sys/fs/cgroup/rbee-hive",
+		"/":                               "/sys/fs/cgroup/rbee-hive",
+		"/system.slice/rbee-hive.service": "/sys/fs/cgroup/system.slice/rbee-hive.service",
+		"/rbee.slice/rbee-hive.service/supervisor":      "/sys/fs/cgroup/rbee.slice/rbee-hive.service",
+		"/rbee.slice/rbee-hive@gpu0.service/supervisor": "/sys/fs/cgroup/rbee.slice/rbee-hive@gpu0.service",
+		"/supervisor": "/sys/fs/cgroup/supervisor",
+	} {
+		if got := defaultV2Root(self); got != want {
+			t.Errorf("defaultV2Root(%q) = %q, want %q", self, got, want)
+		}
+	}
+}
