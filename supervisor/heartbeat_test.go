@@ -199,3 +199,29 @@ func TestSocketDropsExported(t *testing.T) {
 		t.Errorf("lint: %v %v", err, problems)
 	}
 }
+
+// With stale_action mark, a worker whose heartbeats resume is idle again and
+// must be found stale again when it falls silent a second time: its new
+// deadline has to reach the loop, which had nothing left to wake up for.
+func TestStaleAgainAfterHeartbeatResumes(t *testing.T) {
+	const threshold = 500 * time.Millisecond
+	h := newHarness(t, func(c *config.Config) {
+		c.Heartbeat.Interval = config.Duration(200 * time.Millisecond)
+		c.Heartbeat.StaleThreshold = config.Duration(threshold)
+		c.Heartbeat.StaleAction = "mark"
+	})
+	res := h.spawn(map[string]any{"backend": "sim", "env": map[string]string{"RBEE_SIM_NO_HEARTBEAT": "true"}})
+	h.waitState(res.WorkerID, StateIdle, 10*time.Second)
+	h.waitState(res.WorkerID, StateStale, 5*time.Second)
+	code, body := h.do("POST", "/v1/heartbeat", map[string]any{"worker_id": res.WorkerID, "timestamp": time.Now().Format(time.RFC3339), "health_status": "healthy"})
+	if code != 200 {
+		t.Fatalf("heartbeat: %d %s", code, body)
+	}
+	if wi := h.get(res.WorkerID); wi.State != StateIdle {
+		t.Fatalf("after heartbeat: %s", wi.State)
+	}
+	h.waitState(res.WorkerID, StateStale, threshold+2*time.Second)
+	if got := counter(t, h.reg, "rbee_hive_workers_stale_total", nil); got != 2 {
+		t.Errorf("stale_total = %v, want 2", got)
+	}
+}

@@ -150,9 +150,10 @@ func (s *Supervisor) markReady(w *worker, via string) {
 }
 
 // heartbeat records a sign of life. Before READY only the time is kept (the
-// load timeout applies); after it, the stale deadline moves. The loop is
-// not woken: it finds the later deadline when the old one comes due.
-// Caller holds s.mu.
+// load timeout applies); after it, the stale deadline moves. setDeadline
+// wakes the loop only when the worker had no deadline (a marked-stale worker
+// whose heartbeats resume): otherwise the loop finds the later deadline when
+// the old one comes due. Caller holds s.mu.
 func (s *Supervisor) heartbeat(w *worker) {
 	s.m.heartbeats.Inc()
 	now := time.Now()
@@ -166,7 +167,7 @@ func (s *Supervisor) heartbeat(w *worker) {
 	if w.state == StateStopping {
 		return
 	}
-	w.deadline, w.dlKind = now.Add(s.cfg.Heartbeat.StaleThreshold.D()), dlStale
+	s.setDeadline(w, dlStale, now.Add(s.cfg.Heartbeat.StaleThreshold.D()))
 }
 
 // fireDeadlines handles every deadline due at now and returns when the loop
