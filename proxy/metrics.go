@@ -49,9 +49,20 @@ type metrics struct {
 
 	// seen holds the Labels whose every status and error type series has
 	// been created at zero, so rate() and the dashboard have data before
-	// the first failure.
+	// the first failure. sets counts them, under mu.
 	seen sync.Map
+	mu   sync.Mutex
+	sets int
 }
+
+// OtherModel is the model label of requests once maxLabelSets (backend,
+// model) pairs have series: the model label is the worker's model_ref, which
+// a spawn request chooses, and series are never dropped, so without a bound
+// every distinct ref spawned over the hive's life would add ~60 series.
+const OtherModel = "other"
+
+// maxLabelSets is far beyond the models one GPU host serves.
+const maxLabelSets = 100
 
 func histogram(name, help string, buckets []float64) *prometheus.HistogramVec {
 	return prometheus.NewHistogramVec(prometheus.HistogramOpts{
@@ -99,11 +110,27 @@ func newMetrics(reg prometheus.Registerer) (*metrics, error) {
 	return m, nil
 }
 
-// init creates every series of l at zero, once.
-func (m *metrics) init(l Labels) {
-	if _, loaded := m.seen.LoadOrStore(l, struct{}{}); loaded {
-		return
+// labels returns the labels to record l under: l itself, or l with
+// OtherModel once maxLabelSets pairs exist. A new pair's series are all
+// created at zero.
+func (m *metrics) labels(l Labels) Labels {
+	if _, ok := m.seen.Load(l); ok {
+		return l
 	}
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if _, ok := m.seen.Load(l); ok {
+		return l
+	}
+	if m.sets >= maxLabelSets {
+		// Backends come from the config, so this adds at most one pair each.
+		l.Model = OtherModel
+		if _, ok := m.seen.Load(l); ok {
+			return l
+		}
+	}
+	m.sets++
+	m.seen.Store(l, struct{}{})
 	for _, s := range allStatuses {
 		m.requests.WithLabelValues(l.Backend, l.Model, s)
 	}
@@ -115,4 +142,5 @@ func (m *metrics) init(l Labels) {
 	m.ttft.WithLabelValues(l.Backend, l.Model)
 	m.tps.WithLabelValues(l.Backend, l.Model)
 	m.inFlight.WithLabelValues(l.Backend, l.Model)
+	return l
 }

@@ -66,7 +66,8 @@ const maxErrorBody = 64 << 10
 
 // Labels name the worker behind a request, for metrics only: both values
 // must come from a bounded set (the config's backends, the catalog's
-// models), never from the request.
+// models), never from the request. Past 100 distinct pairs the model is
+// recorded as OtherModel.
 type Labels struct {
 	Backend string
 	Model   string
@@ -189,7 +190,7 @@ func (p *Proxy) Serve(w http.ResponseWriter, r *http.Request, upstream *url.URL,
 	if hooks.OnEnd != nil {
 		defer hooks.OnEnd()
 	}
-	p.m.init(labels)
+	labels = p.m.labels(labels)
 	inFlight := p.m.inFlight.WithLabelValues(labels.Backend, labels.Model)
 	inFlight.Inc()
 	defer inFlight.Dec()

@@ -22,6 +22,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 	"github.com/prometheus/client_golang/prometheus/testutil"
+	dto "github.com/prometheus/client_model/go"
 
 	"github.com/rbee/rbee-hive/api"
 )
@@ -697,5 +698,42 @@ func TestProxyWriteDeadlineDoesNotLeak(t *testing.T) {
 		if len(evs) == 0 || evs[len(evs)-1] != "[DONE]" {
 			t.Fatalf("request %d: events %q", i, evs)
 		}
+	}
+}
+
+// The model label is the spawn's model_ref: however many distinct refs come
+// through, the series stay bounded.
+func TestModelLabelsBounded(t *testing.T) {
+	p, err := New(prometheus.NewRegistry(), Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for i := range 3 * maxLabelSets {
+		req := httptest.NewRequest(http.MethodPost, "/v1/workers/w-1/inference", strings.NewReader(body))
+		// A nil upstream fails at once, and is still recorded.
+		p.Serve(httptest.NewRecorder(), req, nil, Labels{Backend: "sim", Model: fmt.Sprintf("file:/m/%d.gguf", i)}, Hooks{})
+	}
+	models := map[string]bool{}
+	for _, ch := range []prometheus.Collector{p.m.requests, p.m.duration} {
+		c := make(chan prometheus.Metric, 1<<12)
+		ch.Collect(c)
+		close(c)
+		for m := range c {
+			var d dto.Metric
+			if err := m.Write(&d); err != nil {
+				t.Fatal(err)
+			}
+			for _, lp := range d.GetLabel() {
+				if lp.GetName() == "model" {
+					models[lp.GetValue()] = true
+				}
+			}
+		}
+	}
+	if len(models) != maxLabelSets+1 || !models[OtherModel] {
+		t.Fatalf("%d model label values (other: %v), want %d plus %q", len(models), models[OtherModel], maxLabelSets, OtherModel)
+	}
+	if got := testutil.ToFloat64(p.m.requests.WithLabelValues("sim", OtherModel, StatusError)); got != 2*maxLabelSets {
+		t.Errorf("requests under %q = %v, want %d", OtherModel, got, 2*maxLabelSets)
 	}
 }
