@@ -2,6 +2,7 @@ package supervisor
 
 import (
 	"net"
+	"os/exec"
 	"strings"
 	"testing"
 	"time"
@@ -223,5 +224,26 @@ func TestStaleAgainAfterHeartbeatResumes(t *testing.T) {
 	h.waitState(res.WorkerID, StateStale, threshold+2*time.Second)
 	if got := counter(t, h.reg, "rbee_hive_workers_stale_total", nil); got != 2 {
 		t.Errorf("stale_total = %v, want 2", got)
+	}
+}
+
+// systemd-notify's BARRIER=1 comes from the helper's own pid, which is
+// usually gone by the time its cgroup is looked up: it must not count as a
+// rejected heartbeat (the RbeeHiveHeartbeatsRejected alert would fire for a
+// shell worker that follows the README).
+func TestBarrierIsNotUnknownSender(t *testing.T) {
+	h := newHarness(t)
+	exited := exec.Command("/bin/true")
+	if err := exited.Run(); err != nil {
+		t.Fatal(err)
+	}
+	h.s.HandleDatagram(int32(exited.Process.Pid), map[string]string{"BARRIER": "1"})
+	if got := counter(t, h.reg, "rbee_hive_heartbeats_rejected_total", map[string]string{"reason": "unknown_sender"}); got != 0 {
+		t.Errorf("unknown_sender = %v after a BARRIER=1", got)
+	}
+	// Anything else from outside every worker still counts.
+	h.s.HandleDatagram(int32(exited.Process.Pid), map[string]string{"BARRIER": "1", "READY": "1"})
+	if got := counter(t, h.reg, "rbee_hive_heartbeats_rejected_total", map[string]string{"reason": "unknown_sender"}); got != 1 {
+		t.Errorf("unknown_sender = %v after a READY=1 from outside, want 1", got)
 	}
 }

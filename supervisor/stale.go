@@ -33,6 +33,13 @@ func (s *Supervisor) HandleNotify(msg notify.Message) { s.HandleDatagram(msg.PID
 // for (SO_PASSCRED). The sender must live in a worker's cgroup leaf; a worker
 // id in the payload is never trusted.
 func (s *Supervisor) HandleDatagram(pid int32, fields map[string]string) {
+	if len(fields) == 1 && fields["BARRIER"] != "" {
+		// systemd-notify (without --no-block) follows each message with
+		// BARRIER=1 from its own short-lived pid, not --pid's; it often exits
+		// before we look its cgroup up. The barrier carries no state, so it
+		// is neither attributed nor counted as unknown_sender.
+		return
+	}
 	w := s.workerForPID(int(pid))
 	if w == nil {
 		s.m.heartbeatsRejected.WithLabelValues(rejectUnknownSender).Inc()
