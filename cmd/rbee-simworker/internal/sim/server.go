@@ -220,9 +220,14 @@ func (s *state) inference(w http.ResponseWriter, r *http.Request) {
 		http.Error(w, "Failed to deserialize the JSON body into the target type: "+err.Error(), http.StatusUnprocessableEntity)
 		return
 	}
-	for name, missing := range map[string]bool{"job_id": q.JobID == nil, "prompt": q.Prompt == nil, "max_tokens": q.MaxTokens == nil} {
-		if missing {
-			http.Error(w, "Failed to deserialize the JSON body into the target type: missing field `"+name+"`", http.StatusUnprocessableEntity)
+	// serde names the first missing field in declaration order; a map's
+	// random order named any of them.
+	for _, f := range []struct {
+		name    string
+		missing bool
+	}{{"job_id", q.JobID == nil}, {"prompt", q.Prompt == nil}, {"max_tokens", q.MaxTokens == nil}} {
+		if f.missing {
+			http.Error(w, "Failed to deserialize the JSON body into the target type: missing field `"+f.name+"`", http.StatusUnprocessableEntity)
 			return
 		}
 	}

@@ -316,3 +316,20 @@ func TestRunInProcess(t *testing.T) {
 		t.Fatal("Run did not return")
 	}
 }
+
+// Like serde, the 422 names the first missing field in declaration order,
+// every time.
+func TestMissingFieldsInDeclarationOrder(t *testing.T) {
+	base, _ := inProcess(t, Config{})
+	for _, tt := range []struct{ body, want string }{
+		{`{}`, "job_id"}, {`{"max_tokens":1}`, "job_id"}, {`{"job_id":"j"}`, "prompt"}, {`{"job_id":"j","prompt":"p"}`, "max_tokens"},
+	} {
+		for range 20 {
+			resp := post(t, base+"/v1/inference", "application/json", tt.body, nil)
+			b, _ := io.ReadAll(resp.Body)
+			if resp.StatusCode != 422 || !strings.Contains(string(b), "missing field `"+tt.want+"`") {
+				t.Fatalf("%s: %d %q, want 422 naming %s", tt.body, resp.StatusCode, b, tt.want)
+			}
+		}
+	}
+}
