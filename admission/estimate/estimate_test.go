@@ -338,3 +338,42 @@ func TestSafetensorsBadHeaders(t *testing.T) {
 		t.Error("index escaping the model dir accepted")
 	}
 }
+
+// Figures from a corrupt or hostile header or config.json must not wrap
+// around to a small estimate that admission would let through.
+func TestSafetensorsOverflowSaturates(t *testing.T) {
+	dir := t.TempDir()
+	// Two tensors of 2^63 bytes each: their sum wraps to 0 in uint64. The
+	// header is written by hand, without the 8 EiB of data behind it.
+	hdr := []byte(`{"a":{"dtype":"U8","shape":[1],"data_offsets":[0,9223372036854775808]},` +
+		`"b":{"dtype":"U8","shape":[1],"data_offsets":[0,9223372036854775808]}}`)
+	var b bytes.Buffer
+	_ = binary.Write(&b, binary.LittleEndian, uint64(len(hdr)))
+	b.Write(hdr)
+	p := filepath.Join(dir, "model.safetensors")
+	if err := os.WriteFile(p, b.Bytes(), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	e, err := EstimateVRAM(p, 16)
+	if err == nil && e.VRAMBytes < 1<<63 {
+		t.Errorf("weights of 2 × 2^63 bytes: VRAMBytes = %d (wrapped), want an error or ≥ 2^63", e.VRAMBytes)
+	}
+
+	// KV cache: 2 × 2^40 layers × 2^20 heads × 2^10 × 2 B wraps to 0.
+	dir2 := t.TempDir()
+	writeSafetensors(t, filepath.Join(dir2, "model.safetensors"), map[string]tensorInfo{
+		"w": {"BF16", []uint64{4}, []uint64{0, 8}},
+	})
+	cfg := `{"num_hidden_layers":1099511627776,"num_attention_heads":1048576,"head_dim":1024,"torch_dtype":"bfloat16"}`
+	if err := os.WriteFile(filepath.Join(dir2, "config.json"), []byte(cfg), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	e, err = EstimateVRAM(dir2, 4096)
+	if err == nil && e.VRAMBytes < 1<<63 {
+		t.Errorf("KV cache of 2^74 bytes/token: VRAMBytes = %d (wrapped), want an error or ≥ 2^63", e.VRAMBytes)
+	}
+	// A negative context is no context.
+	if e, err := Safetensors(dir2, Options{ContextSize: -1}); err == nil {
+		t.Errorf("context -1 accepted: %+v", e)
+	}
+}

@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"io"
 	"math"
+	"math/bits"
 	"os"
 	"path/filepath"
 	"sort"
@@ -35,8 +36,8 @@ func Safetensors(path string, o Options) (Estimate, error) {
 		if err != nil {
 			return Estimate{}, err
 		}
-		e.WeightsBytes += w
-		e.Parameters += p
+		e.WeightsBytes = satAdd(e.WeightsBytes, w)
+		e.Parameters = satAdd(e.Parameters, p)
 	}
 	cfg, err := readConfig(filepath.Join(dir, "config.json"))
 	if err != nil {
@@ -48,9 +49,12 @@ func Safetensors(path string, o Options) (Estimate, error) {
 		if ctx == 0 {
 			ctx = cfg.maxPositions
 		}
+		if ctx < 0 || o.Parallel < 0 {
+			return Estimate{}, fmt.Errorf("estimate: context %d / parallel %d out of range", ctx, o.Parallel)
+		}
 		par := max(o.Parallel, 1)
 		e.ContextSize = ctx
-		e.KVCacheBytes = cfg.kvBytesPerToken() * uint64(ctx) * uint64(par)
+		e.KVCacheBytes = satMul(satMul(cfg.kvBytesPerToken(), uint64(ctx)), uint64(par))
 	} else {
 		e.ContextSize = o.ContextSize
 	}
@@ -59,7 +63,7 @@ func Safetensors(path string, o Options) (Estimate, error) {
 	// measured usage replaces the claim.
 	e.ComputeBytes = max(e.WeightsBytes/10, 256*mib)
 	e.OverheadBytes = GPUOverheadBytes
-	e.VRAMBytes = e.WeightsBytes + e.KVCacheBytes + e.ComputeBytes + e.OverheadBytes
+	e.VRAMBytes = satAdd(satAdd(e.WeightsBytes, e.KVCacheBytes), satAdd(e.ComputeBytes, e.OverheadBytes))
 	return e, nil
 }
 
@@ -170,7 +174,7 @@ func readSafetensorsHeader(path string) (weights, params uint64, err error) {
 		if len(ti.DataOffsets) != 2 || ti.DataOffsets[1] < ti.DataOffsets[0] {
 			return 0, 0, fmt.Errorf("estimate: %s: tensor %q: bad data_offsets", path, name)
 		}
-		weights += ti.DataOffsets[1] - ti.DataOffsets[0]
+		weights = satAdd(weights, ti.DataOffsets[1]-ti.DataOffsets[0])
 		p := uint64(1)
 		for _, d := range ti.Shape {
 			if d != 0 && p > math.MaxUint64/d {
@@ -178,7 +182,7 @@ func readSafetensorsHeader(path string) (weights, params uint64, err error) {
 			}
 			p *= d
 		}
-		params += p
+		params = satAdd(params, p)
 	}
 	return weights, params, nil
 }
@@ -194,7 +198,7 @@ type hfConfig struct {
 }
 
 func (c *hfConfig) kvBytesPerToken() uint64 {
-	return 2 * c.layers * c.kvHeads * c.headDim * c.dtypeBytes // K and V
+	return satMul(satMul(satMul(2*c.dtypeBytes, c.layers), c.kvHeads), c.headDim) // K and V
 }
 
 type rawConfig struct {
@@ -258,4 +262,24 @@ func readConfig(path string) (*hfConfig, error) {
 		return nil, fmt.Errorf("estimate: %s: lacks num_hidden_layers/num_attention_heads/head_dim", path)
 	}
 	return c, nil
+}
+
+// satAdd and satMul saturate at MaxUint64: header and config figures come
+// from downloaded files, and a sum or product that wrapped would turn an
+// absurd model into a tiny estimate that admission lets through. A
+// saturated estimate fits no GPU.
+func satAdd(a, b uint64) uint64 {
+	s, carry := bits.Add64(a, b, 0)
+	if carry != 0 {
+		return math.MaxUint64
+	}
+	return s
+}
+
+func satMul(a, b uint64) uint64 {
+	hi, lo := bits.Mul64(a, b)
+	if hi != 0 {
+		return math.MaxUint64
+	}
+	return lo
 }
