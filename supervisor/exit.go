@@ -7,6 +7,8 @@ import (
 	"sync"
 	"syscall"
 	"time"
+
+	"golang.org/x/sys/unix"
 )
 
 // oomJoinWindow bounds the wait for the leaf's OOM event when its counters
@@ -20,6 +22,16 @@ const oomJoinWindow = 100 * time.Millisecond
 // removes the leaf and reports the exit.
 func (s *Supervisor) wait(w *worker, r *run, oom *oomWatch, readers *sync.WaitGroup) {
 	defer s.wg.Done()
+	// The main pid stays in mainPID only while its zombie pins the number:
+	// wait for the exit without reaping, forget the pid, then reap. Reaping
+	// first would leave a window (the tree kill, the readers, the leaf
+	// removal) in which a new process with the recycled pid is taken for w.
+	waitExited(r.pid)
+	s.mu.Lock()
+	if s.mainPID[r.pid] == w {
+		delete(s.mainPID, r.pid)
+	}
+	s.mu.Unlock()
 	_ = r.cmd.Wait() // the exit status is in ProcessState
 	st := r.cmd.ProcessState
 	oomed := false
@@ -46,6 +58,19 @@ func (s *Supervisor) wait(w *worker, r *run, oom *oomWatch, readers *sync.WaitGr
 	}
 	s.onExit(w, r, st, oomed)
 	close(r.done)
+}
+
+// waitExited blocks until child pid has exited, leaving it unreaped
+// (WNOWAIT). On an error (none expected for our own child) it returns at
+// once and cmd.Wait does the waiting.
+func waitExited(pid int) {
+	var info unix.Siginfo
+	for {
+		err := unix.Waitid(unix.P_PID, pid, &info, unix.WEXITED|unix.WNOWAIT, nil)
+		if err != unix.EINTR {
+			return
+		}
+	}
 }
 
 // sigOrCode reports whether the process ended by a signal.
@@ -98,9 +123,6 @@ func (s *Supervisor) onExit(w *worker, r *run, st *os.ProcessState, oomed bool) 
 	now := time.Now()
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	if s.mainPID[r.pid] == w {
-		delete(s.mainPID, r.pid)
-	}
 	w.run = nil
 	w.inflight = 0
 	s.clearDeadline(w)

@@ -184,6 +184,13 @@ func (b *syncBuffer) String() string {
 
 func newHarness(t testing.TB, mutate ...func(*config.Config)) *harness {
 	t.Helper()
+	return newHarnessWrapped(t, nil, mutate...)
+}
+
+// newHarnessWrapped is newHarness with the supervisor's cgroup manager
+// wrapped by wrap (nil: none), to stall or observe cgroup operations.
+func newHarnessWrapped(t testing.TB, wrap func(cgroup.Manager) cgroup.Manager, mutate ...func(*config.Config)) *harness {
+	t.Helper()
 	cfg := testConfig(t)
 	for _, f := range mutate {
 		f(cfg)
@@ -197,7 +204,11 @@ func newHarness(t testing.TB, mutate ...func(*config.Config)) *harness {
 	h.srv = httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) { handler.ServeHTTP(w, r) }))
 	t.Cleanup(h.srv.Close)
 	logger := slog.New(slog.NewTextHandler(io.MultiWriter(h.logs), &slog.HandlerOptions{Level: slog.LevelDebug}))
-	s, err := New(cfg, Deps{Logger: logger, Cgroups: h.cg, Registry: h.reg, SelfDir: simDir, HiveURL: h.srv.URL,
+	cg := h.cg
+	if wrap != nil {
+		cg = wrap(cg)
+	}
+	s, err := New(cfg, Deps{Logger: logger, Cgroups: cg, Registry: h.reg, SelfDir: simDir, HiveURL: h.srv.URL,
 		GPUs: gpuAdapter{fake}})
 	if err != nil {
 		t.Fatalf("New: %v", err)

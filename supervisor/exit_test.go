@@ -1,0 +1,69 @@
+package supervisor
+
+import (
+	"context"
+	"os"
+	"strconv"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/rbee/rbee-hive/cgroup"
+)
+
+// stallKill wraps a cgroup manager so that Leaf.Kill waits for a release.
+type stallKill struct {
+	cgroup.Manager
+	gate chan struct{}
+}
+
+func (m stallKill) Create(id string, l cgroup.Limits) (cgroup.Leaf, error) {
+	leaf, err := m.Manager.Create(id, l)
+	if err != nil {
+		return nil, err
+	}
+	return stallLeaf{leaf, m.gate}, nil
+}
+
+type stallLeaf struct {
+	cgroup.Leaf
+	gate chan struct{}
+}
+
+func (l stallLeaf) Kill(ctx context.Context) error {
+	select {
+	case <-l.gate:
+	case <-ctx.Done():
+	}
+	return l.Leaf.Kill(ctx)
+}
+
+// Once a worker's main process is reaped its pid may be recycled at once,
+// so the pid must already be gone from the main-pid map, even while the
+// exit is still being handled (here: a tree kill that takes its time).
+func TestMainPIDForgottenBeforeReap(t *testing.T) {
+	gate := make(chan struct{})
+	var once sync.Once
+	release := func() { once.Do(func() { close(gate) }) }
+	h := newHarnessWrapped(t, func(m cgroup.Manager) cgroup.Manager { return stallKill{m, gate} })
+	t.Cleanup(release) // before the harness's Shutdown (cleanups run last-in first)
+	res := h.spawn(map[string]any{"backend": "sim", "restart": "never"})
+	wi := h.waitState(res.WorkerID, StateIdle, 10*time.Second)
+	pid := *wi.PID
+	if err := syscall.Kill(pid, syscall.SIGKILL); err != nil {
+		t.Fatal(err)
+	}
+	h.waitFor("the main process to be reaped", 5*time.Second, func() bool {
+		_, err := os.Stat("/proc/" + strconv.Itoa(pid))
+		return err != nil
+	})
+	h.s.mu.Lock()
+	stale := h.s.mainPID[pid] != nil
+	h.s.mu.Unlock()
+	if stale {
+		t.Errorf("pid %d reaped but still attributed to its worker", pid)
+	}
+	release()
+	h.waitState(res.WorkerID, StateFailed, 10*time.Second)
+}
