@@ -113,22 +113,20 @@ func (rg *rig) counter(c *prometheus.CounterVec, lv ...string) float64 {
 // one request with the given status and, if errType is set, one error.
 func (rg *rig) outcomes(status, errType string) {
 	rg.t.Helper()
-	for _, s := range allStatuses {
+	rg.exactlyOne(rg.p.m.requests, "requests_total{status=%q}", allStatuses, status)
+	rg.exactlyOne(rg.p.m.errors, "errors_total{type=%q}", allErrorTypes, errType)
+}
+
+// exactlyOne asserts that the series of values are 1 for hit and 0 else.
+func (rg *rig) exactlyOne(c *prometheus.CounterVec, name string, values []string, hit string) {
+	rg.t.Helper()
+	for _, v := range values {
 		want := 0.0
-		if s == status {
+		if v == hit {
 			want = 1
 		}
-		if got := rg.counter(rg.p.m.requests, s); got != want {
-			rg.t.Errorf("requests_total{status=%q} = %v, want %v", s, got, want)
-		}
-	}
-	for _, et := range allErrorTypes {
-		want := 0.0
-		if et == errType {
-			want = 1
-		}
-		if got := rg.counter(rg.p.m.errors, et); got != want {
-			rg.t.Errorf("errors_total{type=%q} = %v, want %v", et, got, want)
+		if got := rg.counter(c, v); got != want {
+			rg.t.Errorf(name+" = %v, want %v", v, got, want)
 		}
 	}
 }
