@@ -84,7 +84,9 @@ func NewFake(devs []FakeDevice, opts ...FakeOption) (*Fake, error) {
 		for _, p := range d.Processes {
 			fd.procs[p.PID] += p.UsedMemory
 		}
-		if fd.reserved+fd.used() > fd.total {
+		// Compared without adding: a huge configured figure must not wrap
+		// past the check and make Devices underflow total − reserved.
+		if fd.reserved > fd.total || fd.used() > fd.total-fd.reserved {
 			return nil, fmt.Errorf("gpu: fake device %d: reserved+used exceeds total", i)
 		}
 		f.devs = append(f.devs, fd)

@@ -3,6 +3,7 @@ package gpu
 import (
 	"context"
 	"errors"
+	"math"
 	"strings"
 	"sync"
 	"testing"
@@ -117,6 +118,10 @@ func TestFakeMemoryAndProcesses(t *testing.T) {
 	}
 	if _, err := NewFake([]FakeDevice{{}}); err == nil {
 		t.Fatal("zero total accepted")
+	}
+	if f, err := NewFake([]FakeDevice{{MemoryTotal: 1 << 30, MemoryReserved: math.MaxUint64, MemoryUsed: 1}}); err == nil {
+		d, _ := f.Devices(context.Background())
+		t.Errorf("reserved > total accepted (reserved+used wraps): %+v", d)
 	}
 	if _, err := NewFake([]FakeDevice{{MemoryTotal: 1, MemoryUsed: 2}}); err == nil {
 		t.Fatal("used > total accepted")
