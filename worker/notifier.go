@@ -13,11 +13,16 @@ import (
 	"strings"
 	"syscall"
 	"time"
+	"unicode/utf8"
 )
 
 // MaxDatagram is the hive's limit for one notify datagram; longer ones are
 // dropped by the hive, so heartbeats are trimmed to fit (figures go first).
 const MaxDatagram = 4096
+
+// maxKeyLen is the hive's limit for one key; a longer key makes it drop the
+// whole datagram as malformed.
+const maxKeyLen = 64
 
 // sendTimeout bounds one datagram write or HTTP call when ctx has no earlier
 // deadline: a wedged hive must not wedge the worker's heartbeat loop.
@@ -35,8 +40,10 @@ const (
 type Health struct {
 	Status HealthStatus // empty means Healthy
 	// Figures are extra RBEE_* fields (e.g. "RBEE_TOKENS_PER_SEC": "41.5").
-	// Keys without the RBEE_ prefix get it; keys that are not [A-Z0-9_]
-	// after upper-casing, and values containing a newline, are skipped.
+	// Keys without the RBEE_ prefix get it; keys that are not 1..64 of
+	// [A-Z0-9_] after upper-casing, and values that contain a newline or a
+	// NUL or are not UTF-8, are skipped: the hive drops a whole datagram
+	// with any of those, heartbeat included.
 	Figures map[string]string
 }
 
@@ -106,13 +113,14 @@ func (n *Notifier) Ready(ctx context.Context, info ReadyInfo) error {
 	return nil
 }
 
-// Status sends STATUS=<s> (newlines become spaces; cut to fit one
+// Status sends STATUS=<s> (newlines become spaces, bytes that are not
+// UTF-8 become U+FFFD, since the hive drops such a datagram; cut to fit one
 // datagram). No-op over HTTP, which has no such route.
 func (n *Notifier) Status(ctx context.Context, s string) error {
 	if n.Mode() != ModeSocket {
 		return nil
 	}
-	s = "STATUS=" + strings.NewReplacer("\n", " ", "\r", " ", "\x00", " ").Replace(s)
+	s = "STATUS=" + strings.ToValidUTF8(strings.NewReplacer("\n", " ", "\r", " ", "\x00", " ").Replace(s), "\uFFFD")
 	if len(s) > MaxDatagram {
 		s = strings.ToValidUTF8(s[:MaxDatagram], "")
 	}
@@ -163,7 +171,7 @@ func HeartbeatMessage(status HealthStatus, figures map[string]string) string {
 	for _, k := range keys {
 		v := figures[k]
 		key, ok := figureKey(k)
-		if !ok || strings.ContainsAny(v, "\n\x00") || key == "RBEE_HEALTH" {
+		if !ok || strings.ContainsAny(v, "\n\x00") || !utf8.ValidString(v) || key == "RBEE_HEALTH" {
 			continue
 		}
 		if b.Len()+1+len(key)+1+len(v) > MaxDatagram {
@@ -182,7 +190,7 @@ func figureKey(k string) (string, bool) {
 	if !strings.HasPrefix(k, "RBEE_") {
 		k = "RBEE_" + k
 	}
-	if len(k) == len("RBEE_") {
+	if len(k) == len("RBEE_") || len(k) > maxKeyLen {
 		return "", false
 	}
 	for i := 0; i < len(k); i++ {

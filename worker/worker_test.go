@@ -150,6 +150,14 @@ func TestSocketMessages(t *testing.T) {
 			}})
 		}, "WATCHDOG=1\nRBEE_HEALTH=degraded\nRBEE_VRAM_BYTES=123\nRBEE_TOKENS_PER_SEC=41.5"},
 		{"unknown status is healthy", func(n *Notifier) error { return n.Heartbeat(ctx, Health{Status: "meh"}) }, "WATCHDOG=1\nRBEE_HEALTH=healthy"},
+		// The hive drops a whole datagram that is not UTF-8 or has a key over
+		// 64 bytes, so such figures must not cost the heartbeat.
+		{"heartbeat skips figures the hive would refuse", func(n *Notifier) error {
+			return n.Heartbeat(ctx, Health{Figures: map[string]string{
+				"RBEE_BIN": "caf\xe9", strings.Repeat("K", 60): "1", "ok": "1",
+			}})
+		}, "WATCHDOG=1\nRBEE_HEALTH=healthy\nRBEE_OK=1"},
+		{"status not UTF-8", func(n *Notifier) error { return n.Status(ctx, "caf\xe9 ok") }, "STATUS=caf\uFFFD ok"},
 	}
 	for _, abstract := range []bool{false, true} {
 		for _, tt := range tests {
