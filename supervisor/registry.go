@@ -158,7 +158,13 @@ func (s *Supervisor) setState(w *worker, to State, reason string) {
 	if to.terminal() {
 		w.terminalAt = w.lastActivity
 	}
-	w.log.LogAttrs(context.Background(), slog.LevelInfo, "worker state",
+	// failed is an incident (breaker open, model not to be had, a crash
+	// with nothing to restart it): it belongs in `journalctl -p err`.
+	level := slog.LevelInfo
+	if to == StateFailed {
+		level = slog.LevelError
+	}
+	w.log.LogAttrs(context.Background(), level, "worker state",
 		slog.String("from", string(from)), slog.String("to", string(to)), slog.String("reason", reason))
 }
 

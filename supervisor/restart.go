@@ -45,8 +45,7 @@ func (s *Supervisor) afterFailure(w *worker, reason string, started, now time.Ti
 	}
 	w.failures = append(keep, now)
 	if len(w.failures) >= rc.MaxFailures {
-		w.log.Error("worker failed too often; not restarting",
-			slog.Int("failures", len(w.failures)), slog.Duration("window", rc.FailureWindow.D()), slog.String("exit_reason", reason))
+		// finish logs the move to failed at error level, with this reason.
 		s.finish(w, StateFailed, fmt.Sprintf("circuit breaker: %d failures within %s (last: %s)", len(w.failures), rc.FailureWindow.D(), why))
 		return
 	}

@@ -4,6 +4,7 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
+	"regexp"
 	"strings"
 	"sync"
 	"testing"
@@ -112,6 +113,10 @@ func TestDownloadingThenLoading(t *testing.T) {
 				wi := h.waitState(res.WorkerID, StateFailed, 10*time.Second)
 				if wi.ExitReason != ReasonSpawnFailed || !strings.Contains(wi.StateReason, "404") {
 					t.Errorf("failed download: %+v", wi)
+				}
+				// A worker that ends failed is an incident: logged at error.
+				if !regexp.MustCompile(`level=ERROR msg="worker state".*to=failed`).MatchString(h.logs.String()) {
+					t.Errorf("no error-level entry for the move to failed")
 				}
 				return
 			}
