@@ -89,6 +89,10 @@ type Ledger struct {
 	nextID      uint64
 	lastRelease map[int]time.Time // per GPU: when a VRAM claim was last released
 
+	// disk keeps one statfs per path in flight: scrapes, GET /v1/resources
+	// and admissions against a hung mount must not pile up blocked threads.
+	disk procfs.DiskReader
+
 	rejections [len(resources)]atomic.Uint64
 	scrapeErrs [3]atomic.Uint64 // memory, gpu, disk read failures at scrape
 }
@@ -414,7 +418,14 @@ func gpuUnavailable(err error) error {
 
 // CheckDisk is the package CheckDisk that also counts a rejection.
 func (l *Ledger) CheckDisk(dir string, needBytes, reserveBytes uint64) error {
-	err := CheckDisk(dir, needBytes, reserveBytes)
+	ctx, cancel := context.WithTimeout(context.Background(), procfs.StatfsTimeout)
+	defer cancel()
+	var err error
+	if d, derr := l.disk.Usage(ctx, dir); derr != nil {
+		err = fmt.Errorf("admission: disk check: %w", derr)
+	} else {
+		err = checkDisk(dir, needBytes, reserveBytes, d.AvailableBytes)
+	}
 	var ae *api.Error
 	if errors.As(err, &ae) && ae.Code == api.CodeInsufficientDisk {
 		l.rejections[2].Add(1)

@@ -6,8 +6,6 @@ import (
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
-
-	"github.com/rbee/rbee-hive/procfs"
 )
 
 // scrapeTimeout bounds the GPU and disk reads of one scrape.
@@ -110,7 +108,7 @@ func (c *Collector) Collect(ch chan<- prometheus.Metric) {
 		}
 	}
 	for _, p := range l.cfg.DiskPaths {
-		d, err := procfs.DiskUsageContext(ctx, p)
+		d, err := l.disk.Usage(ctx, p)
 		if err != nil {
 			l.scrapeErrs[2].Add(1)
 			continue

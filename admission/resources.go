@@ -56,7 +56,7 @@ func (l *Ledger) Resources(ctx context.Context) Resources {
 		}
 	}
 	for _, p := range l.cfg.DiskPaths {
-		d, err := procfs.DiskUsageContext(ctx, p)
+		d, err := l.disk.Usage(ctx, p)
 		if err != nil {
 			r.Errors = append(r.Errors, fmt.Sprintf("disk %s: %v", p, err))
 			continue

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"path/filepath"
+	"sync"
 	"time"
 
 	"golang.org/x/sys/unix"
@@ -57,6 +58,55 @@ func DiskUsageContext(ctx context.Context, path string) (DiskSpace, error) {
 	select {
 	case r := <-ch:
 		return r.d, r.err
+	case <-ctx.Done():
+		return DiskSpace{}, fmt.Errorf("procfs: statfs %s: %w", path, ctx.Err())
+	}
+}
+
+// DiskReader is DiskUsageContext with at most one statfs in flight per
+// path: a caller that finds one running waits for its answer (bounded by its
+// own ctx) instead of starting another. DiskUsageContext alone leaves one
+// more goroutine, and one more OS thread, blocked in statfs per scrape and
+// per admission while a mount hangs, until the process hits Go's thread
+// limit. The zero value is ready to use; safe for concurrent use.
+type DiskReader struct {
+	mu       sync.Mutex
+	inflight map[string]*statfsCall
+	statfs   func(path string) (DiskSpace, error) // nil: diskUsage (tests replace it)
+}
+
+type statfsCall struct {
+	done chan struct{}
+	d    DiskSpace
+	err  error
+}
+
+// Usage statfs()s the filesystem holding path like DiskUsageContext.
+func (r *DiskReader) Usage(ctx context.Context, path string) (DiskSpace, error) {
+	r.mu.Lock()
+	c, ok := r.inflight[path]
+	if !ok {
+		if r.inflight == nil {
+			r.inflight = make(map[string]*statfsCall)
+		}
+		c = &statfsCall{done: make(chan struct{})}
+		r.inflight[path] = c
+		statfs := r.statfs
+		if statfs == nil {
+			statfs = diskUsage
+		}
+		go func() {
+			c.d, c.err = statfs(path)
+			r.mu.Lock()
+			delete(r.inflight, path)
+			r.mu.Unlock()
+			close(c.done)
+		}()
+	}
+	r.mu.Unlock()
+	select {
+	case <-c.done:
+		return c.d, c.err
 	case <-ctx.Done():
 		return DiskSpace{}, fmt.Errorf("procfs: statfs %s: %w", path, ctx.Err())
 	}
