@@ -83,10 +83,15 @@ func ReadProgress(r io.Reader, fn func(Progress)) error {
 			payload := strings.Join(data, "\n")
 			data = data[:0]
 			if payload == "[DONE]" {
-				if last.Stage == StageError {
+				switch last.Stage {
+				case StageError:
 					return &DownloadError{Message: last.Message}
+				case StageComplete:
+					return nil
 				}
-				return nil
+				// Success needs the complete event: a caller would otherwise
+				// take a download that never finished for one that did.
+				return fmt.Errorf("model: progress stream ended with [DONE] before a complete event: %w", io.ErrUnexpectedEOF)
 			}
 			var p Progress
 			if err := json.Unmarshal([]byte(payload), &p); err != nil {

@@ -836,6 +836,9 @@ func TestReadProgress(t *testing.T) {
 		{"error", "data: {\"stage\":\"error\",\"message\":\"boom\"}\n\ndata: [DONE]\n\n", []string{"error"}, "model download failed: boom"},
 		{"cut", "data: {\"stage\":\"downloading\",\"bytes_downloaded\":1,\"bytes_total\":2,\"speed_mbps\":0}\n\n", []string{"downloading"}, "unexpected EOF"},
 		{"garbage", "data: {nope\n\n", nil, "bad progress event"},
+		{"DONE without complete", "data: {\"stage\":\"downloading\",\"bytes_downloaded\":1,\"bytes_total\":2,\"speed_mbps\":0}\n\ndata: [DONE]\n\n",
+			[]string{"downloading"}, "unexpected EOF"},
+		{"DONE alone", "data: [DONE]\n\n", nil, "unexpected EOF"},
 		{"crlf-free multi-line data ignored fields", "data: {\"stage\":\"complete\",\n data\ndata: \"local_path\":\"/x\",\"extra\":1}\n\ndata: [DONE]\n\n", []string{"complete"}, ""},
 	}
 	for _, tc := range tests {
