@@ -48,6 +48,11 @@ type spawnError struct {
 func (e *spawnError) Error() string { return e.err.Error() }
 func (e *spawnError) Unwrap() error { return e.err }
 
+// errNotStarted: startRun found the worker stopped (a DELETE that raced a
+// restart or the end of a download) or the hive shutting down. Nothing
+// failed, so it is neither a spawn failure nor an exit.
+var errNotStarted = errors.New("worker not started: it was stopped, or the hive is shutting down")
+
 // safe environment every worker starts from; never the hive's own.
 const safePath = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
@@ -147,6 +152,9 @@ func (s *Supervisor) Spawn(ctx context.Context, req SpawnRequest) (SpawnResult, 
 		s.removeLocked(w)
 		s.mu.Unlock()
 		undo()
+		if errors.Is(err, errNotStarted) {
+			return SpawnResult{}, api.Errorf(http.StatusServiceUnavailable, api.CodeUnavailable, "worker %s was stopped before it started, or the hive is shutting down", id)
+		}
 		s.m.spawnFailures.WithLabelValues(spawnReason(err)).Inc()
 		w.log.Error("worker spawn failed", slog.Any("err", err))
 		return SpawnResult{}, api.Errorf(http.StatusInternalServerError, api.CodeInternal, "Failed to spawn worker: %v", err).
@@ -356,12 +364,14 @@ func (s *Supervisor) createLeaf(w *worker) (cgroup.Leaf, error) {
 	return leaf, nil
 }
 
-// startRun starts one process of w inside a fresh leaf.
+// startRun starts one process of w inside a fresh leaf. Callers check the
+// worker's state before they let go of s.mu, so it is checked again here: a
+// worker stopped in between gets no process (errNotStarted).
 func (s *Supervisor) startRun(w *worker, why string) error {
 	s.mu.Lock()
-	if s.closing {
+	if s.closing || w.state.terminal() || w.state == StateStopping {
 		s.mu.Unlock()
-		return &spawnError{reason: failExec, err: errors.New("the hive is shutting down")}
+		return errNotStarted
 	}
 	s.starting.Add(1)
 	w.starting, w.early = true, nil
@@ -472,6 +482,14 @@ func (o *oomWatch) drain(ch <-chan cgroup.OOMEvent) {
 // startFailed handles a start that failed after the spawn request returned
 // (after a download, or at a restart): it counts as a failed run.
 func (s *Supervisor) startFailed(w *worker, err error) {
+	if errors.Is(err, errNotStarted) {
+		s.mu.Lock()
+		defer s.mu.Unlock()
+		if !w.state.terminal() { // the hive is closing
+			s.finish(w, StateStopped, ReasonStopped)
+		}
+		return
+	}
 	s.m.spawnFailures.WithLabelValues(spawnReason(err)).Inc()
 	s.m.exits.WithLabelValues(ReasonSpawnFailed).Inc()
 	s.mu.Lock()

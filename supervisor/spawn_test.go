@@ -172,3 +172,28 @@ func TestWorkerIDs(t *testing.T) {
 		seen[id] = true
 	}
 }
+
+// A restart or a finished download starts the next run after letting go of
+// the lock; a DELETE in between must leave no process behind, and the
+// non-start is no spawn failure.
+func TestStartRunRefusesStoppedWorker(t *testing.T) {
+	h := newHarness(t)
+	res := h.spawn(map[string]any{"backend": "sim", "restart": "never", "env": map[string]string{"RBEE_SIM_CRASH_AFTER": "50ms"}})
+	h.waitState(res.WorkerID, StateFailed, 10*time.Second)
+	h.s.mu.Lock()
+	w := h.s.workers[res.WorkerID]
+	h.s.mu.Unlock()
+	if err := h.s.startRun(w, "test"); !errors.Is(err, errNotStarted) {
+		t.Errorf("startRun of a failed worker: %v, want errNotStarted", err)
+	}
+	h.s.startFailed(w, errNotStarted)
+	if wi := h.get(res.WorkerID); wi.State != StateFailed || wi.PID != nil || wi.ExitReason != ReasonExited {
+		t.Errorf("after a refused start: %+v", wi)
+	}
+	if ids, _ := h.cg.List(); len(ids) != 0 {
+		t.Errorf("leaves %v for a stopped worker", ids)
+	}
+	if got := counter(t, h.reg, "rbee_hive_worker_spawn_failures_total", map[string]string{"reason": "exec"}); got != 0 {
+		t.Errorf("spawn_failures{exec} = %v", got)
+	}
+}
