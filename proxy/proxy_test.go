@@ -735,3 +735,23 @@ func TestModelLabelsBounded(t *testing.T) {
 		t.Errorf("requests under %q = %v, want %d", OtherModel, got, 2*maxLabelSets)
 	}
 }
+
+// Data lines with no blank line between them must not grow the event being
+// parsed without bound; the next events still count.
+func TestStreamEventDataBounded(t *testing.T) {
+	st := &stream{ttft: prometheus.NewHistogram(prometheus.HistogramOpts{Name: "x"})}
+	now := time.Now()
+	line := []byte("data: " + strings.Repeat("x", 1000) + "\n")
+	for range 4096 { // 4 MB of one event
+		st.feed(line, true, now, now)
+		if len(st.data) > maxLine || cap(st.data) > 2*maxLine {
+			t.Fatalf("event buffer grew to %d (cap %d), want at most %d", len(st.data), cap(st.data), maxLine)
+		}
+	}
+	for _, l := range []string{"\n", `data: {"type":"token","t":"a","i":0}` + "\n", "\n", "data: [DONE]\n", "\n"} {
+		st.feed([]byte(l), true, now, now)
+	}
+	if st.tokens != 1 || !st.done {
+		t.Fatalf("after the oversized event: tokens %d done %v, want 1 true", st.tokens, st.done)
+	}
+}

@@ -18,6 +18,7 @@ type stream struct {
 	data     []byte // data lines of the event being read
 	hasData  bool
 	overlong bool // the current line did not fit the reader; not parsed
+	tooBig   bool // the current event's data passed maxLine; not parsed
 
 	tokens       int
 	firstTokenAt time.Time
@@ -57,7 +58,7 @@ func (s *stream) feed(line []byte, complete bool, start, now time.Time) bool {
 		if s.hasData {
 			s.dispatch(start, now)
 		}
-		s.data, s.hasData = s.data[:0], false
+		s.data, s.hasData, s.tooBig = s.data[:0], false, false
 		return s.done
 	}
 	field, value, found := bytes.Cut(line, []byte(":"))
@@ -65,6 +66,12 @@ func (s *stream) feed(line []byte, complete bool, start, now time.Time) bool {
 		return false // comments (":..."), event:, id:, retry: carry nothing we count
 	}
 	value = bytes.TrimPrefix(value, []byte(" "))
+	if s.tooBig || len(s.data)+1+len(value) > maxLine {
+		// Data lines with no blank line between them would grow the event
+		// without bound; like an overlong line it is forwarded, not parsed.
+		s.data, s.hasData, s.tooBig = s.data[:0], true, true
+		return false
+	}
 	if s.hasData {
 		s.data = append(s.data, '\n')
 	}
@@ -86,6 +93,9 @@ func (s *stream) closesEarly(line []byte) bool {
 }
 
 func (s *stream) dispatch(start, now time.Time) {
+	if s.tooBig {
+		return
+	}
 	if bytes.Equal(s.data, doneMarker) {
 		s.done = true
 		return
