@@ -111,7 +111,10 @@ ENV
 log "initramfs $(du -h "$work/initrd.gz" | cut -f1), built in $(($(date +%s) - start)) s"
 
 # --- boot ------------------------------------------------------------------------
-serial=$CACHE/serial.log
+# The verdict reads this run's own log: concurrent runs (several checkouts
+# or reviewers sharing .cache/vm) must not truncate each other's. The last
+# run's log is copied to .cache/vm/serial.log for reading afterwards.
+serial=$work/serial.log
 # TCG by default: /dev/kvm may exist on these hosts without working (nested
 # KVM aborts qemu with "failed to set MSR"). VMTEST_ACCEL=kvm opts in.
 accel=${VMTEST_ACCEL:-tcg}
@@ -125,7 +128,8 @@ timeout --foreground "$TIMEOUT" qemu-system-x86_64 \
 	tr -d '\r' | tee "$serial"
 qrc=${PIPESTATUS[0]}
 set -e
-log "VM ran $(($(date +%s) - boot)) s (qemu exit $qrc, accel $accel); serial log $serial"
+cp "$serial" "$CACHE/serial.log.$$" && mv -f "$CACHE/serial.log.$$" "$CACHE/serial.log"
+log "VM ran $(($(date +%s) - boot)) s (qemu exit $qrc, accel $accel); serial log $CACHE/serial.log"
 
 # --- verdict ---------------------------------------------------------------------
 grep -q "^VMTEST-BOOTED-$nonce" "$serial" || die "the VM did not boot into the test init (qemu exit $qrc)"
