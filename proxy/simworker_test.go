@@ -47,17 +47,28 @@ func startSimworker(t *testing.T, bin string, args ...string) *url.URL {
 			}
 		}
 	}()
+	var u *url.URL
 	select {
 	case a := <-addr:
-		u, err := url.Parse("http://" + a)
-		if err != nil {
+		if u, err = url.Parse("http://" + a); err != nil {
 			t.Fatal(err)
 		}
-		return u
 	case <-time.After(10 * time.Second):
 		t.Fatal("rbee-simworker did not start listening")
 	}
-	return nil
+	// It listens before it is loaded and answers 503 until then: on a busy
+	// machine a request right after "listening" got that 503.
+	for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(10 * time.Millisecond) {
+		if resp, err := http.Get(u.JoinPath("/health").String()); err == nil {
+			resp.Body.Close()
+			if resp.StatusCode == http.StatusOK {
+				return u
+			}
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("rbee-simworker did not become ready")
+		}
+	}
 }
 
 // The proxy against the real synthetic worker: a whole stream, a
