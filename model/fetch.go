@@ -226,7 +226,10 @@ func (j *fetchJob) resumePoint(ctx context.Context, f *os.File, fh *fileHasher) 
 		return 0, fmt.Errorf("model: stat partial: %w", err)
 	}
 	have := uint64(st.Size())
-	if have > j.file.Size {
+	if have > j.file.Size || fh.want == "" {
+		// Without a hash to check the whole file against at the end, a torn
+		// partial (a crash before its pages reached the disk) would pass:
+		// such a file, small and non-LFS, is fetched whole.
 		have = 0
 	}
 	if have > 0 {

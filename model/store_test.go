@@ -1013,3 +1013,25 @@ func TestJoinerSurvivesFirstCallerLeaving(t *testing.T) {
 		t.Errorf("failures counted: %v", n)
 	}
 }
+
+// A file the listing gives no hash for cannot be verified at the end, so a
+// partial of it is never trusted: it is fetched whole.
+func TestUnverifiablePartialIsNotResumed(t *testing.T) {
+	f := newFakeHub(t)
+	content := randomBytes(300000, 24)
+	f.add("org/repo@main", testFile{path: "m.gguf", content: content})
+	f.repos["org/repo@main"][0].oid = "" // no git oid: nothing to verify against
+	dir := t.TempDir()
+	base := filepath.Join(dir, "hf", "org", "repo", "main")
+	if err := os.MkdirAll(base, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(filepath.Join(base, "m.gguf"+incompleteSuffix), make([]byte, 100000), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	ts := newTestStore(t, f, dir, nil)
+	path := ensureWait(t, ts, "hf:org/repo:m.gguf")
+	if b, _ := os.ReadFile(path); !bytes.Equal(b, content) {
+		t.Fatal("a torn partial was resumed: the file differs")
+	}
+}
