@@ -35,6 +35,10 @@ func (f fileFreezer) set(ctx context.Context, v string) error {
 func (f fileFreezer) freeze(ctx context.Context) error { return f.set(ctx, f.frozen) }
 func (f fileFreezer) thaw(ctx context.Context) error   { return f.set(ctx, f.thawed) }
 
+// freezeTimeout bounds one round's freeze; a leaf that does not freeze in
+// time is signalled unfrozen.
+const freezeTimeout = time.Second
+
 // thawTimeout bounds one thaw; thawing takes effect at once on a healthy
 // kernel.
 const thawTimeout = 5 * time.Second
@@ -65,14 +69,24 @@ func freezeKillLoop(ctx context.Context, fz freezer, list func() ([]int, error))
 			return nil
 		}
 		if fz != nil {
-			if err := fz.freeze(ctx); err != nil {
+			fctx, cancel := context.WithTimeout(ctx, freezeTimeout)
+			err := fz.freeze(fctx)
+			cancel()
+			switch {
+			case err != nil && ctx.Err() != nil:
 				// Thaw in any case: a half-frozen leaf must not be left behind.
 				_ = thaw()
 				return fmt.Errorf("freeze: %w", err)
-			}
-			if pids, err = list(); err != nil && !isGone(err) {
-				_ = thaw()
-				return fmt.Errorf("list pids: %w", err)
+			case err != nil:
+				// A task in uninterruptible sleep (a driver call, NFS)
+				// keeps the leaf FREEZING; it still must get its SIGKILL,
+				// which a killable sleep acts on at once. This round
+				// signals the pids listed above, unfrozen.
+			default:
+				if pids, err = list(); err != nil && !isGone(err) {
+					_ = thaw()
+					return fmt.Errorf("list pids: %w", err)
+				}
 			}
 		}
 		for _, p := range pids {
