@@ -8,6 +8,7 @@ import (
 	"net/http/httputil"
 	"os"
 	"path/filepath"
+	"runtime"
 	"strings"
 	"testing"
 	"time"
@@ -330,4 +331,31 @@ func TestMetricsLintAndSeries(t *testing.T) {
 	if len(a) != len(b) {
 		t.Error("metric families changed between scrapes")
 	}
+}
+
+// The tail is bounded in memory, not only in output bytes: a worker that
+// prints empty lines must not make its tail (kept for up to 256 terminal
+// workers) cost megabytes of per-line bookkeeping.
+func TestLogTailMemoryBounded(t *testing.T) {
+	var before, after runtime.MemStats
+	runtime.GC()
+	runtime.ReadMemStats(&before)
+	l := newLogSink("w-mem", t.TempDir(), 1<<20, 1, nil)
+	l.close() // tail only
+	for i := 0; i < 200000; i++ {
+		l.write("stdout", nil)
+	}
+	l.write("stderr", []byte("last"))
+	runtime.GC()
+	runtime.ReadMemStats(&after)
+	if grown := int64(after.HeapAlloc) - int64(before.HeapAlloc); grown > 1<<20 {
+		t.Errorf("a 64 KiB tail of empty lines holds %d KiB of heap", grown>>10)
+	}
+	if tail := l.tail(""); len(tail) != tailBytes || !strings.HasSuffix(string(tail), "\n\nlast\n") {
+		t.Errorf("tail %d bytes, ends %q", len(tail), tail[len(tail)-8:])
+	}
+	if tail := l.tail("stderr"); string(tail) != "last\n" {
+		t.Errorf("stderr tail %q", tail)
+	}
+	runtime.KeepAlive(l)
 }

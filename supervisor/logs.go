@@ -25,18 +25,17 @@ type logSink struct {
 	keep     int
 	sink     LineSink
 
-	mu       sync.Mutex
-	lines    []logLine
-	size     int
+	mu sync.Mutex
+	// buf is the tail: the last lines as entries "<stream tag><line>\n",
+	// oldest first, in one buffer, so a flood of empty lines costs a tag
+	// byte each rather than a slice header and a struct (~40 B) each, times
+	// the 256 terminal workers that keep their tails.
+	buf      []byte
+	size     int // output bytes in buf (lines and newlines, tags not counted)
 	file     *os.File
 	fileSize int64
 	fileErr  error
 	closed   bool
-}
-
-type logLine struct {
-	stream string
-	text   []byte
 }
 
 func newLogSink(id, dir string, maxBytes int64, keep int, sink LineSink) *logSink {
@@ -58,22 +57,39 @@ func (l *logSink) pump(stream string, r io.ReadCloser) {
 	}
 }
 
+// stream tags in the tail buffer; lines never hold '\n' (pump splits on it).
+const (
+	tagStdout = 'o'
+	tagStderr = 'e'
+)
+
+func streamTag(stream string) byte {
+	if stream == "stderr" {
+		return tagStderr
+	}
+	return tagStdout
+}
+
 func (l *logSink) write(stream string, line []byte) {
-	cp := append([]byte(nil), line...)
 	if l.sink != nil {
-		l.sink.WriteLine(l.id, stream, cp)
+		l.sink.WriteLine(l.id, stream, append([]byte(nil), line...))
 	}
 	l.mu.Lock()
 	defer l.mu.Unlock()
-	l.lines = append(l.lines, logLine{stream: stream, text: cp})
-	l.size += len(cp) + 1
-	for l.size > tailBytes && len(l.lines) > 1 {
-		l.size -= len(l.lines[0].text) + 1
-		l.lines[0] = logLine{}
-		l.lines = l.lines[1:]
+	l.buf = append(l.buf, streamTag(stream))
+	l.buf = append(l.buf, line...)
+	l.buf = append(l.buf, '\n')
+	l.size += len(line) + 1
+	for l.size > tailBytes {
+		i := bytes.IndexByte(l.buf, '\n')
+		if i+1 == len(l.buf) {
+			break // keep the newest line whatever its size
+		}
+		l.size -= i // the tag and the line (i bytes) stand for i output bytes with the newline
+		l.buf = l.buf[i+1:]
 	}
 	if !l.closed {
-		l.writeFile(cp)
+		l.writeFile(line)
 	}
 }
 
@@ -98,7 +114,9 @@ func (l *logSink) writeFile(line []byte) {
 		}
 		l.file = f
 	}
-	n, err := l.file.Write(append(line, '\n'))
+	// The full slice expression makes append copy: line may be the
+	// reader's buffer, which must not be written to.
+	n, err := l.file.Write(append(line[:len(line):len(line)], '\n'))
 	l.fileSize += int64(n)
 	if err != nil {
 		l.fileErr = fmt.Errorf("worker log: %w", err)
@@ -120,15 +138,25 @@ func (l *logSink) rotate() {
 func (l *logSink) tail(stream string) []byte {
 	l.mu.Lock()
 	defer l.mu.Unlock()
-	var b bytes.Buffer
-	for _, ln := range l.lines {
-		if stream != "" && ln.stream != stream {
-			continue
+	if stream == "" {
+		b := make([]byte, 0, l.size)
+		for rest := l.buf; len(rest) > 0; {
+			i := bytes.IndexByte(rest, '\n')
+			b = append(b, rest[1:i+1]...)
+			rest = rest[i+1:]
 		}
-		b.Write(ln.text)
-		b.WriteByte('\n')
+		return b
 	}
-	return b.Bytes()
+	tag := streamTag(stream)
+	var b []byte
+	for rest := l.buf; len(rest) > 0; {
+		i := bytes.IndexByte(rest, '\n')
+		if rest[0] == tag {
+			b = append(b, rest[1:i+1]...)
+		}
+		rest = rest[i+1:]
+	}
+	return b
 }
 
 // close closes the file; the tail stays readable.
