@@ -81,7 +81,9 @@ func freezeKillLoop(ctx context.Context, fz freezer, list func() ([]int, error))
 				// A task in uninterruptible sleep (a driver call, NFS)
 				// keeps the leaf FREEZING; it still must get its SIGKILL,
 				// which a killable sleep acts on at once. This round
-				// signals the pids listed above, unfrozen.
+				// signals unfrozen, from a fresh list (the old one is a
+				// second stale: its pids may have exited and been reused).
+				fallthrough
 			default:
 				if pids, err = list(); err != nil && !isGone(err) {
 					_ = thaw()
