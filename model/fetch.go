@@ -134,7 +134,15 @@ func (j *fetchJob) run(ctx context.Context) (string, error) {
 		return "", fmt.Errorf("model: mkdir: %w", err)
 	}
 	part := j.dest + incompleteSuffix
-	f, err := os.OpenFile(part, os.O_RDWR|os.O_CREATE, 0o644)
+	// The hive writes as root: a link planted at the partial's name (by
+	// anyone who can write the model dir) must not redirect that write.
+	if st, err := os.Lstat(part); err == nil && !st.Mode().IsRegular() {
+		j.log("model download removing a partial that is not a regular file", "file", j.file.Path, "mode", st.Mode().String())
+		if err := os.Remove(part); err != nil {
+			return "", fmt.Errorf("model: remove %s: %w", part, err)
+		}
+	}
+	f, err := os.OpenFile(part, os.O_RDWR|os.O_CREATE|syscall.O_NOFOLLOW, 0o644)
 	if err != nil {
 		if isDiskFull(err) {
 			return "", diskFullError(part, err)

@@ -1035,3 +1035,34 @@ func TestUnverifiablePartialIsNotResumed(t *testing.T) {
 		t.Fatal("a torn partial was resumed: the file differs")
 	}
 }
+
+// A symlink planted at a partial's name must not redirect the download's
+// writes outside the model directory.
+func TestSymlinkedPartialIsNotFollowed(t *testing.T) {
+	f := newFakeHub(t)
+	content := randomBytes(200000, 25)
+	f.add("org/repo@main", testFile{path: "m.gguf", content: content, lfs: true})
+	dir := t.TempDir()
+	base := filepath.Join(dir, "hf", "org", "repo", "main")
+	if err := os.MkdirAll(base, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	victim := filepath.Join(t.TempDir(), "victim")
+	if err := os.WriteFile(victim, []byte("precious"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Symlink(victim, filepath.Join(base, "m.gguf"+incompleteSuffix)); err != nil {
+		t.Fatal(err)
+	}
+	ts := newTestStore(t, f, dir, nil)
+	path := ensureWait(t, ts, "hf:org/repo:m.gguf")
+	if b, _ := os.ReadFile(victim); string(b) != "precious" {
+		t.Fatalf("the download wrote through the symlink: victim is now %d bytes", len(b))
+	}
+	if st, err := os.Lstat(path); err != nil || !st.Mode().IsRegular() {
+		t.Fatalf("model file %s: %v %v", path, st, err)
+	}
+	if b, _ := os.ReadFile(path); !bytes.Equal(b, content) {
+		t.Fatal("file differs")
+	}
+}
