@@ -121,6 +121,9 @@ func (m *v2Manager) setup(moveSelf bool) error {
 	if err := os.Mkdir(sup, 0o755); err != nil && !errors.Is(err, os.ErrExist) {
 		return fmt.Errorf("cgroup v2: create %s: %w", sup, err)
 	}
+	if !m.forceGate && !cloneIntoCgroupWorks(sup) {
+		m.forceGate = true
+	}
 	if moveSelf {
 		if err := writeFile(sup, "cgroup.procs", strconv.Itoa(os.Getpid())); err != nil {
 			return fmt.Errorf("cgroup v2: move the hive into %s: %w", sup, err)
@@ -378,6 +381,22 @@ func listLeaves(dir string) ([]string, error) {
 		}
 	}
 	return ids, nil
+}
+
+// cloneIntoCgroupWorks probes CLONE_INTO_CGROUP once: ForkExec, into dir,
+// of a path that cannot exist. ENOENT means clone3 placed the child and only
+// its exec failed (ForkExec reaps it). Anything else (ENOSYS or EPERM from a
+// seccomp filter that blocks clone3, as older container runtimes ship) would
+// fail every worker's Start, so the spawn gate is used instead.
+func cloneIntoCgroupWorks(dir string) bool {
+	fd, err := unix.Open(dir, unix.O_PATH|unix.O_DIRECTORY|unix.O_CLOEXEC, 0)
+	if err != nil {
+		return false
+	}
+	defer unix.Close(fd)
+	_, err = syscall.ForkExec("/nonexistent/rbee-hive-clone-into-cgroup-probe", []string{"probe"},
+		&syscall.ProcAttr{Sys: &syscall.SysProcAttr{UseCgroupFD: true, CgroupFD: fd}})
+	return errors.Is(err, syscall.ENOENT)
 }
 
 // kernelAtLeast compares the running kernel's release with major.minor; an

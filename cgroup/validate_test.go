@@ -210,3 +210,31 @@ func TestDefaultV2Root(t *testing.T) {
 		}
 	}
 }
+
+// TestCloneIntoCgroupProbe: the probe accepts a cgroup2 directory and
+// rejects what CLONE_INTO_CGROUP refuses (a v1 directory fails clone3 with
+// EBADF, anchors §1.6; so does a seccomp-blocked clone3), so New picks the
+// gate instead of failing every Start.
+func TestCloneIntoCgroupProbe(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("needs root: creates cgroups (CI runs as root)")
+	}
+	m := newTestManager(t, Options{})
+	l, err := m.Create("w-probe", Limits{MemoryMax: 64 << 20})
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := mgrMode() == "v2"
+	if got := cloneIntoCgroupWorks(memDirOf(l)); got != want {
+		t.Errorf("cloneIntoCgroupWorks(%s leaf) = %v, want %v", mgrMode(), got, want)
+	}
+	if pids, err := l.Pids(); err != nil || len(pids) != 0 {
+		t.Errorf("probe left pids %v (%v) in the leaf", pids, err)
+	}
+	if cloneIntoCgroupWorks(t.TempDir()) {
+		t.Error("cloneIntoCgroupWorks(a plain directory) = true")
+	}
+	if vm, ok := m.(*v2Manager); ok && vm.forceGate {
+		t.Error("v2 manager chose the gate although CLONE_INTO_CGROUP works")
+	}
+}
