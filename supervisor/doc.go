@@ -6,7 +6,8 @@
 //
 // Concurrency: one mutex (Supervisor.mu) guards the registry and every
 // mutable field of every worker; it is never held across process starts,
-// kills, HTTP calls or sleeps. One loop (Run) owns time: load timeouts, stale
+// kills, HTTP calls or sleeps, nor across the model store's release or log
+// file removal (queued for Supervisor.unlock). One loop (Run) owns time: load timeouts, stale
 // deadlines and restart backoffs are deadlines on the workers, and the loop
 // sleeps until the earliest one (no polling). Each process has exactly one
 // goroutine calling cmd.Wait, which then kills what is left of the tree,

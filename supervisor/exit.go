@@ -122,7 +122,7 @@ func (s *Supervisor) onExit(w *worker, r *run, st *os.ProcessState, oomed bool) 
 	}
 	now := time.Now()
 	s.mu.Lock()
-	defer s.mu.Unlock()
+	defer s.unlock()
 	w.run = nil
 	w.inflight = 0
 	s.clearDeadline(w)
@@ -174,13 +174,15 @@ func (s *Supervisor) onExit(w *worker, r *run, st *os.ProcessState, oomed bool) 
 }
 
 // finish makes w terminal: resources released, port freed, kept for
-// inspection (or removed if a DELETE asked). Caller holds s.mu.
+// inspection (or removed if a DELETE asked). Caller holds s.mu and ends
+// with s.unlock, which releases the model.
 func (s *Supervisor) finish(w *worker, to State, why string) {
 	s.clearDeadline(w)
 	s.setState(w, to, why)
 	releaseClaim(w.claim)
 	if w.modelRel != nil {
-		w.modelRel()
+		s.afterUnlock = append(s.afterUnlock, w.modelRel)
+		w.modelRel = nil
 	}
 	if s.ports[w.port] == w.id {
 		delete(s.ports, w.port)

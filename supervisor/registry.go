@@ -197,12 +197,13 @@ func (s *Supervisor) pruneTerminal() {
 	}
 }
 
-// removeLocked drops w from the registry. Caller holds s.mu.
+// removeLocked drops w from the registry. Caller holds s.mu and ends with
+// s.unlock, which deletes the log files.
 func (s *Supervisor) removeLocked(w *worker) {
 	delete(s.workers, w.id)
 	delete(s.tokens, tokenKey(w.token))
 	if s.ports[w.port] == w.id {
 		delete(s.ports, w.port)
 	}
-	w.logs.remove()
+	s.afterUnlock = append(s.afterUnlock, w.logs.remove)
 }

@@ -150,7 +150,7 @@ func (s *Supervisor) Spawn(ctx context.Context, req SpawnRequest) (SpawnResult, 
 	if err := s.startRun(w, "spawned"); err != nil {
 		s.mu.Lock()
 		s.removeLocked(w)
-		s.mu.Unlock()
+		s.unlock()
 		undo()
 		if errors.Is(err, errNotStarted) {
 			return SpawnResult{}, api.Errorf(http.StatusServiceUnavailable, api.CodeUnavailable, "worker %s was stopped before it started, or the hive is shutting down", id)
@@ -220,7 +220,7 @@ func (s *Supervisor) download(ctx context.Context, w *worker, wait <-chan ModelR
 		s.m.spawnFailures.WithLabelValues(failModel).Inc()
 		w.exitReason = ReasonSpawnFailed
 		s.finish(w, StateFailed, "model download failed: "+err.Error())
-		s.mu.Unlock()
+		s.unlock()
 		return
 	}
 	w.modelPath = path
@@ -484,7 +484,7 @@ func (o *oomWatch) drain(ch <-chan cgroup.OOMEvent) {
 func (s *Supervisor) startFailed(w *worker, err error) {
 	if errors.Is(err, errNotStarted) {
 		s.mu.Lock()
-		defer s.mu.Unlock()
+		defer s.unlock()
 		if !w.state.terminal() { // the hive is closing
 			s.finish(w, StateStopped, ReasonStopped)
 		}
@@ -493,7 +493,7 @@ func (s *Supervisor) startFailed(w *worker, err error) {
 	s.m.spawnFailures.WithLabelValues(spawnReason(err)).Inc()
 	s.m.exits.WithLabelValues(ReasonSpawnFailed).Inc()
 	s.mu.Lock()
-	defer s.mu.Unlock()
+	defer s.unlock()
 	w.log.Error("worker start failed", slog.Any("err", err))
 	if w.state.terminal() {
 		return // stopped while we were starting it

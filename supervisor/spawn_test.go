@@ -197,3 +197,58 @@ func TestStartRunRefusesStoppedWorker(t *testing.T) {
 		t.Errorf("spawn_failures{exec} = %v", got)
 	}
 }
+
+// slowRelease is a model store whose release stalls, as model.Store's does
+// while it writes its catalog.
+type slowRelease struct {
+	dirStore
+	entered chan struct{}
+	gate    chan struct{}
+}
+
+func (s *slowRelease) Acquire(ref string) func() {
+	rel := s.dirStore.Acquire(ref)
+	return func() {
+		close(s.entered)
+		<-s.gate
+		rel()
+	}
+}
+
+// The model store's release does disk I/O: it must run outside s.mu, or a
+// slow catalog stalls every request, datagram and deadline of the hive.
+func TestModelReleaseOutsideLock(t *testing.T) {
+	h := newHarness(t)
+	store := &slowRelease{entered: make(chan struct{}), gate: make(chan struct{})}
+	h.s.deps.Models = store
+	t.Cleanup(func() {
+		select {
+		case <-store.gate:
+		default:
+			close(store.gate)
+		}
+	})
+	res := h.spawn(map[string]any{"backend": "sim"})
+	h.waitState(res.WorkerID, StateIdle, 10*time.Second)
+	stopped := make(chan error, 1)
+	go func() { _, err := h.s.Stop(context.Background(), res.WorkerID); stopped <- err }()
+	select {
+	case <-store.entered:
+	case <-time.After(10 * time.Second):
+		t.Fatal("the model was never released")
+	}
+	listed := make(chan struct{})
+	go func() { h.s.List(); close(listed) }()
+	select {
+	case <-listed:
+	case <-time.After(2 * time.Second):
+		t.Error("the registry is locked while the model store releases")
+	}
+	close(store.gate)
+	if err := <-stopped; err != nil {
+		t.Fatal(err)
+	}
+	if n := store.used("file:/models/tiny.gguf"); n != 0 {
+		t.Errorf("model still in use by %d after the stop", n)
+	}
+}

@@ -69,7 +69,7 @@ func (s *Supervisor) Stop(ctx context.Context, id string) (WorkerInfo, error) {
 			s.removeLocked(w)
 		}
 		info := s.info(w)
-		s.mu.Unlock()
+		s.unlock()
 		return info, nil
 	}
 	w.pending, w.noRestart = ReasonStopped, true
@@ -129,7 +129,7 @@ func (s *Supervisor) Shutdown(ctx context.Context) ShutdownReport {
 			s.finish(w, StateStopped, "hive shutdown")
 		}
 	}
-	s.mu.Unlock()
+	s.unlock()
 
 	// Leave a slice of the budget for the kills after the grace period.
 	grace := s.cfg.Workers.GracePeriod.D()

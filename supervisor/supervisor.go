@@ -35,6 +35,10 @@ type Supervisor struct {
 	closing  bool                // Shutdown started: no spawns, no restarts
 	nextPort int                 // where the next port scan starts
 	starting sync.WaitGroup      // startRun calls in flight (Shutdown waits)
+	// afterUnlock is work that finish and removeLocked hand to unlock: the
+	// model store's release writes its catalog and a removal unlinks log
+	// files, disk I/O that must not stall everything else behind s.mu.
+	afterUnlock []func()
 
 	kick  chan struct{}
 	probe chan chan struct{}
@@ -179,6 +183,18 @@ func (s *Supervisor) Summary() string {
 		noun = "worker"
 	}
 	return fmt.Sprintf("%d %s: %s", n, noun, strings.Join(parts, ", "))
+}
+
+// unlock releases s.mu, then runs the work queued by finish and
+// removeLocked in this critical section. Every section that may call them
+// ends with unlock instead of s.mu.Unlock.
+func (s *Supervisor) unlock() {
+	fns := s.afterUnlock
+	s.afterUnlock = nil
+	s.mu.Unlock()
+	for _, f := range fns {
+		f()
+	}
 }
 
 func tokenKey(tok string) [32]byte { return sha256.Sum256([]byte(tok)) }
