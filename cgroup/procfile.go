@@ -3,6 +3,7 @@ package cgroup
 import (
 	"bufio"
 	"bytes"
+	"errors"
 	"fmt"
 	"os"
 	"strconv"
@@ -53,4 +54,24 @@ func leafFromPath(root, p string) (string, bool) {
 		return "", false
 	}
 	return id, true
+}
+
+// leafOf is Manager.LeafOf for both drivers: the worker leaf below
+// <root>/workers that pid's /proc/<pid>/cgroup line for hierarchy key ("" for
+// v2's unified line, a controller name on v1) names.
+func leafOf(mode string, pid int, key, root string) (string, error) {
+	if pid <= 0 {
+		return "", fmt.Errorf("%w: pid %d", ErrInvalid, pid)
+	}
+	cgs, err := procCgroups(pid)
+	if err != nil {
+		if errors.Is(err, os.ErrNotExist) {
+			return "", fmt.Errorf("cgroup %s: pid %d: %w", mode, pid, ErrNotFound)
+		}
+		return "", err
+	}
+	if id, ok := leafFromPath(root, cgs[key]); ok {
+		return id, nil
+	}
+	return "", fmt.Errorf("cgroup %s: pid %d is in cgroup %q, not in a worker leaf: %w", mode, pid, cgs[key], ErrNotFound)
 }

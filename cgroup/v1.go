@@ -200,22 +200,9 @@ func (m *v1Manager) List() ([]string, error) {
 	return listLeaves(filepath.Join(v1Mount, string(cgroup1.Memory), m.roots[cgroup1.Memory], "workers"))
 }
 
+// LeafOf looks in the memory hierarchy, where every leaf exists.
 func (m *v1Manager) LeafOf(pid int) (string, error) {
-	if pid <= 0 {
-		return "", fmt.Errorf("%w: pid %d", ErrInvalid, pid)
-	}
-	cgs, err := procCgroups(pid)
-	if err != nil {
-		if errors.Is(err, os.ErrNotExist) {
-			return "", fmt.Errorf("cgroup v1: pid %d: %w", pid, ErrNotFound)
-		}
-		return "", err
-	}
-	p := cgs[string(cgroup1.Memory)]
-	if id, ok := leafFromPath(m.roots[cgroup1.Memory], p); ok {
-		return id, nil
-	}
-	return "", fmt.Errorf("cgroup v1: pid %d is in memory cgroup %q, not in a worker leaf: %w", pid, p, ErrNotFound)
+	return leafOf("v1", pid, string(cgroup1.Memory), m.roots[cgroup1.Memory])
 }
 
 // v1Leaf is one worker's cgroup in each v1 hierarchy.

@@ -222,22 +222,7 @@ func (m *v2Manager) List() ([]string, error) {
 	return listLeaves(filepath.Join(m.root, "workers"))
 }
 
-func (m *v2Manager) LeafOf(pid int) (string, error) {
-	if pid <= 0 {
-		return "", fmt.Errorf("%w: pid %d", ErrInvalid, pid)
-	}
-	cgs, err := procCgroups(pid)
-	if err != nil {
-		if errors.Is(err, os.ErrNotExist) {
-			return "", fmt.Errorf("cgroup v2: pid %d: %w", pid, ErrNotFound)
-		}
-		return "", err
-	}
-	if id, ok := leafFromPath(m.rel, cgs[""]); ok {
-		return id, nil
-	}
-	return "", fmt.Errorf("cgroup v2: pid %d is in %q, not in a worker leaf: %w", pid, cgs[""], ErrNotFound)
-}
+func (m *v2Manager) LeafOf(pid int) (string, error) { return leafOf("v2", pid, "", m.rel) }
 
 // v2Leaf is one worker's cgroup on v2.
 type v2Leaf struct {
