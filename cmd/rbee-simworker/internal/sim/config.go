@@ -108,13 +108,15 @@ func Parse(args []string, lookup func(string) (string, bool), out io.Writer) (Co
 			errs = append(errs, fmt.Errorf("--%s must not be negative", name))
 		}
 	}
-	if c.TokensPerSecond < 0 || c.TokensPerSecond > 1e6 {
+	// Negated ranges so that NaN (which ParseFloat accepts) fails them: a
+	// NaN leak rate made the leak's make() panic.
+	if !(c.TokensPerSecond >= 0 && c.TokensPerSecond <= 1e6) {
 		errs = append(errs, fmt.Errorf("--tokens-per-second %v out of range 0..1e6", c.TokensPerSecond))
 	}
 	if c.AllocMiB < 0 || c.AllocMiB > 1<<20 {
 		errs = append(errs, fmt.Errorf("--alloc-mib %d out of range 0..%d", c.AllocMiB, 1<<20))
 	}
-	if c.LeakMiBPerSec < 0 || c.LeakMiBPerSec > 1<<16 {
+	if !(c.LeakMiBPerSec >= 0 && c.LeakMiBPerSec <= 1<<16) {
 		errs = append(errs, fmt.Errorf("--leak-mib-per-sec %v out of range", c.LeakMiBPerSec))
 	}
 	return c, errors.Join(errs...)

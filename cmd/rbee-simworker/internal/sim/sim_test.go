@@ -51,6 +51,8 @@ func TestParse(t *testing.T) {
 		{"negative alloc", []string{"--alloc-mib", "-1"}, nil, nil, true},
 		{"negative leak", []string{"--leak-mib-per-sec", "-1"}, nil, nil, true},
 		{"negative rate", []string{"--tokens-per-second", "-1"}, nil, nil, true},
+		{"NaN rate", []string{"--tokens-per-second", "NaN"}, nil, nil, true},
+		{"NaN leak", []string{"--leak-mib-per-sec", "NaN"}, nil, nil, true},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
