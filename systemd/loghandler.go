@@ -206,14 +206,12 @@ func flattenAttr(prefix string, a slog.Attr, add func(k, v string)) {
 	add(name, valueString(a.Value))
 }
 
+// valueString renders an attribute value. Errors need no case of their
+// own: v.String() formats with fmt, which calls Error() and, unlike a direct
+// call, survives a typed nil error whose Error() dereferences its receiver.
 func valueString(v slog.Value) string {
-	switch v.Kind() {
-	case slog.KindTime:
+	if v.Kind() == slog.KindTime {
 		return v.Time().Format(time.RFC3339Nano)
-	case slog.KindAny:
-		if err, ok := v.Any().(error); ok && err != nil {
-			return err.Error()
-		}
 	}
 	return v.String()
 }

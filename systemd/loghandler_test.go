@@ -107,3 +107,25 @@ func TestNewLogHandlerModes(t *testing.T) {
 		})
 	}
 }
+
+type derefErr struct{ msg string }
+
+func (e *derefErr) Error() string { return e.msg }
+
+// A typed nil error (a *T that is nil inside an error interface) is a common
+// Go slip; logging one must not panic the hive.
+func TestJournalHandlerTypedNilError(t *testing.T) {
+	h := NewJournalHandler(JournalOptions{})
+	defer h.Close()
+	var e *derefErr
+	var err error = e
+	defer func() {
+		if r := recover(); r != nil {
+			t.Fatalf("Handle panicked on a typed nil error: %v", r)
+		}
+	}()
+	slog.New(h).Error("spawn failed", "err", err, "cause", &derefErr{"disk full"})
+	if got := valueString(slog.AnyValue(&derefErr{"disk full"})); got != "disk full" {
+		t.Errorf("valueString(error) = %q, want its Error()", got)
+	}
+}
