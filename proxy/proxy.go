@@ -138,6 +138,11 @@ func New(reg prometheus.Registerer, opts Options) (*Proxy, error) {
 		t := http.DefaultTransport.(*http.Transport).Clone()
 		t.MaxIdleConnsPerHost = 64 // workers are few and local; reuse connections
 		t.DisableCompression = true
+		// Workers are on this host or its network: an HTTP_PROXY in the
+		// hive's environment (meant for model downloads) must not get the
+		// prompts and the worker's bearer token, as it did for any
+		// worker_host that is not a loopback address.
+		t.Proxy = nil
 		tr = t
 	}
 	p := &Proxy{

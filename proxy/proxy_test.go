@@ -755,3 +755,15 @@ func TestStreamEventDataBounded(t *testing.T) {
 		t.Fatalf("after the oversized event: tokens %d done %v, want 1 true", st.tokens, st.done)
 	}
 }
+
+// Inference never goes through an HTTP proxy from the environment.
+func TestDefaultTransportIgnoresEnvProxy(t *testing.T) {
+	p, err := New(prometheus.NewRegistry(), Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	tr, ok := p.client.Transport.(*http.Transport)
+	if !ok || tr.Proxy != nil {
+		t.Fatalf("default transport %T uses a proxy func", p.client.Transport)
+	}
+}
