@@ -252,29 +252,38 @@ func randomHex(n int) (string, error) {
 }
 
 // allocPort reserves a port for id: not held by a registered worker and
-// bindable right now. Serialised under s.mu so concurrent spawns never get
-// the same port; the scan starts after the last port handed out so a port
-// just released is not reused at once.
+// bindable right now. Each candidate is reserved in s.ports before it is
+// probed, so concurrent spawns never get the same port, yet the bind probes
+// (a thousand of them when the range is nearly full) run without s.mu. The
+// scan starts after the last port handed out so a port just released is
+// not reused at once.
 func (s *Supervisor) allocPort(id string) (int, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
 	lo, hi := s.cfg.Workers.PortMin, s.cfg.Workers.PortMax
 	n := hi - lo + 1
+	s.mu.Lock()
 	start := s.nextPort
+	s.mu.Unlock()
 	if start < lo || start > hi {
 		start = lo
 	}
 	for i := 0; i < n; i++ {
 		p := lo + (start-lo+i)%n
+		s.mu.Lock()
 		if _, held := s.ports[p]; held {
-			continue
-		}
-		if !portFree(s.cfg.WorkerHost, p) {
+			s.mu.Unlock()
 			continue
 		}
 		s.ports[p] = id
-		s.nextPort = p + 1
-		return p, nil
+		s.mu.Unlock()
+		free := s.portFree(s.cfg.WorkerHost, p)
+		s.mu.Lock()
+		if free {
+			s.nextPort = p + 1
+			s.mu.Unlock()
+			return p, nil
+		}
+		delete(s.ports, p)
+		s.mu.Unlock()
 	}
 	return 0, api.Errorf(http.StatusServiceUnavailable, api.CodeUnavailable, "No available ports (%d-%d all in use)", lo, hi)
 }

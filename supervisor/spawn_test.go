@@ -252,3 +252,50 @@ func TestModelReleaseOutsideLock(t *testing.T) {
 		t.Errorf("model still in use by %d after the stop", n)
 	}
 }
+
+// The port scan's bind probes run without s.mu (a nearly full range is a
+// thousand binds), and two spawns probing at once still get distinct ports.
+func TestPortProbeOutsideLock(t *testing.T) {
+	h := newHarness(t)
+	entered, gate := make(chan struct{}), make(chan struct{})
+	var once sync.Once
+	h.s.portFree = func(host string, port int) bool {
+		first := false
+		once.Do(func() { first = true })
+		if first {
+			close(entered)
+			<-gate
+		}
+		return portFree(host, port)
+	}
+	type result struct {
+		res SpawnResult
+		err error
+	}
+	spawned := make(chan result, 2)
+	spawn := func() {
+		dev := int64(0)
+		res, err := h.s.Spawn(context.Background(), SpawnRequest{ModelRef: "file:/models/tiny.gguf", Backend: "sim", Device: &dev})
+		spawned <- result{res, err}
+	}
+	go spawn()
+	<-entered
+	listed := make(chan struct{})
+	go func() { h.s.List(); close(listed) }()
+	select {
+	case <-listed:
+	case <-time.After(2 * time.Second):
+		close(gate)
+		t.Fatal("the registry is locked while a port is probed")
+	}
+	go spawn() // probes past the port the first spawn holds
+	second := <-spawned
+	close(gate)
+	first := <-spawned
+	if first.err != nil || second.err != nil {
+		t.Fatalf("spawns: %v, %v", first.err, second.err)
+	}
+	if first.res.URL == second.res.URL {
+		t.Errorf("two workers got %s", first.res.URL)
+	}
+}

@@ -26,6 +26,8 @@ type Supervisor struct {
 	logDir  string
 	client  *http.Client // health polls
 	devices []GPUDevice  // GPUs known at start, for metric series
+	// portFree probes whether a port can be bound (a seam for tests).
+	portFree func(host string, port int) bool
 
 	mu       sync.Mutex
 	workers  map[string]*worker
@@ -59,18 +61,19 @@ func New(cfg *config.Config, deps Deps) (*Supervisor, error) {
 		deps.Logger = slog.New(slog.NewTextHandler(io.Discard, nil))
 	}
 	s := &Supervisor{
-		cfg:     cfg,
-		deps:    deps,
-		log:     deps.Logger.With(slog.String("component", "supervisor")),
-		logDir:  filepath.Join(cfg.StateDir, "workers"),
-		client:  &http.Client{Timeout: 2 * time.Second, Transport: &http.Transport{DisableKeepAlives: true, Proxy: nil}},
-		workers: make(map[string]*worker),
-		tokens:  make(map[[32]byte]string),
-		mainPID: make(map[int]*worker),
-		ports:   make(map[int]string),
-		kick:    make(chan struct{}, 1),
-		probe:   make(chan chan struct{}),
-		wedge:   make(chan (<-chan struct{})),
+		cfg:      cfg,
+		deps:     deps,
+		log:      deps.Logger.With(slog.String("component", "supervisor")),
+		logDir:   filepath.Join(cfg.StateDir, "workers"),
+		client:   &http.Client{Timeout: 2 * time.Second, Transport: &http.Transport{DisableKeepAlives: true, Proxy: nil}},
+		portFree: portFree,
+		workers:  make(map[string]*worker),
+		tokens:   make(map[[32]byte]string),
+		mainPID:  make(map[int]*worker),
+		ports:    make(map[int]string),
+		kick:     make(chan struct{}, 1),
+		probe:    make(chan chan struct{}),
+		wedge:    make(chan (<-chan struct{})),
 	}
 	if err := os.MkdirAll(s.logDir, 0o750); err != nil {
 		return nil, fmt.Errorf("supervisor: worker log dir: %w", err)
