@@ -262,9 +262,12 @@ func (h *hub) listFiles(ctx context.Context, ref Ref) ([]RepoFile, error) {
 			}
 			files = append(files, f)
 		}
+		// A relative target resolves against this page's URL (next was
+		// nil here before, and a relative Link dereferenced it).
+		cur := next
 		next = nil
 		if target := nextLink(link); target != "" {
-			u, err := next.Parse(target)
+			u, err := cur.Parse(target)
 			if err != nil {
 				return nil, fail(ReasonNetwork, fmt.Errorf("model: bad Link header %q: %w", link, err))
 			}

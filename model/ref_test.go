@@ -197,3 +197,29 @@ func TestListingRefusesUnsafePaths(t *testing.T) {
 		}
 	}
 }
+
+// A relative Link target (RFC 8288 allows it) resolves against the page it
+// came with.
+func TestListingFollowsRelativeLink(t *testing.T) {
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if r.URL.Query().Get("cursor") == "" {
+			w.Header().Set("Link", `</api/models/o/r/tree/main?recursive=true&cursor=2>; rel="next"`)
+			json.NewEncoder(w).Encode([]map[string]any{{"type": "file", "path": "a.gguf", "size": 1, "oid": "x"}})
+			return
+		}
+		if r.URL.Path != "/api/models/o/r/tree/main" {
+			http.NotFound(w, r)
+			return
+		}
+		json.NewEncoder(w).Encode([]map[string]any{{"type": "file", "path": "b.gguf", "size": 1, "oid": "x"}})
+	}))
+	defer srv.Close()
+	h, err := newHub(srv.URL, "", nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	files, err := h.listFiles(t.Context(), Ref{Provider: ProviderHF, Repo: "o/r", Revision: "main"})
+	if err != nil || len(files) != 2 || files[1].Path != "b.gguf" {
+		t.Fatalf("files %v, err %v; want a.gguf and b.gguf", files, err)
+	}
+}
