@@ -273,12 +273,17 @@ func (s *Supervisor) handleInference(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	target.URL = u
+	// counted says this request holds one of wk.inflight (guarded by s.mu):
+	// a second OnEnd must not end another request's count, and a proxy that
+	// panics or forgets OnEnd must not leave the worker busy for good.
+	counted := false
 	target.OnStart = func() {
 		s.mu.Lock()
 		defer s.mu.Unlock()
-		if wk.run != r0 {
+		if wk.run != r0 || counted {
 			return
 		}
+		counted = true
 		wk.inflight++
 		if wk.state == StateIdle {
 			s.setState(wk, StateBusy, "inference")
@@ -287,6 +292,10 @@ func (s *Supervisor) handleInference(w http.ResponseWriter, r *http.Request) {
 	target.OnEnd = func() {
 		s.mu.Lock()
 		defer s.mu.Unlock()
+		if !counted {
+			return
+		}
+		counted = false
 		if wk.run != r0 || wk.inflight == 0 {
 			return
 		}
@@ -295,6 +304,7 @@ func (s *Supervisor) handleInference(w http.ResponseWriter, r *http.Request) {
 			s.setState(wk, StateIdle, "inference done")
 		}
 	}
+	defer target.OnEnd()
 	s.deps.Proxy.Forward(w, r, target)
 }
 

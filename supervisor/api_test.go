@@ -359,3 +359,41 @@ func TestLogTailMemoryBounded(t *testing.T) {
 	}
 	runtime.KeepAlive(l)
 }
+
+// brokenProxy calls OnStart and then panics, or calls OnEnd twice.
+type brokenProxy struct{ panics bool }
+
+func (p brokenProxy) Forward(w http.ResponseWriter, r *http.Request, t ProxyTarget) {
+	t.OnStart()
+	if p.panics {
+		panic("proxy bug")
+	}
+	t.OnEnd()
+	t.OnEnd()
+}
+
+// A proxy that panics after OnStart must not leave the worker busy for good,
+// and a second OnEnd must not end another request's count.
+func TestInferenceBusyAccountingSurvivesProxyBugs(t *testing.T) {
+	h := newHarness(t)
+	res := h.spawn(map[string]any{"backend": "sim"})
+	h.waitState(res.WorkerID, StateIdle, 10*time.Second)
+	h.s.deps.Proxy = brokenProxy{panics: true}
+	if code, out := h.do("POST", "/v1/workers/"+res.WorkerID+"/inference", `{}`); code != 500 {
+		t.Errorf("panicking proxy: %d %s", code, out)
+	}
+	if wi := h.get(res.WorkerID); wi.State != StateIdle || wi.InFlight != 0 {
+		t.Errorf("after a proxy panic: %s, %d in flight", wi.State, wi.InFlight)
+	}
+	// Another request is in flight while a buggy one ends twice.
+	h.s.mu.Lock()
+	w := h.s.workers[res.WorkerID]
+	w.inflight++
+	h.s.setState(w, StateBusy, "test")
+	h.s.mu.Unlock()
+	h.s.deps.Proxy = brokenProxy{}
+	h.do("POST", "/v1/workers/"+res.WorkerID+"/inference", `{}`)
+	if wi := h.get(res.WorkerID); wi.State != StateBusy || wi.InFlight != 1 {
+		t.Errorf("a double OnEnd: %s, %d in flight, want busy with 1", wi.State, wi.InFlight)
+	}
+}
