@@ -5,6 +5,7 @@ import (
 	"log/slog"
 	"net/http"
 	"net/url"
+	"runtime/debug"
 	"sort"
 	"strconv"
 	"strings"
@@ -159,26 +160,28 @@ func (s *Supervisor) Get(id string) (WorkerInfo, error) {
 // heartbeat routes also accept the worker's own RBEE_WORKER_TOKEN, for that
 // worker only.
 func (s *Supervisor) Routes(rt *api.Router, auth api.AuthFunc) {
-	rt.HandleFunc("POST /v1/workers/spawn", auth, safe(s.handleSpawn))
-	rt.HandleFunc("GET /v1/workers/list", auth, safe(s.handleList))
-	rt.HandleFunc("GET /v1/workers/{id}", auth, safe(s.handleGet))
-	rt.HandleFunc("DELETE /v1/workers/{id}", auth, safe(s.handleDelete))
-	rt.HandleFunc("GET /v1/workers/{id}/logs", auth, safe(s.handleLogs))
-	rt.HandleFunc("POST /v1/workers/{id}/inference", auth, safe(s.handleInference))
-	rt.HandleFunc("POST /v1/workers/ready", nil, safe(func(w http.ResponseWriter, r *http.Request) { s.handleReady(w, r, auth) }))
-	rt.HandleFunc("POST /v1/heartbeat", nil, safe(func(w http.ResponseWriter, r *http.Request) { s.handleHeartbeat(w, r, auth) }))
+	rt.HandleFunc("POST /v1/workers/spawn", auth, s.safe(s.handleSpawn))
+	rt.HandleFunc("GET /v1/workers/list", auth, s.safe(s.handleList))
+	rt.HandleFunc("GET /v1/workers/{id}", auth, s.safe(s.handleGet))
+	rt.HandleFunc("DELETE /v1/workers/{id}", auth, s.safe(s.handleDelete))
+	rt.HandleFunc("GET /v1/workers/{id}/logs", auth, s.safe(s.handleLogs))
+	rt.HandleFunc("POST /v1/workers/{id}/inference", auth, s.safe(s.handleInference))
+	rt.HandleFunc("POST /v1/workers/ready", nil, s.safe(func(w http.ResponseWriter, r *http.Request) { s.handleReady(w, r, auth) }))
+	rt.HandleFunc("POST /v1/heartbeat", nil, s.safe(func(w http.ResponseWriter, r *http.Request) { s.handleHeartbeat(w, r, auth) }))
 }
 
 // safe turns a panic in a handler into a 500 envelope instead of a dropped
-// connection; a bug must not take a request path down with it.
-func safe(h http.HandlerFunc) http.HandlerFunc {
+// connection; a bug must not take a request path down with it. The panic
+// goes to the supervisor's logger (journald), not the process default.
+func (s *Supervisor) safe(h http.HandlerFunc) http.HandlerFunc {
 	return func(w http.ResponseWriter, r *http.Request) {
 		defer func() {
 			if v := recover(); v != nil {
 				if v == http.ErrAbortHandler {
 					panic(v)
 				}
-				slog.Error("panic in worker API handler", slog.Any("panic", v), slog.String("path", r.URL.Path))
+				s.log.Error("panic in worker API handler", slog.Any("panic", v), slog.String("method", r.Method),
+					slog.String("path", r.URL.Path), slog.String("stack", string(debug.Stack())))
 				api.WriteError(w, api.Errorf(http.StatusInternalServerError, api.CodeInternal, "internal error"))
 			}
 		}()

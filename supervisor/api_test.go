@@ -385,6 +385,9 @@ func TestInferenceBusyAccountingSurvivesProxyBugs(t *testing.T) {
 	if wi := h.get(res.WorkerID); wi.State != StateIdle || wi.InFlight != 0 {
 		t.Errorf("after a proxy panic: %s, %d in flight", wi.State, wi.InFlight)
 	}
+	if !strings.Contains(h.logs.String(), `msg="panic in worker API handler" component=supervisor`) {
+		t.Error("the panic is not in the supervisor's log")
+	}
 	// Another request is in flight while a buggy one ends twice.
 	h.s.mu.Lock()
 	w := h.s.workers[res.WorkerID]
