@@ -12,6 +12,7 @@ import (
 	"regexp"
 	"sort"
 	"strings"
+	"time"
 
 	"github.com/rbee/rbee-hive/api"
 )
@@ -82,6 +83,10 @@ type hub struct {
 	endpoint *url.URL
 	token    string
 	client   *http.Client
+	// pageTimeout bounds each listing request, body included, since the
+	// caller's ctx may have no deadline (a CLI pull waits as long as it
+	// takes); 0: none.
+	pageTimeout time.Duration
 }
 
 func newHub(endpoint, token string, c *http.Client) (*hub, error) {
@@ -217,27 +222,7 @@ func (h *hub) listFiles(ctx context.Context, ref Ref) ([]RepoFile, error) {
 		if page >= maxTreePages {
 			return nil, fail(ReasonNetwork, fmt.Errorf("model: tree listing of %s exceeds %d pages", what, maxTreePages))
 		}
-		req, err := h.newRequest(ctx, next)
-		if err != nil {
-			return nil, err
-		}
-		req.Header.Set("Accept", "application/json")
-		resp, err := h.client.Do(req)
-		if err != nil {
-			return nil, networkError(ref, what, err)
-		}
-		entries, link, err := func() ([]treeEntry, string, error) {
-			defer resp.Body.Close()
-			if resp.StatusCode != http.StatusOK {
-				return nil, "", statusError(ref, what, resp)
-			}
-			var es []treeEntry
-			// 64 MiB is far beyond any real page (the Hub pages at 1000 entries).
-			if err := json.NewDecoder(io.LimitReader(resp.Body, 64<<20)).Decode(&es); err != nil {
-				return nil, "", networkError(ref, what, fmt.Errorf("decode tree listing: %w", err))
-			}
-			return es, resp.Header.Get("Link"), nil
-		}()
+		entries, link, err := h.listPage(ctx, ref, what, next)
 		if err != nil {
 			return nil, err
 		}
@@ -314,6 +299,42 @@ func unsafeRepoPath(p string) string {
 		}
 	}
 	return ""
+}
+
+// listPage fetches one page of the tree listing.
+func (h *hub) listPage(ctx context.Context, ref Ref, what string, u *url.URL) ([]treeEntry, string, error) {
+	if h.pageTimeout > 0 {
+		var cancel context.CancelFunc
+		ctx, cancel = context.WithTimeoutCause(ctx, h.pageTimeout, errStalled)
+		defer cancel()
+	}
+	stalled := func(err error) error {
+		if errors.Is(context.Cause(ctx), errStalled) {
+			return fail(ReasonStalled, &wrapped{api.Errorf(http.StatusGatewayTimeout, api.CodeUpstream,
+				"listing %s stalled: no answer within %s", what, h.pageTimeout).
+				WithDetails(map[string]any{"model_ref": ref.String(), "reason": ReasonStalled}), redactURL(err)})
+		}
+		return networkError(ref, what, err)
+	}
+	req, err := h.newRequest(ctx, u)
+	if err != nil {
+		return nil, "", err
+	}
+	req.Header.Set("Accept", "application/json")
+	resp, err := h.client.Do(req)
+	if err != nil {
+		return nil, "", stalled(err)
+	}
+	defer resp.Body.Close()
+	if resp.StatusCode != http.StatusOK {
+		return nil, "", statusError(ref, what, resp)
+	}
+	var es []treeEntry
+	// 64 MiB is far beyond any real page (the Hub pages at 1000 entries).
+	if err := json.NewDecoder(io.LimitReader(resp.Body, 64<<20)).Decode(&es); err != nil {
+		return nil, "", stalled(fmt.Errorf("decode tree listing: %w", err))
+	}
+	return es, resp.Header.Get("Link"), nil
 }
 
 // nextLink extracts the rel="next" target of an RFC 8288 Link header.

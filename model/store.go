@@ -160,6 +160,11 @@ func New(opts Options) (*Store, error) {
 	if err != nil {
 		return nil, err
 	}
+	stall := opts.StallTimeout
+	if stall <= 0 {
+		stall = DefaultStallTimeout
+	}
+	h.pageTimeout = stall // a listing page is a stall too
 	reg := opts.Registry
 	if reg == nil {
 		reg = prometheus.NewRegistry()
@@ -175,10 +180,6 @@ func New(opts Options) (*Store, error) {
 	cat, err := openCatalog(catPath)
 	if err != nil {
 		return nil, err
-	}
-	stall := opts.StallTimeout
-	if stall <= 0 {
-		stall = DefaultStallTimeout
 	}
 	check := opts.DiskChecker
 	if check == nil {

@@ -1066,3 +1066,32 @@ func TestSymlinkedPartialIsNotFollowed(t *testing.T) {
 		t.Fatal("file differs")
 	}
 }
+
+// A listing that never answers fails after the stall timeout, even for a
+// caller whose ctx has no deadline.
+func TestHungListingFails(t *testing.T) {
+	f := newFakeHub(t)
+	f.add("org/repo@main", testFile{path: "m.gguf", content: []byte("x"), lfs: true})
+	rt := rtFunc(func(r *http.Request) (*http.Response, error) {
+		<-r.Context().Done() // the Hub accepts and never answers
+		return nil, r.Context().Err()
+	})
+	const stall = 300 * time.Millisecond
+	ts := newTestStore(t, f, t.TempDir(), func(o *Options) {
+		o.StallTimeout = stall
+		o.HTTPClient = &http.Client{Transport: rt}
+	})
+	errc := make(chan error, 1)
+	go func() { _, _, err := ts.Ensure(context.Background(), "hf:org/repo:m.gguf"); errc <- err }()
+	select {
+	case err := <-errc:
+		if ae := api.AsError(err); err == nil || ae.Status != http.StatusGatewayTimeout {
+			t.Fatalf("Ensure = %v, want a 504", err)
+		}
+	case <-time.After(10 * stall):
+		t.Fatal("Ensure still waiting on a listing that never answers")
+	}
+	if got := counter(t, ts, "failures", ReasonStalled); got != 1 {
+		t.Fatalf("stalled failures %v, want 1", got)
+	}
+}
