@@ -208,6 +208,9 @@ func (n *Notifier) RunWatchdog(ctx context.Context, alive func(ctx context.Conte
 	}
 }
 
+// notifySendTimeout bounds one datagram to the manager.
+const notifySendTimeout = 2 * time.Second
+
 // send writes one datagram to the manager's socket. A fresh socket per call
 // (as go-systemd does) keeps no state that a manager restart could break.
 func (n *Notifier) send(state string) error {
@@ -219,6 +222,9 @@ func (n *Notifier) send(state string) error {
 		return fmt.Errorf("sd_notify %s: %w", firstKey(state), err)
 	}
 	defer conn.Close()
+	// A datagram to a manager whose queue is full blocks; bounded, so that
+	// STOPPING=1 or a status update cannot hang the hive's shutdown.
+	_ = conn.SetWriteDeadline(time.Now().Add(notifySendTimeout))
 	if _, err := conn.Write([]byte(state)); err != nil {
 		return fmt.Errorf("sd_notify %s: %w", firstKey(state), err)
 	}

@@ -361,3 +361,40 @@ func TestKeepExtending(t *testing.T) {
 		t.Fatalf("%d extensions in 450ms at 100ms, want about 5", got)
 	}
 }
+
+// A manager that reads nothing (PID 1 busy, its queue full) must not block
+// a send for good: STOPPING=1 comes first in the hive's shutdown.
+func TestNotifierSendBounded(t *testing.T) {
+	addr := filepath.Join(t.TempDir(), "notify")
+	conn, err := net.ListenUnixgram("unixgram", &net.UnixAddr{Name: addr, Net: "unixgram"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close() // never read
+	t.Setenv("NOTIFY_SOCKET", addr)
+	n, err := NewNotifier(nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	done := make(chan error, 1)
+	go func() {
+		for i := 0; i < 100000; i++ {
+			if err := n.Status(strconv.Itoa(i)); err != nil {
+				done <- err
+				return
+			}
+		}
+		done <- nil
+	}()
+	select {
+	case err := <-done:
+		if err == nil {
+			t.Skip("the socket's queue never filled")
+		}
+		if !errors.Is(err, os.ErrDeadlineExceeded) {
+			t.Errorf("send to a full queue = %v, want a deadline error", err)
+		}
+	case <-time.After(notifySendTimeout + 10*time.Second):
+		t.Fatal("sd_notify blocked on a manager that reads nothing")
+	}
+}
