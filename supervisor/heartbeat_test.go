@@ -1,6 +1,7 @@
 package supervisor
 
 import (
+	"fmt"
 	"net"
 	"os/exec"
 	"strings"
@@ -245,5 +246,32 @@ func TestBarrierIsNotUnknownSender(t *testing.T) {
 	h.s.HandleDatagram(int32(exited.Process.Pid), map[string]string{"BARRIER": "1", "READY": "1"})
 	if got := counter(t, h.reg, "rbee_hive_heartbeats_rejected_total", map[string]string{"reason": "unknown_sender"}); got != 1 {
 		t.Errorf("unknown_sender = %v after a READY=1 from outside, want 1", got)
+	}
+}
+
+// Datagrams that arrive while a run is being registered are kept for it,
+// but no more of them than the worker could store anyway.
+func TestEarlyFieldsBounded(t *testing.T) {
+	h := newHarness(t)
+	res := h.spawn(map[string]any{"backend": "sim"})
+	wi := h.waitState(res.WorkerID, StateIdle, 10*time.Second)
+	h.s.mu.Lock()
+	w := h.s.workers[res.WorkerID]
+	r := w.run
+	w.run, w.starting = nil, true // as between Start and the run's registration
+	h.s.mu.Unlock()
+	for i := 0; i < 50; i++ {
+		fields := map[string]string{}
+		for j := 0; j < 100; j++ {
+			fields[fmt.Sprintf("RBEE_K%d_%d", i, j)] = "1"
+		}
+		h.s.HandleDatagram(int32(*wi.PID), fields)
+	}
+	h.s.mu.Lock()
+	n := len(w.early)
+	w.run, w.starting, w.early = r, false, nil
+	h.s.mu.Unlock()
+	if n > maxEarly {
+		t.Errorf("%d early fields kept, want at most %d", n, maxEarly)
 	}
 }

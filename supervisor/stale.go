@@ -24,6 +24,10 @@ const (
 	maxFigures     = 32
 	maxFigureValue = 256
 	maxStatus      = 512
+	// maxEarly bounds the RBEE_* fields kept from datagrams that beat a
+	// run's registration (the figures and RBEE_HEALTH, with room to spare);
+	// READY, WATCHDOG, STATUS and STOPPING are always kept.
+	maxEarly = maxFigures + 8
 )
 
 // HandleNotify is the notify listener's handler (notify.Listener.Serve).
@@ -56,6 +60,17 @@ func (s *Supervisor) HandleDatagram(pid int32, fields map[string]string) {
 				w.early = make(map[string]string)
 			}
 			for k, v := range fields {
+				switch {
+				case k == "READY" || k == "WATCHDOG" || k == "STATUS" || k == "STOPPING":
+				case strings.HasPrefix(k, "RBEE_"):
+					// Bounded like figures: a worker may not grow the hive's
+					// memory by naming new keys before its run is registered.
+					if _, ok := w.early[k]; !ok && len(w.early) >= maxEarly {
+						continue
+					}
+				default:
+					continue // applyFields ignores it
+				}
 				w.early[k] = v
 			}
 			return
