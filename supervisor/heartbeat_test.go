@@ -275,3 +275,13 @@ func TestEarlyFieldsBounded(t *testing.T) {
 		t.Errorf("%d early fields kept, want at most %d", n, maxEarly)
 	}
 }
+
+func TestTruncateKeepsUTF8(t *testing.T) {
+	s := strings.Repeat("a", maxStatus-1) + "é"
+	if got := truncate(s, maxStatus); got != strings.Repeat("a", maxStatus-1) {
+		t.Errorf("truncate cut inside a rune: %q", got[len(got)-3:])
+	}
+	if got := truncate("héllo", 10); got != "héllo" {
+		t.Errorf("short string changed: %q", got)
+	}
+}

@@ -5,6 +5,7 @@ import (
 	"log/slog"
 	"strings"
 	"time"
+	"unicode/utf8"
 
 	"github.com/rbee/rbee-hive/supervisor/notify"
 )
@@ -120,11 +121,16 @@ func (s *Supervisor) applyFields(w *worker, fields map[string]string) {
 	}
 }
 
+// truncate cuts s to at most n bytes at a rune boundary: the datagram was
+// valid UTF-8 and the API's JSON should stay so.
 func truncate(s string, n int) string {
-	if len(s) > n {
-		return s[:n]
+	if len(s) <= n {
+		return s
 	}
-	return s
+	for n > 0 && !utf8.RuneStart(s[n]) {
+		n--
+	}
+	return s[:n]
 }
 
 // workerForPID attributes a pid to a worker. A run's main pid is exact
