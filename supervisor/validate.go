@@ -35,15 +35,24 @@ func badField(field, format string, args ...any) *api.Error {
 		WithDetails(map[string]any{"field": field})
 }
 
-// checkModelRef is the original input-validation crate's validate_model_ref.
-func checkModelRef(s string) string {
+// checkString is the checks the original's validators start with: not
+// empty, at most max bytes, no NUL.
+func checkString(s string, max int) string {
 	switch {
 	case s == "":
 		return "string is empty"
-	case len(s) > maxModelRef:
-		return fmt.Sprintf("string too long: %d chars (max %d)", len(s), maxModelRef)
+	case len(s) > max:
+		return fmt.Sprintf("string too long: %d chars (max %d)", len(s), max)
 	case strings.IndexByte(s, 0) >= 0:
 		return "null byte found in string"
+	}
+	return ""
+}
+
+// checkModelRef is the original input-validation crate's validate_model_ref.
+func checkModelRef(s string) string {
+	if msg := checkString(s, maxModelRef); msg != "" {
+		return msg
 	}
 	for _, c := range s {
 		if strings.ContainsRune(";|&$`\n\r", c) {
@@ -63,13 +72,8 @@ func checkModelRef(s string) string {
 
 // checkIdentifier is the original's validate_identifier: [A-Za-z0-9_-].
 func checkIdentifier(s string, max int) string {
-	switch {
-	case s == "":
-		return "string is empty"
-	case len(s) > max:
-		return fmt.Sprintf("string too long: %d chars (max %d)", len(s), max)
-	case strings.IndexByte(s, 0) >= 0:
-		return "null byte found in string"
+	if msg := checkString(s, max); msg != "" {
+		return msg
 	}
 	for _, c := range s {
 		if !(c >= 'a' && c <= 'z' || c >= 'A' && c <= 'Z' || c >= '0' && c <= '9' || c == '_' || c == '-') {
