@@ -547,14 +547,7 @@ func TestListen(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		c := serve(t, l)
-		conn, err := net.Dial("unixgram", path)
-		if err != nil {
-			t.Fatal(err)
-		}
-		conn.Write([]byte("READY=1"))
-		conn.Close()
-		if m := c.next(t); m.Fields["READY"] != "1" || m.PID != int32(os.Getpid()) {
+		if m := readyRoundTrip(t, serve(t, l), path); m.Fields["READY"] != "1" || m.PID != int32(os.Getpid()) {
 			t.Fatalf("%+v", m)
 		}
 	})
@@ -604,11 +597,7 @@ func TestListen(t *testing.T) {
 			t.Fatalf("Serve returned after %v", el)
 		}
 		// and can serve again
-		c := serve(t, l)
-		conn, _ := net.Dial("unixgram", l.Addr())
-		conn.Write([]byte("READY=1"))
-		conn.Close()
-		c.next(t)
+		readyRoundTrip(t, serve(t, l), l.Addr())
 	})
 	t.Run("Serve on a closed listener errors", func(t *testing.T) {
 		l, _ := tempListener(t)
@@ -656,14 +645,7 @@ func TestFromFile(t *testing.T) {
 			if err != nil {
 				t.Fatal(err)
 			}
-			c := serve(t, l)
-			conn, err := net.Dial("unixgram", path)
-			if err != nil {
-				t.Fatal(err)
-			}
-			conn.Write([]byte("READY=1"))
-			conn.Close()
-			if m := c.next(t); m.PID != int32(os.Getpid()) {
+			if m := readyRoundTrip(t, serve(t, l), path); m.PID != int32(os.Getpid()) {
 				t.Fatalf("SO_PASSCRED not set on a handed-over socket: pid %d", m.PID)
 			}
 			l.Close()
@@ -730,4 +712,19 @@ func TestSocketActivation(t *testing.T) {
 	if want := (Stats{Received: 2, Delivered: 1, NoCredentials: 1}); res.Stats != want {
 		t.Fatalf("stats %+v, want %+v", res.Stats, want)
 	}
+}
+
+// readyRoundTrip sends READY=1 to the socket at path and returns what c
+// received.
+func readyRoundTrip(t *testing.T, c *collector, path string) Message {
+	t.Helper()
+	conn, err := net.Dial("unixgram", path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	if _, err := conn.Write([]byte("READY=1")); err != nil {
+		t.Fatal(err)
+	}
+	return c.next(t)
 }
