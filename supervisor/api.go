@@ -2,6 +2,7 @@ package supervisor
 
 import (
 	"context"
+	"errors"
 	"log/slog"
 	"net/http"
 	"net/url"
@@ -189,15 +190,26 @@ func (s *Supervisor) safe(h http.HandlerFunc) http.HandlerFunc {
 	}
 }
 
+// writeError answers err as the JSON envelope. An error that is no
+// *api.Error goes out as a bare "internal error", so its text is logged
+// here: otherwise nobody would ever see it.
+func (s *Supervisor) writeError(w http.ResponseWriter, r *http.Request, err error) {
+	var ae *api.Error
+	if !errors.As(err, &ae) {
+		s.log.Error("worker API request failed", slog.String("method", r.Method), slog.String("path", r.URL.Path), slog.Any("err", err))
+	}
+	api.WriteError(w, err)
+}
+
 func (s *Supervisor) handleSpawn(w http.ResponseWriter, r *http.Request) {
 	var req SpawnRequest
 	if err := api.DecodeJSON(w, r, &req); err != nil {
-		api.WriteError(w, err)
+		s.writeError(w, r, err)
 		return
 	}
 	res, err := s.Spawn(r.Context(), req)
 	if err != nil {
-		api.WriteError(w, err)
+		s.writeError(w, r, err)
 		return
 	}
 	api.WriteJSON(w, http.StatusOK, res)
@@ -210,7 +222,7 @@ func (s *Supervisor) handleList(w http.ResponseWriter, r *http.Request) {
 func (s *Supervisor) handleGet(w http.ResponseWriter, r *http.Request) {
 	wi, err := s.Get(pathID(r))
 	if err != nil {
-		api.WriteError(w, err)
+		s.writeError(w, r, err)
 		return
 	}
 	api.WriteJSON(w, http.StatusOK, wi)
@@ -221,7 +233,7 @@ func (s *Supervisor) handleDelete(w http.ResponseWriter, r *http.Request) {
 	defer cancel()
 	wi, err := s.Stop(ctx, pathID(r))
 	if err != nil {
-		api.WriteError(w, err)
+		s.writeError(w, r, err)
 		return
 	}
 	api.WriteJSON(w, http.StatusOK, wi)
@@ -272,7 +284,7 @@ func (s *Supervisor) handleInference(w http.ResponseWriter, r *http.Request) {
 	}
 	u, err := url.Parse(wk.url)
 	if err != nil {
-		api.WriteError(w, err)
+		s.writeError(w, r, err)
 		return
 	}
 	target.URL = u
@@ -370,7 +382,7 @@ func (s *Supervisor) handleReady(w http.ResponseWriter, r *http.Request, auth ap
 	}
 	var req ReadyRequest
 	if err := api.DecodeJSON(w, r, &req); err != nil {
-		api.WriteError(w, err)
+		s.writeError(w, r, err)
 		return
 	}
 	if msg := checkIdentifier(req.WorkerID, 256); msg != "" {
@@ -432,7 +444,7 @@ func (s *Supervisor) handleHeartbeat(w http.ResponseWriter, r *http.Request, aut
 	var req HeartbeatRequest
 	if err := api.DecodeJSON(w, r, &req); err != nil {
 		s.m.heartbeatsRejected.WithLabelValues(rejectInvalid).Inc()
-		api.WriteError(w, err)
+		s.writeError(w, r, err)
 		return
 	}
 	if req.WorkerID == "" || len(req.WorkerID) > 256 {

@@ -87,7 +87,7 @@ func (s *Supervisor) Spawn(ctx context.Context, req SpawnRequest) (SpawnResult, 
 			ModelRef: p.modelRef, ModelPath: pathIf(local, modelPath), ContextSize: p.be.ContextSize})
 		if err != nil {
 			modelRel()
-			return SpawnResult{}, err // 507 *api.Error from the admitter, passed through
+			return SpawnResult{}, fmt.Errorf("admission: %w", err) // a 507 *api.Error keeps its status and code
 		}
 		claim = c
 	}
@@ -195,7 +195,7 @@ func (s *Supervisor) resolveModel(ctx context.Context, p *spawnPlan) (string, <-
 	path, wait, err := s.deps.Models.Ensure(ctx, p.modelRef)
 	if err != nil {
 		release()
-		return "", nil, nil, err
+		return "", nil, nil, fmt.Errorf("model %s: %w", p.modelRef, err)
 	}
 	return path, wait, release, nil
 }

@@ -299,3 +299,24 @@ func TestPortProbeOutsideLock(t *testing.T) {
 		t.Errorf("two workers got %s", first.res.URL)
 	}
 }
+
+// brokenStore fails Ensure with an internal error (not an *api.Error).
+type brokenStore struct{ dirStore }
+
+func (b *brokenStore) Ensure(ctx context.Context, ref string) (string, <-chan ModelResult, error) {
+	return "", nil, errors.New("catalog: database is locked")
+}
+
+// An internal error is answered as a bare "internal error" (its text is not
+// leaked), so the hive must log it, with what it was doing.
+func TestInternalSpawnErrorIsLogged(t *testing.T) {
+	h := newHarness(t)
+	h.s.deps.Models = &brokenStore{}
+	code, out := h.do("POST", "/v1/workers/spawn", map[string]any{"backend": "sim", "model_ref": "hf:org/model", "device": 0, "model_path": ""})
+	if code != 500 || strings.Contains(string(out), "database") {
+		t.Fatalf("spawn: %d %s", code, out)
+	}
+	if !regexp.MustCompile(`level=ERROR msg="worker API request failed".*path=/v1/workers/spawn.*model hf:org/model: catalog: database is locked`).MatchString(h.logs.String()) {
+		t.Error("the internal error is not logged with its context")
+	}
+}
