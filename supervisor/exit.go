@@ -40,7 +40,8 @@ func (s *Supervisor) wait(w *worker, r *run, oom *oomWatch, readers *sync.WaitGr
 	}
 	kctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	if err := r.leaf.Kill(kctx); err != nil {
-		w.log.Warn("emptying the worker's cgroup failed", slog.Any("err", err))
+		// Error, like terminateRun's: processes may live on unsupervised.
+		w.log.Error("emptying the worker's cgroup after its exit failed", slog.Any("err", err))
 	}
 	cancel()
 	// Readers end when every writer (grandchildren included) is gone; after
