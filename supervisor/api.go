@@ -229,7 +229,9 @@ func (s *Supervisor) handleGet(w http.ResponseWriter, r *http.Request) {
 }
 
 func (s *Supervisor) handleDelete(w http.ResponseWriter, r *http.Request) {
-	ctx, cancel := context.WithTimeout(r.Context(), s.cfg.Workers.GracePeriod.D()+30*time.Second)
+	// A client that hangs up must not cut the worker's grace period short:
+	// the stop was accepted and runs to its end either way.
+	ctx, cancel := context.WithTimeout(context.WithoutCancel(r.Context()), s.cfg.Workers.GracePeriod.D()+30*time.Second)
 	defer cancel()
 	wi, err := s.Stop(ctx, pathID(r))
 	if err != nil {

@@ -2,6 +2,7 @@ package supervisor
 
 import (
 	"context"
+	"net/http"
 	"os/exec"
 	"sync"
 	"testing"
@@ -168,4 +169,27 @@ func TestCleanLeftovers(t *testing.T) {
 	if ids, _ := h.cg.List(); len(ids) != 0 {
 		t.Errorf("leaves left: %v", ids)
 	}
+}
+
+// A DELETE whose client hangs up at once still gives the worker its grace
+// period: the stop was accepted, only the answer is lost.
+func TestDeleteKeepsGraceWhenClientLeaves(t *testing.T) {
+	const grace = 2 * time.Second
+	h := newHarness(t, func(c *config.Config) { c.Workers.GracePeriod = config.Duration(grace) })
+	res := h.spawn(map[string]any{"backend": "sim", "env": map[string]string{"RBEE_SIM_IGNORE_SIGTERM": "true"}})
+	wi := h.waitState(res.WorkerID, StateIdle, 10*time.Second)
+	ctx, cancel := context.WithTimeout(context.Background(), 100*time.Millisecond)
+	defer cancel()
+	req, _ := http.NewRequestWithContext(ctx, "DELETE", h.srv.URL+"/v1/workers/"+res.WorkerID, nil)
+	req.Header.Set("Authorization", "Bearer "+h.token)
+	start := time.Now()
+	if resp, err := http.DefaultClient.Do(req); err == nil {
+		resp.Body.Close()
+		t.Fatalf("DELETE answered %d before the client left", resp.StatusCode)
+	}
+	time.Sleep(grace / 2)
+	if !alive(*wi.PID) {
+		t.Fatalf("worker killed %s after a DELETE whose client left; grace is %s", time.Since(start).Round(time.Millisecond), grace)
+	}
+	h.waitFor("the stop to finish", grace+5*time.Second, func() bool { return !alive(*wi.PID) })
 }
