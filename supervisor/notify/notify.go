@@ -22,7 +22,10 @@
 // BARRIER=1 carrying a pipe fd; this socket's control buffer has room for
 // credentials only, so the kernel closes that fd at once (the barrier
 // completes, no fd reaches the hive) and the BARRIER=1 message itself is
-// delivered like any other: callers ignore keys they do not know.
+// delivered like any other. It carries systemd-notify's own pid, not
+// --pid's, and that helper has usually exited by the time a caller looks
+// its cgroup up: a caller should drop a lone BARRIER=1 unattributed (the
+// supervisor does) rather than count it as a stranger's.
 package notify
 
 import (
