@@ -163,3 +163,25 @@ func TestAfterFailureBackoffResetAndBreaker(t *testing.T) {
 		}
 	}
 }
+
+// A restarted worker starts with a clean report: nothing its previous run
+// said (figures, status, health) is shown as if the new run had said it.
+func TestRestartClearsReportedFigures(t *testing.T) {
+	h := newHarness(t)
+	res := h.spawn(map[string]any{"backend": "sim", "env": map[string]string{"RBEE_SIM_CRASH_AFTER": "500ms"}})
+	first := h.waitState(res.WorkerID, StateIdle, 10*time.Second)
+	h.s.mu.Lock()
+	w := h.s.workers[res.WorkerID]
+	if w.figures == nil {
+		w.figures = map[string]string{}
+	}
+	w.figures["RBEE_VRAM_BYTES"] = "123456"
+	h.s.mu.Unlock()
+	h.waitFor("a restart", 10*time.Second, func() bool {
+		wi := h.get(res.WorkerID)
+		return wi.RestartCount >= 1 && wi.PID != nil && *wi.PID != *first.PID
+	})
+	if wi := h.get(res.WorkerID); wi.Figures["RBEE_VRAM_BYTES"] == "123456" {
+		t.Errorf("the previous run's figure survived the restart: %v", wi.Figures)
+	}
+}

@@ -457,6 +457,10 @@ func (s *Supervisor) startRun(w *worker, why string) error {
 	w.pending, w.noRestart = "", false
 	w.healthFails = 0
 	w.exitCode = nil
+	// What a run reported dies with it: a restarted worker must not show
+	// its predecessor's health, status or figures (RBEE_VRAM_BYTES feeds
+	// resources), and its own STOPPING=1 is logged again.
+	w.health, w.status, w.figures, w.notedStopping = "", "", nil, false
 	s.setState(w, StateLoading, why)
 	s.setDeadline(w, dlLoad, r.started.Add(w.be.LoadTimeout.D()))
 	if w.early != nil {
