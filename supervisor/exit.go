@@ -31,6 +31,7 @@ func (s *Supervisor) wait(w *worker, r *run, oom *oomWatch, readers *sync.WaitGr
 	if s.mainPID[r.pid] == w {
 		delete(s.mainPID, r.pid)
 	}
+	s.noteExited(r.pid, time.Now())
 	s.mu.Unlock()
 	_ = r.cmd.Wait() // the exit status is in ProcessState
 	st := r.cmd.ProcessState
@@ -59,6 +60,24 @@ func (s *Supervisor) wait(w *worker, r *run, oom *oomWatch, readers *sync.WaitGr
 	}
 	s.onExit(w, r, st, oomed)
 	close(r.done)
+}
+
+// exitedGrace is how long a reaped main pid's datagrams (sent before it
+// died, read after it was reaped) are dropped quietly instead of counted as
+// unknown_sender: a worker that says STOPPING=1 and exits must not trip the
+// rejected-heartbeats alert when the hive reads its socket late.
+const exitedGrace = 5 * time.Second
+
+// noteExited remembers a reaped main pid and forgets those past
+// exitedGrace, so the map holds at most the exits of the last few seconds.
+// Caller holds s.mu.
+func (s *Supervisor) noteExited(pid int, now time.Time) {
+	for p, at := range s.exited {
+		if now.Sub(at) > exitedGrace {
+			delete(s.exited, p)
+		}
+	}
+	s.exited[pid] = now
 }
 
 // waitExited blocks until child pid has exited, leaving it unreaped

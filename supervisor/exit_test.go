@@ -67,3 +67,20 @@ func TestMainPIDForgottenBeforeReap(t *testing.T) {
 	release()
 	h.waitState(res.WorkerID, StateFailed, 10*time.Second)
 }
+
+// A datagram a worker sent just before it died, read only after it was
+// reaped, is dropped quietly: it is not a stranger's (unknown_sender).
+func TestLastWordsAfterReapAreNotUnknownSender(t *testing.T) {
+	h := newHarness(t)
+	res := h.spawn(map[string]any{"backend": "sim", "restart": "never"})
+	wi := h.waitState(res.WorkerID, StateIdle, 10*time.Second)
+	pid := *wi.PID
+	if err := syscall.Kill(pid, syscall.SIGKILL); err != nil {
+		t.Fatal(err)
+	}
+	h.waitState(res.WorkerID, StateFailed, 10*time.Second)
+	h.s.HandleDatagram(int32(pid), map[string]string{"STOPPING": "1"})
+	if got := counter(t, h.reg, "rbee_hive_heartbeats_rejected_total", map[string]string{"reason": "unknown_sender"}); got != 0 {
+		t.Errorf("unknown_sender = %v for a datagram of a worker just reaped", got)
+	}
+}

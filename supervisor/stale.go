@@ -47,6 +47,14 @@ func (s *Supervisor) HandleDatagram(pid int32, fields map[string]string) {
 	}
 	w := s.workerForPID(int(pid))
 	if w == nil {
+		s.mu.Lock()
+		at, late := s.exited[int(pid)]
+		s.mu.Unlock()
+		if late && time.Since(at) <= exitedGrace {
+			// A worker's last words, read after its exit: nothing to do.
+			// A newer process with that pid would have been found above.
+			return
+		}
 		s.m.heartbeatsRejected.WithLabelValues(rejectUnknownSender).Inc()
 		s.log.Debug("notify datagram from a process outside every worker cgroup", slog.Int("pid", int(pid)))
 		return

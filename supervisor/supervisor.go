@@ -33,6 +33,7 @@ type Supervisor struct {
 	workers  map[string]*worker
 	tokens   map[[32]byte]string // sha256(token) → worker id
 	mainPID  map[int]*worker     // main pid of each live run: exact until reaped
+	exited   map[int]time.Time   // main pids reaped lately (see exitedGrace)
 	ports    map[int]string      // port → worker id holding it
 	closing  bool                // Shutdown started: no spawns, no restarts
 	nextPort int                 // where the next port scan starts
@@ -70,6 +71,7 @@ func New(cfg *config.Config, deps Deps) (*Supervisor, error) {
 		workers:  make(map[string]*worker),
 		tokens:   make(map[[32]byte]string),
 		mainPID:  make(map[int]*worker),
+		exited:   make(map[int]time.Time),
 		ports:    make(map[int]string),
 		kick:     make(chan struct{}, 1),
 		probe:    make(chan chan struct{}),
