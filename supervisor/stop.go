@@ -27,9 +27,11 @@ func (s *Supervisor) terminateRun(ctx context.Context, w *worker, r *run, grace 
 	case <-r.done:
 		return true
 	case <-t.C:
+		w.log.Warn("worker still running after the grace period; killing its cgroup", slog.Duration("grace", grace))
 	case <-ctx.Done():
+		// The shutdown budget (or the caller) ran out before the grace did.
+		w.log.Warn("stop deadline reached before the worker exited; killing its cgroup", slog.Any("cause", context.Cause(ctx)))
 	}
-	w.log.Warn("worker still running after the grace period; killing its cgroup", slog.Duration("grace", grace))
 	kctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	if err := r.leaf.Kill(kctx); err != nil {
 		w.log.Error("killing the worker's cgroup failed", slog.Any("err", err))
