@@ -82,7 +82,7 @@ func (m modelStore) Ensure(ctx context.Context, ref string) (string, <-chan supe
 type proxyAdapter struct{ px *proxy.Proxy }
 
 func (p proxyAdapter) Forward(w http.ResponseWriter, r *http.Request, t supervisor.ProxyTarget) {
-	p.px.Serve(w, r, t.URL, proxy.Labels{Backend: t.Backend, Model: t.Model}, proxy.Hooks{
+	p.px.Serve(w, r, t.URL, proxy.Labels{Backend: t.Backend, Model: canonicalRef(t.Model)}, proxy.Hooks{
 		OnStart: t.OnStart,
 		OnEnd:   t.OnEnd,
 		Prepare: func(out *http.Request) {
@@ -91,6 +91,15 @@ func (p proxyAdapter) Forward(w http.ResponseWriter, r *http.Request, t supervis
 			}
 		},
 	})
+}
+
+// canonicalRef is a model reference's catalog spelling, so that hf:a/b and
+// hf:a/b@main share one metric series.
+func canonicalRef(ref string) string {
+	if r, err := model.ParseRef(ref); err == nil {
+		return r.String()
+	}
+	return ref
 }
 
 // gpuList adapts gpu.GPUs to the supervisor's GPUs.
