@@ -148,4 +148,3 @@ func TestCLIDetect(t *testing.T) {
 		t.Errorf("gpu %+v", d.GPU)
 	}
 }
-
