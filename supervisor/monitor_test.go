@@ -45,10 +45,13 @@ func TestMonitorRAMAndCPU(t *testing.T) {
 	h := newHarness(t, sampleEvery(100*time.Millisecond, 1.5, "log"))
 	res := h.spawn(map[string]any{"backend": "sim", "env": map[string]string{"RBEE_SIM_ALLOC_MIB": "64"}})
 	h.waitState(res.WorkerID, StateIdle, 10*time.Second)
+	// Only a sample taken after READY (allocation done) counts: under qemu
+	// the 64 MiB are still being touched while earlier samples are taken.
+	ready := time.Now()
 	var wi WorkerInfo
-	h.waitFor("two samples", 5*time.Second, func() bool {
+	h.waitFor("two samples after READY", 5*time.Second, func() bool {
 		wi = h.getJSON(res.WorkerID)
-		return wi.Resources != nil && wi.Resources.CPUPercent != nil
+		return wi.Resources != nil && wi.Resources.CPUPercent != nil && wi.Resources.SampledAt.After(ready)
 	})
 	r := wi.Resources
 	if r.MemoryCurrentBytes < 64*mib || r.MemoryPeakBytes < r.MemoryCurrentBytes {
