@@ -35,9 +35,11 @@ const (
 	failExec   = "exec"
 	failModel  = "model"
 	failPorts  = "ports"
+	// failAdmission: a GPU worker whose downloaded model does not fit.
+	failAdmission = "admission"
 )
 
-var spawnFailReasons = []string{failCgroup, failExec, failModel, failPorts}
+var spawnFailReasons = []string{failCgroup, failExec, failModel, failPorts, failAdmission}
 
 // spawnError is a failed process start, with its metric reason.
 type spawnError struct {
@@ -224,10 +226,43 @@ func (s *Supervisor) download(ctx context.Context, w *worker, wait <-chan ModelR
 		return
 	}
 	w.modelPath = path
+	readmit := s.deps.Admitter != nil && w.be.CUDA && w.vram == 0
+	req := AdmitRequest{WorkerID: w.id, Backend: w.backend, Device: w.device, GPUUUID: w.gpuUUID, CUDA: true,
+		MemoryBytes: w.memLimit, ModelRef: w.modelRef, ModelPath: path, ContextSize: w.be.ContextSize}
+	old := w.claim
 	s.mu.Unlock()
+	if readmit && !s.readmitVRAM(ctx, w, old, req) {
+		return
+	}
 	if err := s.startRun(w, "model downloaded"); err != nil {
 		s.startFailed(w, err)
 	}
+}
+
+// readmitVRAM admits a GPU worker again once its model is on disk: at spawn
+// the file did not exist, so its VRAM need could not be estimated and only
+// the margin was claimed. The old claim goes first so the new one is not
+// judged against it. It reports whether the worker may start.
+func (s *Supervisor) readmitVRAM(ctx context.Context, w *worker, old Claim, req AdmitRequest) bool {
+	releaseClaim(old)
+	c, err := s.deps.Admitter.Admit(ctx, req)
+	s.mu.Lock()
+	defer s.unlock()
+	if w.state != StateDownloading {
+		releaseClaim(c) // stopped while admitting
+		return false
+	}
+	if err != nil {
+		w.claim = nil
+		s.m.spawnFailures.WithLabelValues(failAdmission).Inc()
+		w.exitReason = ReasonSpawnFailed
+		s.finish(w, StateFailed, "admission after the model download: "+err.Error())
+		return false
+	}
+	w.claim = c
+	w.vramExpected = c.VRAMBytes()
+	w.log.Info("worker admitted with its model's VRAM estimate", slog.Uint64("vram_bytes", w.vramExpected))
+	return true
 }
 
 // newWorkerID returns "w-" and 12 random lowercase letters and digits.

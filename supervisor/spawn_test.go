@@ -320,3 +320,98 @@ func TestInternalSpawnErrorIsLogged(t *testing.T) {
 		t.Error("the internal error is not logged with its context")
 	}
 }
+
+// recordingAdmitter admits everything except requests naming a model path
+// in refuse, and remembers what it was asked and what was released.
+type recordingAdmitter struct {
+	mu       sync.Mutex
+	refuse   map[string]bool
+	requests []AdmitRequest
+	released int
+}
+
+type recordedClaim struct {
+	a    *recordingAdmitter
+	vram uint64
+	once sync.Once
+}
+
+func (c *recordedClaim) Loaded(...int)     {}
+func (c *recordedClaim) VRAMBytes() uint64 { return c.vram }
+func (c *recordedClaim) Release() {
+	c.once.Do(func() {
+		c.a.mu.Lock()
+		c.a.released++
+		c.a.mu.Unlock()
+	})
+}
+
+func (a *recordingAdmitter) Admit(_ context.Context, req AdmitRequest) (Claim, error) {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	a.requests = append(a.requests, req)
+	if a.refuse[req.ModelPath] {
+		return nil, api.Errorf(507, api.CodeInsufficientVRAM, "model needs more VRAM than GPU 0 has free")
+	}
+	vram := uint64(0)
+	if req.ModelPath != "" {
+		vram = 3 << 30 // what an estimate of the downloaded file would say
+	}
+	return &recordedClaim{a: a, vram: vram}, nil
+}
+
+func (a *recordingAdmitter) snapshot() ([]AdmitRequest, int) {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	return append([]AdmitRequest(nil), a.requests...), a.released
+}
+
+// TestGPUWorkerReadmittedAfterDownload: a GPU worker spawned before its
+// model exists is admitted again with the file once it is downloaded, so
+// its VRAM estimate counts; if it no longer fits, the worker fails with the
+// 507's message instead of starting.
+func TestGPUWorkerReadmittedAfterDownload(t *testing.T) {
+	for _, refuse := range []bool{false, true} {
+		t.Run(map[bool]string{false: "fits", true: "does not fit"}[refuse], func(t *testing.T) {
+			h := newHarness(t)
+			store := &dirStore{release: make(chan struct{})}
+			adm := &recordingAdmitter{refuse: map[string]bool{"/models/org/big-GGUF": refuse}}
+			h.s.deps.Models = store
+			h.s.deps.Admitter = adm
+			res := h.spawn(map[string]any{"backend": "gpu", "device": 0, "model_ref": "hf:org/big-GGUF"})
+			if res.State != StateDownloading {
+				t.Fatalf("state %s", res.State)
+			}
+			close(store.release)
+			if refuse {
+				wi := h.waitState(res.WorkerID, StateFailed, 10*time.Second)
+				if wi.ExitReason != ReasonSpawnFailed || !strings.Contains(wi.StateReason, "more VRAM") {
+					t.Errorf("refused after download: %+v", wi)
+				}
+				if got := counter(t, h.reg, "rbee_hive_worker_spawn_failures_total", map[string]string{"reason": "admission"}); got != 1 {
+					t.Errorf("spawn_failures{admission} = %v", got)
+				}
+				if wi.PID != nil {
+					t.Errorf("a refused worker was started: pid %d", *wi.PID)
+				}
+			} else {
+				h.waitState(res.WorkerID, StateIdle, 10*time.Second)
+			}
+			reqs, released := adm.snapshot()
+			if len(reqs) != 2 || reqs[0].ModelPath != "" || reqs[1].ModelPath != "/models/org/big-GGUF" || !reqs[1].CUDA || reqs[1].GPUUUID == "" {
+				t.Fatalf("admissions %+v", reqs)
+			}
+			if released < 1 {
+				t.Errorf("the spawn-time claim was not released before re-admission")
+			}
+			if !refuse {
+				h.s.mu.Lock()
+				got := h.s.workers[res.WorkerID].vramExpected
+				h.s.mu.Unlock()
+				if got != 3<<30 {
+					t.Errorf("expected VRAM %d, want the downloaded model's estimate", got)
+				}
+			}
+		})
+	}
+}
