@@ -1,6 +1,7 @@
 package supervisor
 
 import (
+	"context"
 	"fmt"
 	"log/slog"
 	"math/rand/v2"
@@ -70,7 +71,21 @@ func (s *Supervisor) restartWorker(w *worker) {
 	s.mu.Unlock()
 	s.m.restarts.WithLabelValues(reason).Inc()
 	w.log.Info("restarting worker", slog.Int("restart_count", n), slog.String("reason", reason))
+	if s.deps.Admitter != nil {
+		// Bounded: the ledger may wait for VRAM freed by the dead run to show.
+		ctx, cancel := context.WithTimeout(context.Background(), restartAdmitTimeout)
+		err := s.admitAgain(ctx, w)
+		cancel()
+		if err != nil {
+			// A refusal is a failed start: backoff and the circuit breaker apply.
+			s.startFailed(w, &spawnError{reason: failAdmission, err: fmt.Errorf("admission for the restart: %w", err)})
+			return
+		}
+	}
 	if err := s.startRun(w, "restart after "+reason); err != nil {
 		s.startFailed(w, err)
 	}
 }
+
+// restartAdmitTimeout bounds a restart's admission.
+const restartAdmitTimeout = 30 * time.Second

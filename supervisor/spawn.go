@@ -227,42 +227,54 @@ func (s *Supervisor) download(ctx context.Context, w *worker, wait <-chan ModelR
 	}
 	w.modelPath = path
 	readmit := s.deps.Admitter != nil && w.be.CUDA && w.vram == 0
-	req := AdmitRequest{WorkerID: w.id, Backend: w.backend, Device: w.device, GPUUUID: w.gpuUUID, CUDA: true,
-		MemoryBytes: w.memLimit, ModelRef: w.modelRef, ModelPath: path, ContextSize: w.be.ContextSize}
-	old := w.claim
 	s.mu.Unlock()
-	if readmit && !s.readmitVRAM(ctx, w, old, req) {
-		return
+	if readmit {
+		// At spawn the file did not exist, so its VRAM need could not be
+		// estimated and only the margin was claimed; now it can.
+		if err := s.admitAgain(ctx, w); err != nil {
+			s.mu.Lock()
+			defer s.unlock()
+			if !w.state.terminal() {
+				s.m.spawnFailures.WithLabelValues(failAdmission).Inc()
+				w.exitReason = ReasonSpawnFailed
+				s.finish(w, StateFailed, "admission after the model download: "+err.Error())
+			}
+			return
+		}
 	}
 	if err := s.startRun(w, "model downloaded"); err != nil {
 		s.startFailed(w, err)
 	}
 }
 
-// readmitVRAM admits a GPU worker again once its model is on disk: at spawn
-// the file did not exist, so its VRAM need could not be estimated and only
-// the margin was claimed. The old claim goes first so the new one is not
-// judged against it. It reports whether the worker may start.
-func (s *Supervisor) readmitVRAM(ctx context.Context, w *worker, old Claim, req AdmitRequest) bool {
+// admitAgain replaces w's claim with a fresh admission for its next run:
+// after a download (the model file now exists, so its VRAM can be
+// estimated) and before a restart (the dead run's memory was given back,
+// and a reload needs it again). The old claim goes first so the new one is
+// not judged against it. On error w holds no claim.
+func (s *Supervisor) admitAgain(ctx context.Context, w *worker) error {
+	s.mu.Lock()
+	old := w.claim
+	w.claim = nil
+	req := AdmitRequest{WorkerID: w.id, Backend: w.backend, Device: w.device, GPUUUID: w.gpuUUID, CUDA: w.be.CUDA,
+		MemoryBytes: w.memLimit, VRAMBytes: w.vram, ModelRef: w.modelRef, ModelPath: w.modelPath, ContextSize: w.be.ContextSize}
+	s.mu.Unlock()
 	releaseClaim(old)
 	c, err := s.deps.Admitter.Admit(ctx, req)
-	s.mu.Lock()
-	defer s.unlock()
-	if w.state != StateDownloading {
-		releaseClaim(c) // stopped while admitting
-		return false
-	}
 	if err != nil {
-		w.claim = nil
-		s.m.spawnFailures.WithLabelValues(failAdmission).Inc()
-		w.exitReason = ReasonSpawnFailed
-		s.finish(w, StateFailed, "admission after the model download: "+err.Error())
-		return false
+		return err
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if w.state.terminal() {
+		releaseClaim(c) // stopped while admitting
+		return errNotStarted
 	}
 	w.claim = c
-	w.vramExpected = c.VRAMBytes()
-	w.log.Info("worker admitted with its model's VRAM estimate", slog.Uint64("vram_bytes", w.vramExpected))
-	return true
+	if w.be.CUDA && w.vram == 0 {
+		w.vramExpected = c.VRAMBytes()
+	}
+	return nil
 }
 
 // newWorkerID returns "w-" and 12 random lowercase letters and digits.

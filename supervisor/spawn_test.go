@@ -324,10 +324,11 @@ func TestInternalSpawnErrorIsLogged(t *testing.T) {
 // recordingAdmitter admits everything except requests naming a model path
 // in refuse, and remembers what it was asked and what was released.
 type recordingAdmitter struct {
-	mu       sync.Mutex
-	refuse   map[string]bool
-	requests []AdmitRequest
-	released int
+	mu          sync.Mutex
+	refuse      map[string]bool
+	refuseAfter int // > 0: refuse every request after this many
+	requests    []AdmitRequest
+	released    int
 }
 
 type recordedClaim struct {
@@ -350,7 +351,7 @@ func (a *recordingAdmitter) Admit(_ context.Context, req AdmitRequest) (Claim, e
 	a.mu.Lock()
 	defer a.mu.Unlock()
 	a.requests = append(a.requests, req)
-	if a.refuse[req.ModelPath] {
+	if a.refuse[req.ModelPath] || (a.refuseAfter > 0 && len(a.requests) > a.refuseAfter) {
 		return nil, api.Errorf(507, api.CodeInsufficientVRAM, "model needs more VRAM than GPU 0 has free")
 	}
 	vram := uint64(0)
@@ -413,5 +414,32 @@ func TestGPUWorkerReadmittedAfterDownload(t *testing.T) {
 				}
 			}
 		})
+	}
+}
+
+// TestRestartIsAdmittedAgain: a crashed worker's memory went back to the
+// host, so its restart is admitted again; a refusal counts as a failed start
+// (backoff, then the circuit breaker), never as a start without a claim.
+func TestRestartIsAdmittedAgain(t *testing.T) {
+	h := newHarness(t)
+	adm := &recordingAdmitter{refuseAfter: 1}
+	h.s.deps.Admitter = adm
+	res := h.spawn(map[string]any{"backend": "sim", "env": map[string]string{"RBEE_SIM_CRASH_AFTER": "300ms"}})
+	wi := h.waitState(res.WorkerID, StateFailed, 20*time.Second)
+	if !strings.Contains(wi.StateReason, "circuit breaker") || !strings.Contains(wi.StateReason, "admission") {
+		t.Errorf("state reason %q", wi.StateReason)
+	}
+	reqs, released := adm.snapshot()
+	if len(reqs) < 2 || reqs[1].WorkerID != res.WorkerID || reqs[1].MemoryBytes != reqs[0].MemoryBytes || reqs[1].ModelPath == "" {
+		t.Errorf("restart admissions %+v", reqs)
+	}
+	if released != 1 {
+		t.Errorf("released %d claims, want the first run's one", released)
+	}
+	if got := counter(t, h.reg, "rbee_hive_worker_spawn_failures_total", map[string]string{"reason": "admission"}); got < 1 {
+		t.Errorf("spawn_failures{admission} = %v", got)
+	}
+	if wi.RestartCount < 1 {
+		t.Errorf("restart_count %d", wi.RestartCount)
 	}
 }
