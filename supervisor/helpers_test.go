@@ -25,6 +25,7 @@ import (
 	"github.com/rbee/rbee-hive/cgroup"
 	"github.com/rbee/rbee-hive/config"
 	"github.com/rbee/rbee-hive/gpu"
+	"github.com/rbee/rbee-hive/internal/testkit"
 	"github.com/rbee/rbee-hive/supervisor/notify"
 )
 
@@ -161,25 +162,8 @@ type harness struct {
 	s     *Supervisor
 	srv   *httptest.Server
 	token string
-	logs  *syncBuffer
+	logs  *testkit.SyncBuffer
 	gpu   *gpu.Fake // the hardware edge: two fake GPUs, GPU-aaaa and GPU-bbbb
-}
-
-type syncBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (b *syncBuffer) Write(p []byte) (int, error) {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.b.Write(p)
-}
-
-func (b *syncBuffer) String() string {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.b.String()
 }
 
 func newHarness(t testing.TB, mutate ...func(*config.Config)) *harness {
@@ -199,7 +183,7 @@ func newHarnessWrapped(t testing.TB, wrap func(cgroup.Manager) cgroup.Manager, m
 	if err != nil {
 		t.Fatal(err)
 	}
-	h := &harness{t: t, cfg: cfg, cg: newCgroups(t), reg: prometheus.NewRegistry(), token: "test-api-token", logs: &syncBuffer{}, gpu: fake}
+	h := &harness{t: t, cfg: cfg, cg: newCgroups(t), reg: prometheus.NewRegistry(), token: "test-api-token", logs: &testkit.SyncBuffer{}, gpu: fake}
 	var handler http.Handler = http.NotFoundHandler()
 	h.srv = httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) { handler.ServeHTTP(w, r) }))
 	t.Cleanup(h.srv.Close)

@@ -6,18 +6,17 @@ import (
 	"encoding/json"
 	"fmt"
 	"io"
-	"net"
 	"net/http"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"strings"
-	"sync"
 	"syscall"
 	"testing"
 	"time"
 
 	"github.com/rbee/rbee-hive/api"
+	"github.com/rbee/rbee-hive/internal/testkit"
 )
 
 // binDir holds rbee-hive (and rbee-simworker) built once for these tests.
@@ -47,41 +46,14 @@ func TestMain(m *testing.M) {
 	os.Exit(code)
 }
 
-func freePort(t *testing.T) int {
-	t.Helper()
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer ln.Close()
-	return ln.Addr().(*net.TCPAddr).Port
-}
-
 // daemon is a running `rbee-hive daemon` child process.
 type daemon struct {
 	t        *testing.T
 	cmd      *exec.Cmd
 	url      string
 	stateDir string
-	logs     *syncBuffer
+	logs     *testkit.SyncBuffer
 	done     chan error
-}
-
-type syncBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (s *syncBuffer) Write(p []byte) (int, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.Write(p)
-}
-
-func (s *syncBuffer) String() string {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.String()
 }
 
 // startDaemon runs the hive with a config whose paths live in a temp dir;
@@ -89,14 +61,14 @@ func (s *syncBuffer) String() string {
 func startDaemon(t *testing.T, extra string, env ...string) *daemon {
 	t.Helper()
 	dir := t.TempDir()
-	port := freePort(t)
+	port := testkit.FreePort(t)
 	cfg := fmt.Sprintf("listen = \"127.0.0.1:%d\"\nstate_dir = %q\nruntime_dir = %q\nlog_format = \"json\"\nlog_level = \"debug\"\n%s",
 		port, filepath.Join(dir, "state"), filepath.Join(dir, "run"), extra)
 	cfgPath := filepath.Join(dir, "hive.toml")
 	if err := os.WriteFile(cfgPath, []byte(cfg), 0o600); err != nil {
 		t.Fatal(err)
 	}
-	d := &daemon{t: t, url: fmt.Sprintf("http://127.0.0.1:%d", port), stateDir: filepath.Join(dir, "state"), logs: &syncBuffer{}, done: make(chan error, 1)}
+	d := &daemon{t: t, url: fmt.Sprintf("http://127.0.0.1:%d", port), stateDir: filepath.Join(dir, "state"), logs: &testkit.SyncBuffer{}, done: make(chan error, 1)}
 	d.cmd = exec.Command(filepath.Join(bins.dir, "rbee-hive"), "daemon", "--config", cfgPath)
 	d.cmd.Env = append(os.Environ(), env...)
 	d.cmd.Stderr = d.logs

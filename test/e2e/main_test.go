@@ -9,7 +9,6 @@ import (
 	"encoding/json"
 	"fmt"
 	"io"
-	"net"
 	"net/http"
 	"os"
 	"os/exec"
@@ -22,6 +21,7 @@ import (
 	"time"
 
 	"github.com/rbee/rbee-hive/cgroup"
+	"github.com/rbee/rbee-hive/internal/testkit"
 	"github.com/rbee/rbee-hive/systemd/journaltest"
 )
 
@@ -129,38 +129,10 @@ func waitFor(t testing.TB, timeout time.Duration, what string, cond func() bool)
 	}
 }
 
-func freePort(t testing.TB) int {
-	t.Helper()
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer ln.Close()
-	return ln.Addr().(*net.TCPAddr).Port
-}
-
 func randomName(prefix string) string {
 	var b [4]byte
 	_, _ = rand.Read(b[:])
 	return prefix + hex.EncodeToString(b[:])
-}
-
-// syncBuffer collects a child's output for failure reports.
-type syncBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (s *syncBuffer) Write(p []byte) (int, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.Write(p)
-}
-
-func (s *syncBuffer) String() string {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.String()
 }
 
 // hiveOptions shape a test hive's config.
@@ -202,7 +174,7 @@ type hive struct {
 	token      string
 	model      string // a placeholder model file, as "file:<path>"
 	cgroupRoot string
-	logs       *syncBuffer
+	logs       *testkit.SyncBuffer
 	done       chan struct{}
 }
 
@@ -231,7 +203,7 @@ func startHive(t testing.TB, o hiveOptions) *hive {
 	if cgroupV2() {
 		root = "/sys/fs/cgroup/" + root
 	}
-	port := freePort(t)
+	port := testkit.FreePort(t)
 	model := filepath.Join(dir, "model.gguf")
 	if err := os.WriteFile(model, []byte("rbee-simworker placeholder model\n"), 0o644); err != nil {
 		t.Fatal(err)
@@ -263,7 +235,7 @@ failure_window = "60s"
 		t.Fatal(err)
 	}
 	h := &hive{t: t, url: fmt.Sprintf("http://127.0.0.1:%d", port), dir: dir, runtime: rt, model: "file:" + model,
-		cgroupRoot: root, logs: &syncBuffer{}, done: make(chan struct{})}
+		cgroupRoot: root, logs: &testkit.SyncBuffer{}, done: make(chan struct{})}
 	h.cmd = exec.Command(filepath.Join(bin, "rbee-hive"), "daemon", "--config", cfgPath)
 	// No NOTIFY_SOCKET, LLORCH_API_TOKEN, ... from whoever runs the tests.
 	h.cmd.Env = []string{"PATH=/usr/sbin:/usr/bin:/sbin:/bin", "HOME=" + dir}

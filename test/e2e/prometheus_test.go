@@ -18,6 +18,8 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/rbee/rbee-hive/internal/testkit"
 )
 
 // Files of the dashboards package, relative to this package.
@@ -322,7 +324,7 @@ func contains(list []string, s string) bool {
 // prometheus is a running Prometheus server scraping one hive.
 type prometheus struct {
 	url  string
-	logs *syncBuffer
+	logs *testkit.SyncBuffer
 }
 
 // startPrometheus runs Debian's prometheus on a free port with a temp
@@ -353,8 +355,8 @@ scrape_configs:
 	if err := os.WriteFile(cfgPath, []byte(cfg), 0o644); err != nil {
 		t.Fatal(err)
 	}
-	addr := fmt.Sprintf("127.0.0.1:%d", freePort(t))
-	p := &prometheus{url: "http://" + addr, logs: &syncBuffer{}}
+	addr := fmt.Sprintf("127.0.0.1:%d", testkit.FreePort(t))
+	p := &prometheus{url: "http://" + addr, logs: &testkit.SyncBuffer{}}
 	cmd := exec.Command("prometheus",
 		"--config.file="+cfgPath,
 		"--storage.tsdb.path="+filepath.Join(dir, "tsdb"),
