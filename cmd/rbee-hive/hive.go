@@ -112,8 +112,15 @@ func newHive(ctx context.Context, cfg *config.Config, log *slog.Logger, reg *pro
 	// A socket handed over by rbee-hive-notify.socket keeps datagrams queued
 	// while the hive restarts; otherwise the hive binds its own.
 	h.listener, err = notify.FromActivation()
-	if errors.Is(err, notify.ErrNotActivated) {
+	switch {
+	case errors.Is(err, notify.ErrNotActivated):
 		h.listener, err = notify.Listen(cfg.Heartbeat.NotifySocket)
+	case err == nil && h.listener.Addr() != cfg.Heartbeat.NotifySocket:
+		// Workers must be told the socket the hive really reads; a .socket
+		// unit's ListenDatagram= wins over a config that disagrees.
+		log.Warn("notify socket from systemd differs from heartbeat.notify_socket; using systemd's",
+			"socket", h.listener.Addr(), "configured", cfg.Heartbeat.NotifySocket)
+		cfg.Heartbeat.NotifySocket = h.listener.Addr()
 	}
 	if err != nil {
 		return nil, fmt.Errorf("notify socket: %w", err)
