@@ -146,7 +146,9 @@ func serveDaemon(ctx context.Context, cfg *config.Config, log *slog.Logger, demo
 		IdleTimeout:    120 * time.Second,
 		MaxHeaderBytes: 64 << 10,
 		ErrorLog:       slog.NewLogLogger(log.Handler(), slog.LevelWarn),
-		BaseContext:    func(net.Listener) context.Context { return ctx },
+		// Requests must not inherit the signal context: SIGTERM would cancel
+		// every in-flight stream instead of letting Shutdown drain it.
+		BaseContext: func(net.Listener) context.Context { return context.WithoutCancel(ctx) },
 	}
 	serveErr := make(chan error, 1)
 	go func() { serveErr <- srv.Serve(ln) }()
