@@ -21,7 +21,7 @@ func writeFile(dir, name, value string) error {
 	p := filepath.Join(dir, name)
 	f, err := os.OpenFile(p, os.O_WRONLY|os.O_TRUNC, 0)
 	if err != nil {
-		return fmt.Errorf("open %s: %w", p, err)
+		return err // *PathError already names the operation and the path
 	}
 	_, werr := f.WriteString(value)
 	cerr := f.Close()

@@ -39,6 +39,14 @@ func runHelper(mode string) int {
 	switch mode {
 	case "exit":
 		return 0
+	case "new-manager":
+		// Run as another user by TestUnprivilegedRefused.
+		if _, err := New(Options{Root: os.Getenv("RBEE_CGROUP_TEST_ROOT")}); err != nil {
+			fmt.Println(err)
+			return 1
+		}
+		fmt.Println("ok")
+		return 0
 	case "sleep":
 		time.Sleep(helperMaxLife)
 		return 0

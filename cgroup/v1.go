@@ -76,6 +76,9 @@ func newV1(opts Options) (*v1Manager, error) {
 		if err := os.MkdirAll(dir, 0o755); err != nil {
 			return nil, fmt.Errorf("cgroup v1: create %s: %w", dir, err)
 		}
+		if err := checkWritable("v1", dir); err != nil {
+			return nil, err
+		}
 		switch n {
 		case cgroup1.Memory:
 			m.subs = append(m.subs, cgroup1.NewMemory(v1Mount, cgroup1.OptionalSwap()))

@@ -97,6 +97,9 @@ func (m *v2Manager) setup(moveSelf bool) error {
 	if err := os.Mkdir(m.root, 0o755); err != nil && !errors.Is(err, os.ErrExist) {
 		return fmt.Errorf("cgroup v2: create root %s: %w", m.root, err)
 	}
+	if err := checkWritable("v2", m.root); err != nil {
+		return err
+	}
 	ctrl, err := os.ReadFile(filepath.Join(m.root, "cgroup.controllers"))
 	if err != nil {
 		return fmt.Errorf("cgroup v2: root %s is not a cgroup: %w", m.root, err)
@@ -138,6 +141,9 @@ func (m *v2Manager) setup(moveSelf bool) error {
 	workers := filepath.Join(m.root, "workers")
 	if err := os.Mkdir(workers, 0o755); err != nil && !errors.Is(err, os.ErrExist) {
 		return fmt.Errorf("cgroup v2: create %s: %w", workers, err)
+	}
+	if err := checkWritable("v2", workers); err != nil {
+		return err
 	}
 	if err := writeFile(workers, "cgroup.subtree_control", enable); err != nil {
 		return fmt.Errorf("cgroup v2: %w", err)
