@@ -7,34 +7,14 @@ import (
 	"path/filepath"
 	"testing"
 
-	"golang.org/x/sys/unix"
-
 	"github.com/rbee/rbee-hive/api"
+	"github.com/rbee/rbee-hive/internal/testkit"
 	"github.com/rbee/rbee-hive/procfs"
 )
 
-// mountTmpfs mounts a fresh tmpfs of the given size under a temp dir. It needs
-// root, which CI has; elsewhere the test skips rather than fail.
-func mountTmpfs(t testing.TB, size string) string {
-	t.Helper()
-	dir := t.TempDir()
-	if err := unix.Mount("tmpfs", dir, "tmpfs", 0, "size="+size); err != nil {
-		if os.Geteuid() != 0 {
-			t.Skipf("tmpfs mount needs root: %v", err)
-		}
-		t.Fatalf("mount tmpfs: %v", err)
-	}
-	t.Cleanup(func() {
-		if err := unix.Unmount(dir, 0); err != nil {
-			t.Errorf("unmount %s: %v", dir, err)
-		}
-	})
-	return dir
-}
-
 func TestCheckDiskTmpfs(t *testing.T) {
 	const mib = 1 << 20
-	dir := mountTmpfs(t, "8m")
+	dir := testkit.MountTmpfs(t, "8m")
 	// 2 MiB already used, so "available" is not simply the mount size.
 	if err := os.WriteFile(filepath.Join(dir, "used"), make([]byte, 2*mib), 0o600); err != nil {
 		t.Fatal(err)

@@ -10,7 +10,6 @@ import (
 	"math/rand/v2"
 	"net/http"
 	"net/http/httptest"
-	"os"
 	"strconv"
 	"strings"
 	"sync"
@@ -19,7 +18,6 @@ import (
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
-	"golang.org/x/sys/unix"
 )
 
 // testFile is one file the fake Hub serves.
@@ -335,25 +333,6 @@ func newTestStore(t testing.TB, f *fakeHub, dir string, mod func(*Options)) *tes
 	}
 	t.Cleanup(func() { s.Close() })
 	return &testStore{Store: s, reg: reg, dir: dir}
-}
-
-// mountTmpfs mounts a tmpfs of the given size. CI runs as root; only a
-// non-root developer run skips.
-func mountTmpfs(t testing.TB, size string) string {
-	t.Helper()
-	dir := t.TempDir()
-	if err := unix.Mount("tmpfs", dir, "tmpfs", 0, "size="+size); err != nil {
-		if os.Geteuid() != 0 {
-			t.Skipf("tmpfs mount needs root: %v", err)
-		}
-		t.Fatalf("mount tmpfs: %v", err)
-	}
-	t.Cleanup(func() {
-		if err := unix.Unmount(dir, unix.MNT_DETACH); err != nil {
-			t.Errorf("unmount %s: %v", dir, err)
-		}
-	})
-	return dir
 }
 
 // waitResult waits for a download's Result with a deadline.

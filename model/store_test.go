@@ -21,6 +21,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus/testutil"
 
 	"github.com/rbee/rbee-hive/api"
+	"github.com/rbee/rbee-hive/internal/testkit"
 )
 
 const mib = 1 << 20
@@ -311,7 +312,7 @@ func TestChecksumMismatch(t *testing.T) {
 }
 
 func TestDiskTooSmallRefusedBeforeWriting(t *testing.T) {
-	dir := mountTmpfs(t, "4m")
+	dir := testkit.MountTmpfs(t, "4m")
 	f := newFakeHub(t)
 	f.add("org/repo@main", testFile{path: "big.gguf", content: randomBytes(6*mib, 13), lfs: true})
 	ts := newTestStore(t, f, dir, func(o *Options) {
@@ -351,7 +352,7 @@ func TestDiskTooSmallRefusedBeforeWriting(t *testing.T) {
 }
 
 func TestDiskFillsUpMidDownload(t *testing.T) {
-	dir := mountTmpfs(t, "4m")
+	dir := testkit.MountTmpfs(t, "4m")
 	f := newFakeHub(t)
 	content := randomBytes(2*mib, 14)
 	f.add("org/repo@main", testFile{path: "m.gguf", content: content, lfs: true})

@@ -1,12 +1,16 @@
 // Package testkit holds the small helpers the integration tests of several
-// packages share: a goroutine-safe log buffer and a free loopback port.
+// packages share: a goroutine-safe log buffer, a free loopback port and a
+// size-limited tmpfs.
 package testkit
 
 import (
 	"bytes"
 	"net"
+	"os"
 	"sync"
 	"testing"
+
+	"golang.org/x/sys/unix"
 )
 
 // SyncBuffer is a bytes.Buffer safe for a child process's output and a
@@ -37,4 +41,24 @@ func FreePort(t testing.TB) int {
 	}
 	defer ln.Close()
 	return ln.Addr().(*net.TCPAddr).Port
+}
+
+// MountTmpfs mounts a fresh tmpfs of the given size ("8m") on a temp dir and
+// unmounts it (lazily, so a straggling open file cannot fail the test) at
+// cleanup. It needs root, which CI has; elsewhere the test skips.
+func MountTmpfs(t testing.TB, size string) string {
+	t.Helper()
+	dir := t.TempDir()
+	if err := unix.Mount("tmpfs", dir, "tmpfs", 0, "size="+size); err != nil {
+		if os.Geteuid() != 0 {
+			t.Skipf("tmpfs mount needs root: %v", err)
+		}
+		t.Fatalf("mount tmpfs: %v", err)
+	}
+	t.Cleanup(func() {
+		if err := unix.Unmount(dir, unix.MNT_DETACH); err != nil {
+			t.Errorf("unmount %s: %v", dir, err)
+		}
+	})
+	return dir
 }
