@@ -49,12 +49,7 @@ type workerView struct {
 
 func runStatus(ctx context.Context, args []string, stdout io.Writer) error {
 	fs := flag.NewFlagSet("status", flag.ContinueOnError)
-	var cf clientFlags
-	cf.register(fs)
-	if err := fs.Parse(args); err != nil {
-		return err
-	}
-	c, err := cf.client()
+	c, err := parseClient(fs, args)
 	if err != nil {
 		return err
 	}
@@ -102,8 +97,6 @@ func runWorkers(ctx context.Context, args []string, stdout io.Writer) error {
 	}
 	sub, args := args[0], args[1:]
 	fs := flag.NewFlagSet("workers "+sub, flag.ContinueOnError)
-	var cf clientFlags
-	cf.register(fs)
 	var spawn struct {
 		backend, model, restart string
 		device                  int
@@ -120,10 +113,7 @@ func runWorkers(ctx context.Context, args []string, stdout io.Writer) error {
 	case "logs":
 		fs.StringVar(&stream, "stream", "", "stdout or stderr (default both)")
 	}
-	if err := fs.Parse(args); err != nil {
-		return err
-	}
-	c, err := cf.client()
+	c, err := parseClient(fs, args)
 	if err != nil {
 		return err
 	}

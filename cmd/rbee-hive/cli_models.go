@@ -20,12 +20,7 @@ func runModels(ctx context.Context, args []string, stdout, stderr io.Writer) err
 	}
 	sub, args := args[0], args[1:]
 	fs := flag.NewFlagSet("models "+sub, flag.ContinueOnError)
-	var cf clientFlags
-	cf.register(fs)
-	if err := fs.Parse(args); err != nil {
-		return err
-	}
-	c, err := cf.client()
+	c, err := parseClient(fs, args)
 	if err != nil {
 		return err
 	}

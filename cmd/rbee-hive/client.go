@@ -37,6 +37,17 @@ func (c *clientFlags) register(fs *flag.FlagSet) {
 	fs.BoolVar(&c.json, "json", false, "print JSON")
 }
 
+// parseClient adds the shared client flags to fs (which holds the command's
+// own), parses args and builds the client.
+func parseClient(fs *flag.FlagSet, args []string) (*client, error) {
+	var cf clientFlags
+	cf.register(fs)
+	if err := fs.Parse(args); err != nil {
+		return nil, err
+	}
+	return cf.client()
+}
+
 func (c *clientFlags) client() (*client, error) {
 	cfg, err := config.Load(c.configPath, os.Geteuid() == 0)
 	if err != nil {
