@@ -9,6 +9,7 @@ import (
 
 	"github.com/rbee/rbee-hive/admission"
 	"github.com/rbee/rbee-hive/admission/estimate"
+	"github.com/rbee/rbee-hive/config"
 	"github.com/rbee/rbee-hive/gpu"
 	"github.com/rbee/rbee-hive/model"
 	"github.com/rbee/rbee-hive/proxy"
@@ -100,6 +101,16 @@ func canonicalRef(ref string) string {
 		return r.String()
 	}
 	return ref
+}
+
+// fakeDevices turns the config's [[gpu.fake]] entries into the fake driver's
+// devices (used when gpu.driver = "fake").
+func fakeDevices(cfg *config.Config) []gpu.FakeDevice {
+	out := make([]gpu.FakeDevice, 0, len(cfg.GPU.Fake))
+	for _, f := range cfg.GPU.Fake {
+		out = append(out, gpu.FakeDevice{UUID: f.UUID, Name: f.Name, MemoryTotal: uint64(f.MemoryTotal)})
+	}
+	return out
 }
 
 // gpuList adapts gpu.GPUs to the supervisor's GPUs.

@@ -57,11 +57,7 @@ func runDetect(ctx context.Context, args []string, stdout io.Writer) error {
 			d.MemoryTotal, d.MemoryAvailable = m.TotalBytes, m.AvailableBytes
 		}
 	}
-	fakes := make([]gpu.FakeDevice, 0, len(cfg.GPU.Fake))
-	for _, f := range cfg.GPU.Fake {
-		fakes = append(fakes, gpu.FakeDevice{UUID: f.UUID, Name: f.Name, MemoryTotal: uint64(f.MemoryTotal)})
-	}
-	g, err := gpu.Open(string(cfg.GPU.Driver), fakes)
+	g, err := gpu.Open(string(cfg.GPU.Driver), fakeDevices(&cfg))
 	if err == nil {
 		d.GPU, err = gpu.Detect(ctx, g)
 		_ = g.Close()

@@ -67,11 +67,7 @@ func newHive(ctx context.Context, cfg *config.Config, log *slog.Logger, reg *pro
 	}
 	log.Info("cgroups ready", "mode", h.cgroups.Mode(), "root", h.cgroups.Root())
 
-	fakes := make([]gpu.FakeDevice, 0, len(cfg.GPU.Fake))
-	for _, f := range cfg.GPU.Fake {
-		fakes = append(fakes, gpu.FakeDevice{UUID: f.UUID, Name: f.Name, MemoryTotal: uint64(f.MemoryTotal)})
-	}
-	if h.gpus, err = gpu.Open(string(cfg.GPU.Driver), fakes); err != nil {
+	if h.gpus, err = gpu.Open(string(cfg.GPU.Driver), fakeDevices(cfg)); err != nil {
 		return nil, fmt.Errorf("gpu: %w", err)
 	}
 	mem, err := procfs.New("")
