@@ -148,7 +148,7 @@ func Default(root bool) Config {
 		Heartbeat: Heartbeat{
 			Interval:       Duration(30 * time.Second),
 			StaleThreshold: Duration(60 * time.Second),
-			StaleAction:    "restart",
+			StaleAction:    StaleRestart,
 		},
 		Workers: Workers{
 			MemoryLimit:    8 << 30,
@@ -181,7 +181,7 @@ func Default(root bool) Config {
 		Backends: map[string]Backend{
 			"sim": {
 				Command:     []string{"{self_dir}/rbee-simworker", "--port", "{port}", "--worker-id", "{worker_id}", "--model", "{model_path}"},
-				Health:      "notify",
+				Health:      HealthNotify,
 				LoadTimeout: Duration(2 * time.Minute),
 				MemoryLimit: 512 << 20,
 			},
@@ -415,7 +415,7 @@ func (c *Config) finishBackend(name string) error {
 		}
 	}
 	if b.Health == "" {
-		b.Health = "notify"
+		b.Health = HealthNotify
 	}
 	if err := new(HealthMode).UnmarshalText([]byte(b.Health)); err != nil {
 		return bad(key+".health", "%v", err)

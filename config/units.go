@@ -107,9 +107,16 @@ func oneOf(field string, v string, allowed ...string) error {
 // StaleAction is what happens to a worker that stopped heartbeating.
 type StaleAction string
 
+// The stale actions.
+const (
+	StaleRestart StaleAction = "restart" // stop the worker and restart it by policy
+	StaleKill    StaleAction = "kill"    // stop it for good
+	StaleMark    StaleAction = "mark"    // only mark it stale
+)
+
 // UnmarshalText implements encoding.TextUnmarshaler.
 func (a *StaleAction) UnmarshalText(b []byte) error {
-	if err := oneOf("stale_action", string(b), "restart", "kill", "mark"); err != nil {
+	if err := oneOf("stale_action", string(b), string(StaleRestart), string(StaleKill), string(StaleMark)); err != nil {
 		return err
 	}
 	*a = StaleAction(b)
@@ -119,9 +126,16 @@ func (a *StaleAction) UnmarshalText(b []byte) error {
 // HealthMode is how the hive learns that a worker is ready and alive.
 type HealthMode string
 
+// The health modes.
+const (
+	HealthNotify   HealthMode = "notify"   // READY=1 and WATCHDOG=1 datagrams
+	HealthHTTP     HealthMode = "http"     // GET health_path until 200, then polled
+	HealthCallback HealthMode = "callback" // POST /v1/workers/ready and /v1/heartbeat
+)
+
 // UnmarshalText implements encoding.TextUnmarshaler.
 func (h *HealthMode) UnmarshalText(b []byte) error {
-	if err := oneOf("health", string(b), "notify", "http", "callback"); err != nil {
+	if err := oneOf("health", string(b), string(HealthNotify), string(HealthHTTP), string(HealthCallback)); err != nil {
 		return err
 	}
 	*h = HealthMode(b)
@@ -155,9 +169,15 @@ func (l *LogLevel) UnmarshalText(b []byte) error {
 // Action is what to do when a limit is exceeded: log it, or kill the worker.
 type Action string
 
+// The limit actions.
+const (
+	ActionLog  Action = "log"
+	ActionKill Action = "kill"
+)
+
 // UnmarshalText implements encoding.TextUnmarshaler.
 func (a *Action) UnmarshalText(b []byte) error {
-	if err := oneOf("action", string(b), "log", "kill"); err != nil {
+	if err := oneOf("action", string(b), string(ActionLog), string(ActionKill)); err != nil {
 		return err
 	}
 	*a = Action(b)
@@ -167,9 +187,17 @@ func (a *Action) UnmarshalText(b []byte) error {
 // GPUDriver picks the GPU implementation.
 type GPUDriver string
 
+// The GPU drivers.
+const (
+	GPUAuto GPUDriver = "auto" // NVML when it initialises, else none
+	GPUNVML GPUDriver = "nvml"
+	GPUFake GPUDriver = "fake"
+	GPUNone GPUDriver = "none"
+)
+
 // UnmarshalText implements encoding.TextUnmarshaler.
 func (g *GPUDriver) UnmarshalText(b []byte) error {
-	if err := oneOf("driver", string(b), "auto", "nvml", "fake", "none"); err != nil {
+	if err := oneOf("driver", string(b), string(GPUAuto), string(GPUNVML), string(GPUFake), string(GPUNone)); err != nil {
 		return err
 	}
 	*g = GPUDriver(b)
