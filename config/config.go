@@ -41,8 +41,8 @@ type Config struct {
 // Heartbeat configures the notify socket and stale detection.
 type Heartbeat struct {
 	NotifySocket   string      `toml:"notify_socket" comment:"unixgram socket workers send sd_notify datagrams to; empty: <runtime_dir>/notify.sock"`
-	Interval       Duration    `toml:"interval" comment:"how often workers are asked to heartbeat (WATCHDOG_USEC is twice this)"`
-	StaleThreshold Duration    `toml:"stale_threshold" comment:"a ready worker silent this long is stale"`
+	Interval       Duration    `toml:"interval" comment:"health = http: how often a ready worker's health_path is polled (at least 100ms, below stale_threshold); workers are not told it"`
+	StaleThreshold Duration    `toml:"stale_threshold" comment:"a ready worker silent this long is stale; workers get it as WATCHDOG_USEC (sd_notify workers ping at half of it)"`
 	StaleAction    StaleAction `toml:"stale_action" comment:"restart, kill or mark"`
 }
 
@@ -50,8 +50,8 @@ type Heartbeat struct {
 type Workers struct {
 	MemoryLimit    Size     `toml:"memory_limit" comment:"memory.max of a worker's cgroup unless the backend or request says otherwise"`
 	PidsMax        int64    `toml:"pids_max" comment:"pids.max of a worker's cgroup"`
-	GracePeriod    Duration `toml:"grace_period" comment:"SIGTERM to SIGKILL on stop"`
-	ShutdownBudget Duration `toml:"shutdown_budget" comment:"all workers stopped within this on hive shutdown"`
+	GracePeriod    Duration `toml:"grace_period" comment:"SIGTERM to SIGKILL on stop (at least 100ms)"`
+	ShutdownBudget Duration `toml:"shutdown_budget" comment:"all workers stopped within this on hive shutdown (at least 1s)"`
 	PortMin        int      `toml:"port_min" comment:"first port handed to workers"`
 	PortMax        int      `toml:"port_max" comment:"last port handed to workers"`
 	LogMaxBytes    Size     `toml:"log_max_bytes" comment:"size of a worker's log file before rotation"`
@@ -61,22 +61,23 @@ type Workers struct {
 
 // Restart is the restart policy's timing.
 type Restart struct {
-	BackoffBase   Duration `toml:"backoff_base" comment:"first restart delay, doubled per consecutive failure"`
+	BackoffBase   Duration `toml:"backoff_base" comment:"first restart delay, doubled per consecutive failure (at least 10ms)"`
 	BackoffMax    Duration `toml:"backoff_max" comment:"restart delay cap"`
 	Jitter        float64  `toml:"jitter" comment:"± fraction of random jitter on each delay"`
-	StableAfter   Duration `toml:"stable_after" comment:"running this long resets the failure count"`
+	StableAfter   Duration `toml:"stable_after" comment:"running this long resets the failure count (at least 1s)"`
 	MaxFailures   int      `toml:"max_failures" comment:"failures within failure_window that mark a worker failed"`
-	FailureWindow Duration `toml:"failure_window" comment:"window of the circuit breaker"`
+	FailureWindow Duration `toml:"failure_window" comment:"window of the circuit breaker (at least 1s)"`
 }
 
 // Resources configures admission control and monitoring.
 type Resources struct {
-	MemoryReserve   Size     `toml:"memory_reserve" comment:"RAM kept free for the host; spawns that would eat into it get 507"`
-	DiskReserve     Size     `toml:"disk_reserve" comment:"disk kept free on the model dir's filesystem"`
-	VRAMMargin      Size     `toml:"vram_margin" comment:"added to each model's VRAM estimate"`
-	SampleInterval  Duration `toml:"sample_interval" comment:"how often worker RAM, CPU and VRAM are sampled"`
-	VRAMLimitFactor float64  `toml:"vram_limit_factor" comment:"a worker using more than estimate × factor VRAM is over its limit"`
-	VRAMLimitAction Action   `toml:"vram_limit_action" comment:"log or kill"`
+	MemoryReserve   Size            `toml:"memory_reserve" comment:"RAM kept free for the host; spawns that would eat into it get 507"`
+	MemoryAdmission MemoryAdmission `toml:"memory_admission" comment:"limits: the memory limits of all live workers plus the new one must fit in MemTotal − memory_reserve (never overcommits); usage: the new limit must fit in MemAvailable − memory_reserve − limits of workers still loading (packs more, a ready worker counts by its use)"`
+	DiskReserve     Size            `toml:"disk_reserve" comment:"disk kept free on the model dir's filesystem"`
+	VRAMMargin      Size            `toml:"vram_margin" comment:"added to each model's VRAM estimate"`
+	SampleInterval  Duration        `toml:"sample_interval" comment:"how often worker RAM, CPU and VRAM are sampled (at least 1s)"`
+	VRAMLimitFactor float64         `toml:"vram_limit_factor" comment:"a worker using more than estimate × factor VRAM is over its limit"`
+	VRAMLimitAction Action          `toml:"vram_limit_action" comment:"log or kill"`
 }
 
 // Cgroup configures the cgroup tree.
@@ -102,16 +103,16 @@ type Models struct {
 	MaxBytes     Size     `toml:"max_bytes" comment:"0: unlimited; else least-recently-used unused models are deleted to stay under it"`
 	HFEndpoint   string   `toml:"hf_endpoint" comment:"HuggingFace endpoint; empty: $HF_ENDPOINT or https://huggingface.co"`
 	HFTokenFile  string   `toml:"hf_token_file" comment:"file holding a HuggingFace token; empty: $HF_TOKEN"`
-	StallTimeout Duration `toml:"stall_timeout" comment:"a download that receives nothing this long fails"`
+	StallTimeout Duration `toml:"stall_timeout" comment:"a download that receives nothing this long fails (at least 1s)"`
 }
 
 // Backend is a kind of worker the hive may start: a command template, never
 // an arbitrary command line from a request.
 type Backend struct {
-	Command     []string          `toml:"command" comment:"argv; placeholders {port} {model_path} {model_ref} {worker_id} {device} {self_dir}"`
+	Command     []string          `toml:"command" comment:"argv; the program is an absolute path or {self_dir}/…, never looked up on PATH; placeholders {port} {model_path} {model_ref} {worker_id} {device} {self_dir}"`
 	Health      HealthMode        `toml:"health" comment:"notify (READY=1 and heartbeats on the notify socket), http (poll health_path), callback (POST /v1/workers/ready)"`
 	HealthPath  string            `toml:"health_path" comment:"for health = http: 200 means ready"`
-	LoadTimeout Duration          `toml:"load_timeout" comment:"a worker not ready within this is killed (load_timeout)"`
+	LoadTimeout Duration          `toml:"load_timeout" comment:"a worker not ready within this is killed (load_timeout); 0: 10m, else at least 1s"`
 	MemoryLimit Size              `toml:"memory_limit" comment:"0: workers.memory_limit"`
 	CUDA        bool              `toml:"cuda" comment:"gets CUDA_VISIBLE_DEVICES=<GPU UUID> and VRAM admission"`
 	ContextSize int               `toml:"context_size" comment:"context length used for VRAM estimates"`
@@ -169,7 +170,13 @@ func Default(root bool) Config {
 			},
 		},
 		Resources: Resources{
-			MemoryReserve:   2 << 30,
+			MemoryReserve: 2 << 30,
+			// A GPU host runs a few large workers whose RAM grows after
+			// READY (KV cache, pinned host buffers, mmap'd weights paged
+			// in): judged by use at READY they overcommit the host and the
+			// OOM killer, not admission, picks a serving worker to die.
+			// Limits turn that into a 507 at spawn time.
+			MemoryAdmission: MemoryLimits,
 			DiskReserve:     10 << 30,
 			VRAMMargin:      512 << 20,
 			SampleInterval:  Duration(5 * time.Second),
@@ -217,7 +224,11 @@ func Load(path string, root bool) (Config, error) {
 	if err != nil {
 		return Config{}, fmt.Errorf("config: %w", err)
 	}
-	if err := decode(data, &cfg); err != nil {
+	pos, err := scan(data)
+	if err == nil {
+		err = decode(data, &cfg)
+	}
+	if err != nil {
 		var pe *posError
 		if errors.As(err, &pe) {
 			if pe.key == "" {
@@ -230,7 +241,13 @@ func Load(path string, root bool) (Config, error) {
 	if err := cfg.finish(); err != nil {
 		var fe *fieldError
 		if errors.As(err, &fe) {
-			if line := findKeyLine(data, fe.key); line > 0 {
+			// A rule that ties keys together blames the one the file sets.
+			for _, k := range append([]string{fe.key}, fe.related...) {
+				if _, ok := pos[k]; ok {
+					return Config{}, fmt.Errorf("config %s:%d: key %s: %s", path, pos[k].line, fe.key, fe.msg)
+				}
+			}
+			if line := pos.line(fe.key); line > 0 {
 				return Config{}, fmt.Errorf("config %s:%d: key %s: %s", path, line, fe.key, fe.msg)
 			}
 		}
@@ -281,13 +298,22 @@ type posError struct {
 
 func (e *posError) Error() string { return fmt.Sprintf("line %d: key %s: %s", e.line, e.key, e.msg) }
 
-// fieldError is a validation failure of one key.
-type fieldError struct{ key, msg string }
+// fieldError is a validation failure of one key; related keys take part in
+// the same rule and locate it when the file does not set key itself.
+type fieldError struct {
+	key, msg string
+	related  []string
+}
 
 func (e *fieldError) Error() string { return "key " + e.key + ": " + e.msg }
 
 func bad(key, format string, args ...any) error {
 	return &fieldError{key: key, msg: fmt.Sprintf(format, args...)}
+}
+
+// badPair is bad for a rule between two keys.
+func badPair(key, related, format string, args ...any) error {
+	return &fieldError{key: key, msg: fmt.Sprintf(format, args...), related: []string{related}}
 }
 
 var backendName = regexp.MustCompile(`^[a-z0-9][a-z0-9_-]{0,63}$`)
@@ -333,21 +359,24 @@ func (c *Config) finish() error {
 	if len(c.Heartbeat.NotifySocket) > 107 {
 		return bad("heartbeat.notify_socket", "path longer than a unix socket allows (107 bytes)")
 	}
-	if c.Heartbeat.Interval <= 0 {
-		return bad("heartbeat.interval", "must be positive")
+	if err := c.checkBounds(); err != nil {
+		return err
 	}
 	if c.Heartbeat.StaleThreshold <= c.Heartbeat.Interval {
-		return bad("heartbeat.stale_threshold", "%s must be longer than heartbeat.interval %s", c.Heartbeat.StaleThreshold.D(), c.Heartbeat.Interval.D())
+		return badPair("heartbeat.stale_threshold", "heartbeat.interval", "%s must be longer than heartbeat.interval %s", c.Heartbeat.StaleThreshold.D(), c.Heartbeat.Interval.D())
 	}
 	w := c.Workers
-	if w.MemoryLimit <= 0 {
-		return bad("workers.memory_limit", "must be positive")
-	}
 	if w.PidsMax < 0 {
 		return bad("workers.pids_max", "must not be negative")
 	}
-	if w.PortMin < 1024 || w.PortMax > 65535 || w.PortMin > w.PortMax {
-		return bad("workers.port_min", "port range %d-%d must lie within 1024-65535", w.PortMin, w.PortMax)
+	if w.PortMin < 1024 || w.PortMin > 65535 {
+		return bad("workers.port_min", "%d must lie within 1024-65535", w.PortMin)
+	}
+	if w.PortMax < 1024 || w.PortMax > 65535 {
+		return bad("workers.port_max", "%d must lie within 1024-65535", w.PortMax)
+	}
+	if w.PortMin > w.PortMax {
+		return badPair("workers.port_max", "workers.port_min", "%d is below workers.port_min %d", w.PortMax, w.PortMin)
 	}
 	if w.LogMaxBytes < 4096 {
 		return bad("workers.log_max_bytes", "must be at least 4KiB")
@@ -357,7 +386,7 @@ func (c *Config) finish() error {
 	}
 	r := w.Restart
 	if r.BackoffMax < r.BackoffBase {
-		return bad("workers.restart.backoff_max", "must not be below backoff_base")
+		return badPair("workers.restart.backoff_max", "workers.restart.backoff_base", "must not be below backoff_base")
 	}
 	if r.Jitter < 0 || r.Jitter >= 1 {
 		return bad("workers.restart.jitter", "must be in [0, 1)")
@@ -368,8 +397,8 @@ func (c *Config) finish() error {
 	if c.Resources.VRAMLimitFactor < 1 {
 		return bad("resources.vram_limit_factor", "must be at least 1")
 	}
-	if c.Resources.SampleInterval <= 0 {
-		return bad("resources.sample_interval", "must be positive")
+	if err := new(MemoryAdmission).UnmarshalText([]byte(c.Resources.MemoryAdmission)); err != nil {
+		return bad("resources.memory_admission", "%v", err)
 	}
 	if r := c.Cgroup.Root; r != "" && (filepath.Clean(r) != r || strings.Contains(r, "..")) {
 		return bad("cgroup.root", "%q must be a clean path without '..'", r)
@@ -390,6 +419,64 @@ func (c *Config) finish() error {
 	return nil
 }
 
+// Lower bounds of the durations. Zero or tiny values do not mean "off":
+// they spin loops (sample_interval, heartbeat.interval), kill every worker
+// at once (grace_period, shutdown_budget, load_timeout) or fail every
+// download (stall_timeout). The minimums are documented in the field comments.
+const (
+	minHeartbeatInterval = 100 * time.Millisecond
+	minSampleInterval    = time.Second
+	minGracePeriod       = 100 * time.Millisecond
+	minShutdownBudget    = time.Second
+	minBackoffBase       = 10 * time.Millisecond
+	minWindow            = time.Second // stable_after, failure_window
+	minStallTimeout      = time.Second
+	minLoadTimeout       = time.Second
+)
+
+// checkBounds rejects durations below their minimum and sizes that cannot
+// be (negative; zero where a limit of nothing would break every worker).
+func (c *Config) checkBounds() error {
+	for _, d := range []struct {
+		key string
+		val Duration
+		min time.Duration
+	}{
+		{"heartbeat.interval", c.Heartbeat.Interval, minHeartbeatInterval},
+		{"resources.sample_interval", c.Resources.SampleInterval, minSampleInterval},
+		{"workers.grace_period", c.Workers.GracePeriod, minGracePeriod},
+		{"workers.shutdown_budget", c.Workers.ShutdownBudget, minShutdownBudget},
+		{"workers.restart.backoff_base", c.Workers.Restart.BackoffBase, minBackoffBase},
+		{"workers.restart.stable_after", c.Workers.Restart.StableAfter, minWindow},
+		{"workers.restart.failure_window", c.Workers.Restart.FailureWindow, minWindow},
+		{"models.stall_timeout", c.Models.StallTimeout, minStallTimeout},
+	} {
+		if d.val.D() < d.min {
+			return bad(d.key, "%s is below the minimum %s", d.val.D(), d.min)
+		}
+	}
+	for _, s := range []struct {
+		key      string
+		val      Size
+		positive bool
+	}{
+		{"workers.memory_limit", c.Workers.MemoryLimit, true},
+		{"workers.log_max_bytes", c.Workers.LogMaxBytes, true},
+		{"resources.memory_reserve", c.Resources.MemoryReserve, false},
+		{"resources.disk_reserve", c.Resources.DiskReserve, false},
+		{"resources.vram_margin", c.Resources.VRAMMargin, false},
+		{"models.max_bytes", c.Models.MaxBytes, false},
+	} {
+		switch {
+		case s.val < 0:
+			return bad(s.key, "must not be negative")
+		case s.positive && s.val == 0:
+			return bad(s.key, "must be positive")
+		}
+	}
+	return nil
+}
+
 func (c *Config) finishBackend(name string) error {
 	b := c.Backends[name]
 	key := "backends." + name
@@ -398,6 +485,11 @@ func (c *Config) finishBackend(name string) error {
 	}
 	if len(b.Command) == 0 || b.Command[0] == "" {
 		return bad(key+".command", "must name a program")
+	}
+	// Resolved on the hive's own PATH the program would depend on the
+	// daemon's environment; CheckCommands verifies it at start.
+	if prog := b.Command[0]; !filepath.IsAbs(prog) && !strings.HasPrefix(prog, "{self_dir}/") {
+		return bad(key+".command", "%q must be an absolute path or start with {self_dir}/", prog)
 	}
 	for _, arg := range b.Command {
 		for i := 0; i < len(arg); i++ {
@@ -429,11 +521,17 @@ func (c *Config) finishBackend(name string) error {
 	if b.LoadTimeout == 0 {
 		b.LoadTimeout = Duration(10 * time.Minute)
 	}
+	if b.LoadTimeout.D() < minLoadTimeout {
+		return bad(key+".load_timeout", "%s is below the minimum %s", b.LoadTimeout.D(), minLoadTimeout)
+	}
 	if b.MemoryLimit < 0 {
 		return bad(key+".memory_limit", "must not be negative")
 	}
 	if b.ContextSize == 0 {
 		b.ContextSize = 4096
+	}
+	if b.ContextSize < 0 {
+		return bad(key+".context_size", "must not be negative")
 	}
 	for k := range b.Env {
 		if !envKey.MatchString(k) {
@@ -503,30 +601,21 @@ func (c *Config) TOML() ([]byte, error) {
 	return buf.Bytes(), nil
 }
 
-// findKeyLine finds the line of a dotted key ("workers.restart.jitter") by
-// tracking table headers; good enough for error messages.
-func findKeyLine(data []byte, dotted string) int {
-	parts := strings.Split(dotted, ".")
-	leaf := parts[len(parts)-1]
-	table := strings.Join(parts[:len(parts)-1], ".")
-	current := ""
-	for i, line := range strings.Split(string(data), "\n") {
-		l := strings.TrimSpace(line)
-		if strings.HasPrefix(l, "[") {
-			current = strings.Trim(l, "[] ")
-			if current == dotted {
-				return i + 1
-			}
-			continue
-		}
-		k, _, ok := strings.Cut(l, "=")
-		if !ok {
-			continue
-		}
-		k = strings.TrimSpace(k)
-		if (current == table && k == leaf) || (current == "" && k == dotted) {
-			return i + 1
+// CheckCommands verifies that every backend's program exists and is
+// executable, with {self_dir} replaced by selfDir, so that a typo fails the
+// hive's start rather than each spawn.
+func (c *Config) CheckCommands(selfDir string) error {
+	for _, name := range c.BackendNames() {
+		prog := strings.ReplaceAll(c.Backends[name].Command[0], "{self_dir}", selfDir)
+		fi, err := os.Stat(prog)
+		switch {
+		case err != nil:
+			return fmt.Errorf("config: backend %s: command %s: %w", name, prog, err)
+		case !fi.Mode().IsRegular():
+			return fmt.Errorf("config: backend %s: command %s is not a regular file", name, prog)
+		case fi.Mode().Perm()&0o111 == 0:
+			return fmt.Errorf("config: backend %s: command %s is not executable", name, prog)
 		}
 	}
-	return 0
+	return nil
 }

@@ -203,3 +203,28 @@ func (g *GPUDriver) UnmarshalText(b []byte) error {
 	*g = GPUDriver(b)
 	return nil
 }
+
+// MemoryAdmission is how RAM admission counts running workers.
+type MemoryAdmission string
+
+// The RAM admission modes.
+const (
+	// MemoryLimits admits a worker only if its memory limit plus the limits
+	// of every live worker fit in MemTotal − memory_reserve (and its limit
+	// fits in what is available now): workers can all grow to their limits
+	// without overcommitting the host.
+	MemoryLimits MemoryAdmission = "limits"
+	// MemoryUsage admits against MemAvailable − memory_reserve − the limits
+	// of workers still loading: a ready worker counts by what it uses, so
+	// the host packs more workers and can be overcommitted as they grow.
+	MemoryUsage MemoryAdmission = "usage"
+)
+
+// UnmarshalText implements encoding.TextUnmarshaler.
+func (m *MemoryAdmission) UnmarshalText(b []byte) error {
+	if err := oneOf("memory_admission", string(b), string(MemoryLimits), string(MemoryUsage)); err != nil {
+		return err
+	}
+	*m = MemoryAdmission(b)
+	return nil
+}
