@@ -1,6 +1,7 @@
 package config
 
 import (
+	"fmt"
 	"os"
 	"path/filepath"
 	"strings"
@@ -195,11 +196,139 @@ func TestParseSize(t *testing.T) {
 		{"GiB", 0, true},
 		{"1XB", 0, true},
 		{"99999999TiB", 0, true},
+		{"NaN", 0, true},
+		{"NaNGiB", 0, true},
+		{"Inf", 0, true},
 	}
 	for _, tc := range tests {
 		got, err := ParseSize(tc.in)
 		if (err != nil) != tc.err || got != tc.want {
 			t.Errorf("ParseSize(%q) = %v, %v; want %v, err=%v", tc.in, got, err, tc.want, tc.err)
 		}
+	}
+}
+
+// TestHostileValues: values a careless operator writes that the decoder
+// used to accept silently (an integer duration is nanoseconds to go-toml, a
+// negative size wraps to 2^64−1) or reported without a line or full key.
+// Each error names the file, the line and the full dotted key.
+func TestHostileValues(t *testing.T) {
+	tests := []struct {
+		name string
+		body string
+		line int
+		key  string
+		want string
+	}{
+		{"integer duration", "[workers]\ngrace_period = 10\n", 2, "workers.grace_period", `write "10s"`},
+		{"integer sample interval", "[resources]\nsample_interval = 5\n", 2, "resources.sample_interval", `write "5s"`},
+		{"integer heartbeat", "[heartbeat]\ninterval = 30\n", 2, "heartbeat.interval", `write "30s"`},
+		{"float duration", "\n[models]\nstall_timeout = 1.5\n", 3, "models.stall_timeout", "needs a unit"},
+		{"integer duration in a dotted key", "workers.restart.backoff_base = 1\n", 1, "workers.restart.backoff_base", `write "1s"`},
+		{"integer duration in an inline table", "workers = { restart = { stable_after = 300 } }\n", 1, "workers.restart.stable_after", `write "300s"`},
+		{"integer backend load timeout", "[backends.x]\ncommand = [\"/bin/true\"]\nload_timeout = 60\n", 3, "backends.x.load_timeout", `write "60s"`},
+		{"negative reserve", "[resources]\nmemory_reserve = -1\n", 2, "resources.memory_reserve", "negative"},
+		{"negative disk reserve", "[resources]\n\ndisk_reserve = -5\n", 3, "resources.disk_reserve", "negative"},
+		{"NaN size", "[resources]\nvram_margin = \"NaN\"\n", 2, "resources.vram_margin", "invalid size"},
+		{"Inf size", "[models]\nmax_bytes = \"Inf\"\n", 2, "models.max_bytes", "invalid size"},
+		{"float size", "[workers]\nmemory_limit = 1.5\n", 2, "workers.memory_limit", "whole number"},
+		{"negative fake GPU", "[gpu]\ndriver = \"fake\"\n[[gpu.fake]]\nname = \"a\"\n[[gpu.fake]]\nmemory_total = -1\n", 6, "gpu.fake[1].memory_total", "negative"},
+		{"sample interval too small", "[resources]\nsample_interval = \"1ms\"\n", 2, "resources.sample_interval", "minimum 1s"},
+		{"heartbeat too small", "[heartbeat]\ninterval = \"1ns\"\n", 2, "heartbeat.interval", "minimum"},
+		{"zero shutdown budget", "[workers]\nshutdown_budget = \"0s\"\n", 2, "workers.shutdown_budget", "minimum"},
+		{"zero grace", "[workers]\ngrace_period = \"0s\"\n", 2, "workers.grace_period", "minimum"},
+		{"zero stall timeout", "[models]\nstall_timeout = \"0s\"\n", 2, "models.stall_timeout", "minimum"},
+		{"zero failure window", "[workers.restart]\nfailure_window = \"0s\"\n", 2, "workers.restart.failure_window", "minimum"},
+		{"zero backoff", "[workers.restart]\nbackoff_base = \"0s\"\n", 2, "workers.restart.backoff_base", "minimum"},
+		{"tiny load timeout", "[backends.x]\ncommand = [\"/bin/true\"]\nload_timeout = \"1ms\"\n", 3, "backends.x.load_timeout", "minimum"},
+		{"zero memory limit", "[workers]\nmemory_limit = 0\n", 2, "workers.memory_limit", "positive"},
+		{"port_max out of range", "[workers]\nport_min = 8000\nport_max = 70000\n", 3, "workers.port_max", "1024-65535"},
+		{"port_max below port_min", "[workers]\nport_max = 2000\n", 2, "workers.port_max", "below workers.port_min"},
+		{"threshold below a set interval", "[heartbeat]\ninterval = \"90s\"\n", 2, "heartbeat.stale_threshold", "longer than"},
+		{"bad backend name", "\n[backends.Bad]\ncommand = [\"/bin/x\"]\n", 2, "backends.Bad", "lowercase"},
+		{"missing command", "[backends.x]\n\nhealth = \"notify\"\n", 1, "backends.x.command", "must name a program"},
+		{"duplicate key", "[workers]\npids_max = 1\n[heartbeat]\ninterval = \"1s\"\n[workers.restart]\njitter = 0.1\njitter = 0.2\n", 7, "workers.restart.jitter", "twice (first on line 6)"},
+		{"duplicate table", "[workers]\npids_max = 1\n[workers]\nlog_files = 2\n", 3, "workers", "twice"},
+		{"relative command", "[backends.x]\ncommand = [\"rbee-simworker\"]\n", 2, "backends.x.command", "absolute path"},
+		{"dot-relative command", "[backends.x]\ncommand = [\"./bin/x\", \"{port}\"]\n", 2, "backends.x.command", "absolute path"},
+		{"bad memory admission", "[resources]\nmemory_admission = \"yolo\"\n", 2, "resources.memory_admission", "limits, usage"},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			p := writeConfig(t, tc.body)
+			_, err := Load(p, true)
+			if err == nil {
+				t.Fatal("expected an error")
+			}
+			msg := err.Error()
+			for _, w := range []string{fmt.Sprintf("%s:%d:", p, tc.line), "key " + tc.key + ":", tc.want} {
+				if !strings.Contains(msg, w) {
+					t.Errorf("error %q lacks %q", msg, w)
+				}
+			}
+		})
+	}
+}
+
+func TestGoodValuesStillLoad(t *testing.T) {
+	p := writeConfig(t, `
+workers.restart.backoff_base = "200ms"
+[resources]
+memory_reserve = 0
+memory_admission = "usage"
+disk_reserve = "0"
+[heartbeat]
+interval = "100ms"
+stale_threshold = "1s"
+[backends.x]
+command = ["{self_dir}/x", "{port}"]
+[[gpu.fake]]
+name = "a"
+memory_total = "8GiB"
+`)
+	cfg, err := Load(p, true)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if cfg.Resources.MemoryAdmission != MemoryUsage || cfg.Workers.Restart.BackoffBase.D() != 200*time.Millisecond || cfg.GPU.Fake[0].MemoryTotal != 8<<30 {
+		t.Errorf("values not applied: %+v", cfg)
+	}
+	if def, _ := Load("", true); def.Resources.MemoryAdmission != MemoryLimits {
+		t.Errorf("default memory_admission = %q, want limits", def.Resources.MemoryAdmission)
+	}
+}
+
+func TestCheckCommands(t *testing.T) {
+	dir := t.TempDir()
+	exe := filepath.Join(dir, "worker")
+	plain := filepath.Join(dir, "plain")
+	for p, mode := range map[string]os.FileMode{exe: 0o755, plain: 0o644} {
+		if err := os.WriteFile(p, []byte("#!/bin/sh\n"), mode); err != nil {
+			t.Fatal(err)
+		}
+	}
+	tests := []struct {
+		name, prog, want string
+	}{
+		{"self_dir resolved", "{self_dir}/worker", ""},
+		{"absolute", exe, ""},
+		{"missing", "{self_dir}/nope", "backend b: command " + dir + "/nope: stat"},
+		{"not executable", plain, "backend b: command " + plain + " is not executable"},
+		{"directory", dir, "is not a regular file"},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			cfg := Config{Backends: map[string]Backend{"b": {Command: []string{tc.prog}}}}
+			err := cfg.CheckCommands(dir)
+			if tc.want == "" {
+				if err != nil {
+					t.Fatal(err)
+				}
+				return
+			}
+			if err == nil || !strings.Contains(err.Error(), tc.want) {
+				t.Fatalf("got %v, want %q", err, tc.want)
+			}
+		})
 	}
 }
