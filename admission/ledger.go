@@ -36,6 +36,28 @@ type MemorySource interface {
 	Memory() (procfs.Memory, error)
 }
 
+// MemoryMode is how RAM admission counts workers that are running.
+type MemoryMode int
+
+const (
+	// MemoryUsage counts a ready worker by its use (it shows in
+	// MemAvailable); only loading workers hold a claim of their limit.
+	MemoryUsage MemoryMode = iota
+	// MemoryLimits also holds every live worker's limit until Release:
+	// Σ limits + the new one ≤ MemTotal − reserve, like Kubernetes
+	// requests against allocatable, so the host is never overcommitted.
+	// The usage check still applies: memory held outside the hive is not
+	// admissible either.
+	MemoryLimits
+)
+
+func (m MemoryMode) String() string {
+	if m == MemoryLimits {
+		return "limits"
+	}
+	return "usage"
+}
+
 // Config configures a Ledger.
 type Config struct {
 	// Memory is required.
@@ -44,6 +66,8 @@ type Config struct {
 	GPUs gpu.GPUs
 	// MemoryReserveBytes of MemAvailable are never handed to workers.
 	MemoryReserveBytes uint64
+	// MemoryMode is MemoryUsage (the zero value) or MemoryLimits.
+	MemoryMode MemoryMode
 	// VRAMMarginBytes is added to every VRAM request: estimates run low
 	// (llama.cpp's --fit keeps 1 GiB per device).
 	VRAMMarginBytes uint64
@@ -71,7 +95,8 @@ type Config struct {
 //
 // RAM: requested ≤ MemAvailable − reserve − Σ claims of loading workers. A
 // claim ends when the worker is Loaded (its memory now shows in
-// MemAvailable) or Released.
+// MemAvailable) or Released. With MemoryLimits, also requested + Σ limits
+// of all live workers ≤ MemTotal − reserve, each limit held until Release.
 //
 // VRAM on GPU g: requested + margin ≤ min(free − Σ unseen, total − driver-reserved − Σ loading
 // claims) − reserve, where unseen is the part of each claim not yet visible
@@ -100,6 +125,7 @@ type Ledger struct {
 type claimState struct {
 	workerID string
 	memory   uint64 // RAM claim; 0 once loaded
+	limit    uint64 // the worker's memory limit, held until Release
 	gpu      int    // -1: none
 	vram     uint64 // VRAM claim including margin
 	created  time.Time
@@ -238,7 +264,7 @@ func (l *Ledger) Admit(ctx context.Context, req Request) (*Claim, error) {
 	}
 	l.nextID++
 	l.claims[l.nextID] = &claimState{
-		workerID: req.WorkerID, memory: req.MemoryBytes, gpu: gpuIdx, vram: vramNeed, created: l.cfg.Now(),
+		workerID: req.WorkerID, memory: req.MemoryBytes, limit: req.MemoryBytes, gpu: gpuIdx, vram: vramNeed, created: l.cfg.Now(),
 	}
 	return &Claim{l: l, id: l.nextID, workerID: req.WorkerID}, nil
 }
@@ -261,23 +287,50 @@ func (l *Ledger) admitMemoryLocked(requested uint64) error {
 	}
 	claimed := l.memoryClaimedLocked()
 	have := satSub(satSub(m.AvailableBytes, l.cfg.MemoryReserveBytes), claimed)
-	if requested <= have {
+	limits := l.memoryLimitsLocked()
+	byLimits := l.admissibleByLimits(m, limits)
+	if requested <= have && (l.cfg.MemoryMode != MemoryLimits || requested <= byLimits) {
 		return nil
 	}
 	l.rejections[0].Add(1)
-	return &api.Error{
-		Status: http.StatusInsufficientStorage,
-		Code:   api.CodeInsufficientMemory,
-		Message: fmt.Sprintf("not enough memory: requested %d bytes, %d admissible (%d available − %d reserve − %d claimed by loading workers)",
-			requested, have, m.AvailableBytes, l.cfg.MemoryReserveBytes, claimed),
-		Details: map[string]any{
-			"requested_bytes":  requested,
-			"available_bytes":  m.AvailableBytes,
-			"reserve_bytes":    l.cfg.MemoryReserveBytes,
-			"claimed_bytes":    claimed,
-			"admissible_bytes": have,
-		},
+	details := map[string]any{
+		"requested_bytes":  requested,
+		"available_bytes":  m.AvailableBytes,
+		"reserve_bytes":    l.cfg.MemoryReserveBytes,
+		"claimed_bytes":    claimed,
+		"admissible_bytes": have,
+		"memory_admission": l.cfg.MemoryMode.String(),
 	}
+	msg := fmt.Sprintf("not enough memory: requested %d bytes, %d admissible (%d available − %d reserve − %d claimed by loading workers)",
+		requested, have, m.AvailableBytes, l.cfg.MemoryReserveBytes, claimed)
+	if l.cfg.MemoryMode == MemoryLimits {
+		details["total_bytes"] = m.TotalBytes
+		details["limits_bytes"] = limits
+		if requested > byLimits {
+			details["admissible_bytes"] = byLimits
+			msg = fmt.Sprintf("not enough memory: requested limit %d bytes, %d admissible (%d total − %d reserve − %d limits of live workers; memory_admission = limits)",
+				requested, byLimits, m.TotalBytes, l.cfg.MemoryReserveBytes, limits)
+		}
+	}
+	return &api.Error{
+		Status:  http.StatusInsufficientStorage,
+		Code:    api.CodeInsufficientMemory,
+		Message: msg,
+		Details: details,
+	}
+}
+
+// admissibleByLimits is MemTotal − reserve − Σ limits of live workers.
+func (l *Ledger) admissibleByLimits(m procfs.Memory, limits uint64) uint64 {
+	return satSub(satSub(m.TotalBytes, l.cfg.MemoryReserveBytes), limits)
+}
+
+func (l *Ledger) memoryLimitsLocked() uint64 {
+	var sum uint64
+	for _, s := range l.claims {
+		sum = satAdd(sum, s.limit)
+	}
+	return sum
 }
 
 func (l *Ledger) memoryClaimedLocked() uint64 {

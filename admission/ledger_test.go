@@ -449,3 +449,73 @@ func TestLedgerCheckDiskCounts(t *testing.T) {
 }
 
 func writeFile(path, body string) error { return os.WriteFile(path, []byte(body), 0o600) }
+
+// TestAdmitMemoryLimits: workers with 2 GiB limits that use little at READY.
+// By usage the ledger admits all 14 against 19 GiB admissible, overcommitting
+// the host once they grow; by limits it admits 9 (18 GiB), refuses the 10th,
+// and takes one again once a worker's claim is released.
+func TestAdmitMemoryLimits(t *testing.T) {
+	const total, avail = 21 * 1024 * 1024, 21 * 1024 * 1024 // kB
+	ctx := context.Background()
+	tests := []struct {
+		mode     MemoryMode
+		admitted int
+	}{
+		{MemoryUsage, 14},
+		{MemoryLimits, 9},
+	}
+	for _, tc := range tests {
+		t.Run(tc.mode.String(), func(t *testing.T) {
+			_, r := newMeminfo(t, total, avail)
+			l, err := NewLedger(Config{Memory: r, MemoryReserveBytes: 2 * gib, MemoryMode: tc.mode})
+			if err != nil {
+				t.Fatal(err)
+			}
+			var cs []*Claim
+			var refused error
+			for i := 0; i < 14; i++ {
+				c, err := l.Admit(ctx, Request{WorkerID: fmt.Sprintf("w-%d", i), MemoryBytes: 2 * gib})
+				if err != nil {
+					refused = err
+					break
+				}
+				c.Loaded() // ready, using little: MemAvailable barely moves
+				cs = append(cs, c)
+			}
+			if len(cs) != tc.admitted {
+				t.Fatalf("admitted %d workers with 2GiB limits, want %d", len(cs), tc.admitted)
+			}
+			if tc.mode == MemoryUsage {
+				return
+			}
+			ae := wantAPIError(t, refused, http.StatusInsufficientStorage, api.CodeInsufficientMemory)
+			if ae.Details["limits_bytes"] != uint64(18*gib) || ae.Details["admissible_bytes"] != uint64(gib) ||
+				ae.Details["memory_admission"] != "limits" {
+				t.Fatalf("details = %v", ae.Details)
+			}
+			if res := l.Resources(ctx); res.Memory.Admission != "limits" || res.Memory.LimitsBytes != 18*gib || res.Memory.AdmissibleBytes != gib {
+				t.Errorf("resources = %+v", res.Memory)
+			}
+			cs[0].Release()
+			cs[0].Release()
+			if _, err := l.Admit(ctx, Request{WorkerID: "w-again", MemoryBytes: 2 * gib}); err != nil {
+				t.Fatalf("after a release: %v", err)
+			}
+		})
+	}
+}
+
+// TestAdmitMemoryLimitsStillChecksUsage: memory held outside the hive is
+// not admissible in limits mode either.
+func TestAdmitMemoryLimitsStillChecksUsage(t *testing.T) {
+	_, r := newMeminfo(t, 32*1024*1024, 3*1024*1024) // 32 GiB total, 3 GiB available
+	l, err := NewLedger(Config{Memory: r, MemoryReserveBytes: 2 * gib, MemoryMode: MemoryLimits})
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, err = l.Admit(context.Background(), Request{WorkerID: "w", MemoryBytes: 2 * gib})
+	ae := wantAPIError(t, err, http.StatusInsufficientStorage, api.CodeInsufficientMemory)
+	if ae.Details["admissible_bytes"] != uint64(gib) {
+		t.Fatalf("details = %v", ae.Details)
+	}
+}

@@ -25,6 +25,10 @@ type MemoryResources struct {
 	procfs.Memory
 	ReserveBytes uint64 `json:"reserve_bytes"`
 	ClaimedBytes uint64 `json:"claimed_bytes"`
+	// Admission is "limits" or "usage" (Config.MemoryMode).
+	Admission string `json:"admission"`
+	// LimitsBytes is the sum of live workers' memory limits.
+	LimitsBytes uint64 `json:"limits_bytes"`
 	// AdmissibleBytes is the largest memory limit Admit would accept now.
 	AdmissibleBytes uint64 `json:"admissible_bytes"`
 }
@@ -49,10 +53,15 @@ func (l *Ledger) Resources(ctx context.Context) Resources {
 	} else {
 		l.mu.Lock()
 		claimed := l.memoryClaimedLocked()
+		limits := l.memoryLimitsLocked()
 		l.mu.Unlock()
 		r.Memory = MemoryResources{
 			Memory: m, ReserveBytes: l.cfg.MemoryReserveBytes, ClaimedBytes: claimed,
+			Admission: l.cfg.MemoryMode.String(), LimitsBytes: limits,
 			AdmissibleBytes: satSub(satSub(m.AvailableBytes, l.cfg.MemoryReserveBytes), claimed),
+		}
+		if l.cfg.MemoryMode == MemoryLimits {
+			r.Memory.AdmissibleBytes = min(r.Memory.AdmissibleBytes, l.admissibleByLimits(m, limits))
 		}
 	}
 	for _, p := range l.cfg.DiskPaths {

@@ -78,6 +78,7 @@ func newHive(ctx context.Context, cfg *config.Config, log *slog.Logger, reg *pro
 		Memory:             mem,
 		GPUs:               h.gpus,
 		MemoryReserveBytes: uint64(cfg.Resources.MemoryReserve),
+		MemoryMode:         memoryMode(cfg.Resources.MemoryAdmission),
 		VRAMMarginBytes:    uint64(cfg.Resources.VRAMMargin),
 		DiskPaths:          []string{cfg.ModelDir},
 	})
@@ -265,4 +266,11 @@ func selfDir() string {
 		exe = p
 	}
 	return filepath.Dir(exe)
+}
+
+func memoryMode(m config.MemoryAdmission) admission.MemoryMode {
+	if m == config.MemoryLimits {
+		return admission.MemoryLimits
+	}
+	return admission.MemoryUsage
 }
