@@ -332,3 +332,41 @@ func TestCheckCommands(t *testing.T) {
 		})
 	}
 }
+
+// TestExampleConfig: the sample systemd installs documents what the keys
+// mean and, uncommented, loads.
+func TestExampleConfig(t *testing.T) {
+	b, err := os.ReadFile("../systemd/config.example.toml")
+	if err != nil {
+		t.Fatal(err)
+	}
+	sample := string(b)
+	for _, w := range []string{"#memory_admission = \"limits\"", "usage:", "health_path is\n# polled", "WATCHDOG_USEC"} {
+		if !strings.Contains(sample, w) {
+			t.Errorf("config.example.toml lacks %q", w)
+		}
+	}
+	if strings.Contains(sample, "twice") {
+		t.Error("config.example.toml still says WATCHDOG_USEC is twice the interval")
+	}
+	var out []string
+	for _, line := range strings.Split(sample, "\n") {
+		if rest, ok := strings.CutPrefix(line, "#"); ok && (strings.HasPrefix(rest, "[") || strings.Contains(rest, " = ")) && !strings.HasPrefix(rest, " ") {
+			line = rest
+		}
+		out = append(out, line)
+	}
+	if _, err := Load(writeConfig(t, strings.Join(out, "\n")), true); err != nil {
+		t.Fatalf("uncommented sample does not load: %v", err)
+	}
+	cfg, _ := Load("", true)
+	printed, err := cfg.TOML()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, w := range []string{"memory_admission = 'limits'", "health_path is polled", "WATCHDOG_USEC"} {
+		if !strings.Contains(string(printed), w) {
+			t.Errorf("config printout lacks %q", w)
+		}
+	}
+}
