@@ -16,6 +16,11 @@ type tokenSource string
 
 // loadToken finds the API token: an explicit file, then a systemd credential,
 // then $LLORCH_API_TOKEN, then <stateDir>/api-token, created (0600) if absent.
+//
+// An empty or unreadable file the operator provides is an error naming it.
+// An empty <stateDir>/api-token is regenerated instead: the hive owns that
+// file, and an empty one can only be a generation cut short by a crash (no
+// client can have used it), which must not block every later start.
 func loadToken(explicitFile, stateDir string, getenv func(string) string) (string, tokenSource, error) {
 	if explicitFile != "" {
 		tok, err := readTokenFile(explicitFile)
@@ -36,7 +41,8 @@ func loadToken(explicitFile, stateDir string, getenv func(string) string) (strin
 	if err == nil {
 		return tok, tokenSource("file " + p), nil
 	}
-	if !errors.Is(err, fs.ErrNotExist) {
+	replace := errors.Is(err, errEmptyToken)
+	if !replace && !errors.Is(err, fs.ErrNotExist) {
 		return "", "", err
 	}
 	tok, err = newToken()
@@ -46,29 +52,79 @@ func loadToken(explicitFile, stateDir string, getenv func(string) string) (strin
 	if err := os.MkdirAll(stateDir, 0o750); err != nil {
 		return "", "", fmt.Errorf("token: %w", err)
 	}
-	// O_EXCL: two hives racing on one state dir must not overwrite each other.
-	f, err := os.OpenFile(p, os.O_WRONLY|os.O_CREATE|os.O_EXCL, 0o600)
+	won, err := writeTokenFile(p, tok, replace)
 	if err != nil {
-		return "", "", fmt.Errorf("token: create %s: %w", p, err)
+		return "", "", err
 	}
-	if _, err := f.WriteString(tok + "\n"); err != nil {
-		f.Close()
-		return "", "", fmt.Errorf("token: write %s: %w", p, err)
+	if !won {
+		// Another hive on this state dir created it first: use theirs.
+		tok, err := readTokenFile(p)
+		return tok, tokenSource("file " + p), err
 	}
-	if err := f.Close(); err != nil {
-		return "", "", fmt.Errorf("token: write %s: %w", p, err)
+	if replace {
+		return tok, tokenSource("regenerated " + p + " (it was empty)"), nil
 	}
 	return tok, tokenSource("generated " + p), nil
 }
 
+// writeTokenFile writes tok to p atomically: a crash leaves either no file
+// (or the old one) or the whole token, never an empty file. Without replace
+// an existing p is kept (two hives racing on one state dir must not
+// overwrite each other) and won is false.
+func writeTokenFile(p, tok string, replace bool) (won bool, err error) {
+	dir := filepath.Dir(p)
+	f, err := os.CreateTemp(dir, ".api-token-*") // mode 0600
+	if err != nil {
+		return false, fmt.Errorf("token: create %s: %w", p, err)
+	}
+	tmp := f.Name()
+	defer os.Remove(tmp) // after Link or Rename: no-op or the spare link
+	_, err = f.WriteString(tok + "\n")
+	if err == nil {
+		err = f.Sync()
+	}
+	if cerr := f.Close(); err == nil {
+		err = cerr
+	}
+	if err != nil {
+		return false, fmt.Errorf("token: write %s: %w", p, err)
+	}
+	if replace {
+		err = os.Rename(tmp, p)
+	} else {
+		err = os.Link(tmp, p)
+		if errors.Is(err, fs.ErrExist) {
+			return false, nil
+		}
+	}
+	if err != nil {
+		return false, fmt.Errorf("token: create %s: %w", p, err)
+	}
+	if err := syncDir(dir); err != nil {
+		return false, fmt.Errorf("token: create %s: %w", p, err)
+	}
+	return true, nil
+}
+
+func syncDir(dir string) error {
+	d, err := os.Open(dir)
+	if err != nil {
+		return err
+	}
+	defer d.Close()
+	return d.Sync()
+}
+
+var errEmptyToken = errors.New("is empty")
+
 func readTokenFile(p string) (string, error) {
 	b, err := os.ReadFile(p)
 	if err != nil {
-		return "", fmt.Errorf("token: %w", err)
+		return "", fmt.Errorf("token: read %s: %w", p, err)
 	}
 	tok := strings.TrimSpace(string(b))
 	if tok == "" {
-		return "", fmt.Errorf("token: %s is empty", p)
+		return "", fmt.Errorf("token: %s %w", p, errEmptyToken)
 	}
 	if strings.ContainsAny(tok, " \t\r\n") {
 		return "", fmt.Errorf("token: %s holds more than one line or whitespace", p)
