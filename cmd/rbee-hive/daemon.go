@@ -10,7 +10,9 @@ import (
 	"net"
 	"net/http"
 	"os"
+	"os/signal"
 	"runtime"
+	"syscall"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -75,6 +77,11 @@ func loadDaemonConfig(f daemonFlags) (config.Config, error) {
 }
 
 func runDaemon(ctx context.Context, args []string, stderr io.Writer) error {
+	// SIGHUP's default action ends the process: catch it before anything
+	// else, so that a HUP sent while the hive starts does not kill it either.
+	hup := make(chan os.Signal, 1)
+	signal.Notify(hup, syscall.SIGHUP)
+	defer signal.Stop(hup)
 	f, err := parseDaemonFlags(args)
 	if err != nil {
 		return err
@@ -88,6 +95,7 @@ func runDaemon(ctx context.Context, args []string, stderr io.Writer) error {
 		return err
 	}
 	defer closeLog()
+	go ignoreHUP(ctx, hup, log)
 	err = serveDaemon(ctx, &cfg, log, f.demo)
 	if err != nil {
 		log.Error("hive stopped with an error", "err", err)
@@ -102,6 +110,10 @@ func serveDaemon(ctx context.Context, cfg *config.Config, log *slog.Logger, demo
 		return err
 	}
 	log.Info("api token loaded", "source", string(source), "fingerprint", api.Fingerprint(token))
+	// A backend whose program is missing would fail every spawn; fail here.
+	if err := cfg.CheckCommands(selfDir()); err != nil {
+		return err
+	}
 
 	reg := prometheus.NewRegistry()
 	reg.MustRegister(
@@ -160,26 +172,52 @@ func serveDaemon(ctx context.Context, cfg *config.Config, log *slog.Logger, demo
 		}
 	}
 
+	return serveUntil(ctx, log, srv, serveErr, h.shutdown)
+}
+
+// serveUntil waits until ctx ends or the HTTP server fails. Either way the
+// workers are stopped (stopWorkers: the ordered drain) before it returns:
+// a hive whose API died must not leave its workers running unsupervised.
+// On ctx's end the server first stops taking requests, so in-flight API
+// calls finish against a live supervisor.
+func serveUntil(ctx context.Context, log *slog.Logger, srv *http.Server, serveErr <-chan error, stopWorkers func()) error {
+	var failed error
 	select {
 	case <-ctx.Done():
+		log.Info("shutting down")
+		drain, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		defer cancel()
+		if err := srv.Shutdown(drain); err != nil {
+			log.Warn("http drain incomplete", "err", err)
+			_ = srv.Close()
+		}
 	case err := <-serveErr:
-		return fmt.Errorf("http server: %w", err)
-	}
-	log.Info("shutting down")
-	drain, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-	defer cancel()
-	// Stop taking requests first, then stop the workers: in-flight API calls
-	// finish against a live supervisor.
-	if err := srv.Shutdown(drain); err != nil {
-		log.Warn("http drain incomplete", "err", err)
+		failed = fmt.Errorf("http server: %w", err)
+		log.Error("http server failed; stopping the workers", "err", err)
 		_ = srv.Close()
 	}
-	h.shutdown()
+	stopWorkers()
+	if failed != nil {
+		return failed
+	}
 	if err := <-serveErr; err != nil && !errors.Is(err, http.ErrServerClosed) {
 		return fmt.Errorf("http server: %w", err)
 	}
 	log.Info("hive stopped")
 	return nil
+}
+
+// ignoreHUP logs each SIGHUP until ctx ends. Reloading the configuration is
+// not supported yet: a restart applies a new one.
+func ignoreHUP(ctx context.Context, hup <-chan os.Signal, log *slog.Logger) {
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-hup:
+			log.Warn("SIGHUP received: configuration reload is not supported yet, ignoring it; restart the hive to apply a new configuration")
+		}
+	}
 }
 
 func buildInfo() prometheus.Collector {
