@@ -10,6 +10,7 @@ import (
 	"os"
 	"path/filepath"
 	"regexp"
+	"slices"
 	"sort"
 	"strings"
 	"time"
@@ -602,20 +603,41 @@ func (c *Config) TOML() ([]byte, error) {
 }
 
 // CheckCommands verifies that every backend's program exists and is
-// executable, with {self_dir} replaced by selfDir, so that a typo fails the
-// hive's start rather than each spawn.
+// executable (CheckCommand).
 func (c *Config) CheckCommands(selfDir string) error {
 	for _, name := range c.BackendNames() {
-		prog := strings.ReplaceAll(c.Backends[name].Command[0], "{self_dir}", selfDir)
-		fi, err := os.Stat(prog)
-		switch {
-		case err != nil:
-			return fmt.Errorf("config: backend %s: command %s: %w", name, prog, err)
-		case !fi.Mode().IsRegular():
-			return fmt.Errorf("config: backend %s: command %s is not a regular file", name, prog)
-		case fi.Mode().Perm()&0o111 == 0:
-			return fmt.Errorf("config: backend %s: command %s is not executable", name, prog)
+		if err := c.CheckCommand(name, selfDir); err != nil {
+			return err
 		}
 	}
 	return nil
+}
+
+// CheckCommand verifies that the backend's program exists and is
+// executable, with {self_dir} replaced by selfDir, so that a typo fails the
+// hive's start rather than each spawn.
+func (c *Config) CheckCommand(name, selfDir string) error {
+	b, ok := c.Backends[name]
+	if !ok || len(b.Command) == 0 {
+		return fmt.Errorf("config: backend %s: no command", name)
+	}
+	prog := strings.ReplaceAll(b.Command[0], "{self_dir}", selfDir)
+	fi, err := os.Stat(prog)
+	switch {
+	case err != nil:
+		return fmt.Errorf("config: backend %s: command %s: %w", name, prog, err)
+	case !fi.Mode().IsRegular():
+		return fmt.Errorf("config: backend %s: command %s is not a regular file", name, prog)
+	case fi.Mode().Perm()&0o111 == 0:
+		return fmt.Errorf("config: backend %s: command %s is not executable", name, prog)
+	}
+	return nil
+}
+
+// BuiltinBackend reports whether the backend is a built-in one (the demo
+// "sim") with its default command: a hive installed without that program
+// still starts.
+func (c *Config) BuiltinBackend(name string) bool {
+	def, ok := Default(true).Backends[name]
+	return ok && slices.Equal(def.Command, c.Backends[name].Command)
 }

@@ -111,8 +111,15 @@ func serveDaemon(ctx context.Context, cfg *config.Config, log *slog.Logger, demo
 	}
 	log.Info("api token loaded", "source", string(source), "fingerprint", api.Fingerprint(token))
 	// A backend whose program is missing would fail every spawn; fail here.
-	if err := cfg.CheckCommands(selfDir()); err != nil {
-		return err
+	// The built-in demo backend only warns: a hive installed without
+	// rbee-simworker must still start.
+	for _, name := range cfg.BackendNames() {
+		if err := cfg.CheckCommand(name, selfDir()); err != nil {
+			if !cfg.BuiltinBackend(name) {
+				return err
+			}
+			log.Warn("built-in backend unavailable: its spawns will fail", "backend", name, "err", err)
+		}
 	}
 
 	reg := prometheus.NewRegistry()

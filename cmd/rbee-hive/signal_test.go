@@ -13,6 +13,8 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/rbee/rbee-hive/internal/testkit"
 )
 
 // TestServeErrorStopsWorkers: when the HTTP server fails (here its listener
@@ -120,5 +122,45 @@ func TestDaemonMissingBackendProgram(t *testing.T) {
 		if cmd.ProcessState.ExitCode() != 1 || !strings.Contains(stderr.String(), tc.want) {
 			t.Errorf("exit %d, stderr %q; want 1 and %q", cmd.ProcessState.ExitCode(), stderr.String(), tc.want)
 		}
+	}
+}
+
+// TestDaemonWithoutSimworker: the built-in demo backend's program missing
+// (a hive installed alone) is a warning, not a failed start.
+func TestDaemonWithoutSimworker(t *testing.T) {
+	dir := t.TempDir()
+	b, err := os.ReadFile(filepath.Join(bins.dir, "rbee-hive"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(filepath.Join(dir, "rbee-hive"), b, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	p := filepath.Join(dir, "hive.toml")
+	body := "listen = \"127.0.0.1:0\"\nstate_dir = \"" + filepath.Join(dir, "state") + "\"\nruntime_dir = \"" + filepath.Join(dir, "run") + "\"\n"
+	if err := os.WriteFile(p, []byte(body), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	var logs testkit.SyncBuffer
+	cmd := exec.Command(filepath.Join(dir, "rbee-hive"), "daemon", "--config", p)
+	cmd.Stderr = &logs
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	done := make(chan error, 1)
+	go func() { done <- cmd.Wait() }()
+	waitCLI(t, "hive listening", func() bool { return strings.Contains(logs.String(), "hive listening") })
+	if !strings.Contains(logs.String(), "built-in backend unavailable") {
+		t.Errorf("no warning about the missing simworker:\n%s", logs.String())
+	}
+	_ = cmd.Process.Signal(syscall.SIGTERM)
+	select {
+	case <-done:
+	case <-time.After(30 * time.Second):
+		_ = cmd.Process.Kill()
+		t.Fatal("hive did not stop")
+	}
+	if cmd.ProcessState.ExitCode() != 0 {
+		t.Errorf("exit %d\n%s", cmd.ProcessState.ExitCode(), logs.String())
 	}
 }
