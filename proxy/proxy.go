@@ -29,6 +29,7 @@ import (
 	"net"
 	"net/http"
 	"net/url"
+	"os"
 	"strings"
 	"sync"
 	"time"
@@ -45,6 +46,7 @@ const (
 	CodeWorkerBadResponse = "WORKER_BAD_RESPONSE" // 502: 200 but not text/event-stream
 	CodeStreamError       = "WORKER_STREAM_ERROR" // SSE: the stream ended before the end event
 	CodeStreamTimeout     = "TIMEOUT"             // SSE: the worker's own code for a timeout
+	CodeRequestTimeout    = "REQUEST_TIMEOUT"     // 408: the client's body did not arrive in time
 )
 
 // Defaults for Options' zero values.
@@ -217,7 +219,16 @@ func (p *Proxy) serve(w http.ResponseWriter, r *http.Request, upstream *url.URL,
 			api.WriteError(w, api.Errorf(http.StatusRequestEntityTooLarge, api.CodePayloadTooLarge, "request body exceeds %d bytes", p.maxBody))
 			return outcome{status: StatusRejected, err: fmt.Errorf("read request body: %w", err)}
 		}
-		return outcome{status: StatusCancelled, errorType: ErrorTypeClientCancel, err: fmt.Errorf("read request body: %w", err)}
+		// A body cut short (the client half-closed before Content-Length
+		// bytes) or too slow for the server's read timeout is the
+		// request's fault: answer it, as DecodeJSON does for spawn. A
+		// client that is really gone just never reads the answer.
+		if isReadTimeout(err) {
+			api.WriteError(w, api.Errorf(http.StatusRequestTimeout, CodeRequestTimeout, "the request body did not arrive in time"))
+		} else {
+			api.WriteError(w, api.Errorf(http.StatusBadRequest, api.CodeInvalidJSON, "request body incomplete: %v", err))
+		}
+		return outcome{status: StatusRejected, err: fmt.Errorf("read request body: %w", err)}
 	}
 
 	ctx, cancel := context.WithCancelCause(r.Context())
@@ -305,6 +316,13 @@ func (p *Proxy) serve(w http.ResponseWriter, r *http.Request, upstream *url.URL,
 		cw.finish(st, CodeStreamError, earlyEndMessage)
 		return outcome{status: StatusError, errorType: ErrorTypeStream, err: fmt.Errorf("worker stream: %w", readErr)}
 	}
+}
+
+// isReadTimeout reports whether a body read failed on the connection's
+// read deadline (http.Server.ReadTimeout).
+func isReadTimeout(err error) bool {
+	var ne net.Error
+	return errors.Is(err, os.ErrDeadlineExceeded) || (errors.As(err, &ne) && ne.Timeout())
 }
 
 func isTimeout(ctx context.Context) bool {
