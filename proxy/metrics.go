@@ -23,11 +23,12 @@ const (
 	ErrorTypeClientCancel = "client_cancel" // the client disconnected before the end event
 	ErrorTypeStream       = "stream_error"  // the stream broke: the worker died mid-stream, or answered with something that is not SSE
 	ErrorTypeUnreachable  = "unreachable"   // no response at all: connection refused, reset before headers
+	ErrorTypeShutdown     = "shutdown"      // the hive's shutdown drain ended the request (Proxy.Drain)
 )
 
 var (
 	allStatuses   = []string{StatusOK, StatusError, StatusCancelled, StatusRejected}
-	allErrorTypes = []string{ErrorTypeWorker, ErrorTypeTimeout, ErrorTypeClientCancel, ErrorTypeStream, ErrorTypeUnreachable}
+	allErrorTypes = []string{ErrorTypeWorker, ErrorTypeTimeout, ErrorTypeClientCancel, ErrorTypeStream, ErrorTypeUnreachable, ErrorTypeShutdown}
 )
 
 // Buckets for LLM latencies: tens of milliseconds (a cached short prompt)

@@ -168,6 +168,9 @@ func serveDaemon(ctx context.Context, cfg *config.Config, log *slog.Logger, demo
 	log.Info("shutting down")
 	drain, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
+	// Inference streams still open a second before the deadline end with an
+	// error event and [DONE], not a cut connection.
+	defer time.AfterFunc(9*time.Second, h.px.Drain).Stop()
 	// Stop taking requests first, then stop the workers: in-flight API calls
 	// finish against a live supervisor.
 	if err := srv.Shutdown(drain); err != nil {
