@@ -125,6 +125,7 @@ func (s *Supervisor) Spawn(ctx context.Context, req SpawnRequest) (SpawnResult, 
 		}
 	}
 	w.logs = newLogSink(id, s.logDir, int64(s.cfg.Workers.LogMaxBytes), s.cfg.Workers.LogFiles, s.deps.LineSink)
+	w.logs.log, w.logs.dropped = w.log, s.m.logLinesDropped
 	s.mu.Lock()
 	if s.closing {
 		delete(s.ports, port)
