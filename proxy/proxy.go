@@ -243,8 +243,8 @@ func (p *Proxy) serve(w http.ResponseWriter, r *http.Request, upstream *url.URL,
 		}
 		// A body cut short (the client half-closed before Content-Length
 		// bytes) or too slow for the server's read timeout is the
-		// request's fault: answer it, as DecodeJSON does for spawn. A
-		// client that is really gone just never reads the answer.
+		// request's fault: answer it with an envelope, like every other
+		// bad body. A client that is really gone never reads the answer.
 		if isReadTimeout(err) {
 			api.WriteError(w, api.Errorf(http.StatusRequestTimeout, CodeRequestTimeout, "the request body did not arrive in time"))
 		} else {
