@@ -13,7 +13,7 @@ const (
 	StatusOK        = "ok"        // the worker sent its end event
 	StatusError     = "error"     // see ErrorType* for the reason
 	StatusCancelled = "cancelled" // the client went away first
-	StatusRejected  = "rejected"  // the worker refused the request as invalid (400/413/422); the client's fault, not an error
+	StatusRejected  = "rejected"  // the request was refused as invalid, by the worker (400/413/422) or the hive (a body cut short or too slow: 400/408); the client's fault, not an error
 )
 
 // Values of the type label on rbee_hive_inference_errors_total.
@@ -23,11 +23,12 @@ const (
 	ErrorTypeClientCancel = "client_cancel" // the client disconnected before the end event
 	ErrorTypeStream       = "stream_error"  // the stream broke: the worker died mid-stream, or answered with something that is not SSE
 	ErrorTypeUnreachable  = "unreachable"   // no response at all: connection refused, reset before headers
+	ErrorTypeShutdown     = "shutdown"      // the hive's shutdown drain ended the request (Proxy.Drain)
 )
 
 var (
 	allStatuses   = []string{StatusOK, StatusError, StatusCancelled, StatusRejected}
-	allErrorTypes = []string{ErrorTypeWorker, ErrorTypeTimeout, ErrorTypeClientCancel, ErrorTypeStream, ErrorTypeUnreachable}
+	allErrorTypes = []string{ErrorTypeWorker, ErrorTypeTimeout, ErrorTypeClientCancel, ErrorTypeStream, ErrorTypeUnreachable, ErrorTypeShutdown}
 )
 
 // Buckets for LLM latencies: tens of milliseconds (a cached short prompt)

@@ -22,6 +22,7 @@ type metrics struct {
 	heartbeats         prometheus.Counter
 	healthFails        prometheus.Counter
 	vramExceeded       *prometheus.CounterVec
+	logLinesDropped    prometheus.Counter
 
 	rejectedDesc *prometheus.Desc // heartbeatsRejected plus the socket's drops
 	workersDesc  *prometheus.Desc
@@ -55,6 +56,8 @@ func newMetrics(s *Supervisor, reg *prometheus.Registry) (*metrics, error) {
 		vramExceeded: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "rbee_hive_worker_vram_limit_exceeded_total",
 			Help: "Times a cuda worker's sampled VRAM crossed its expected VRAM × resources.vram_limit_factor, by backend and device."},
 			[]string{"backend", "device"}),
+		logLinesDropped: prometheus.NewCounter(prometheus.CounterOpts{Name: "rbee_hive_worker_log_lines_dropped_total",
+			Help: "Worker output lines not written to the worker's log file (disk full, I/O error); still in the in-memory tail and the journal."}),
 		rejectedDesc: prometheus.NewDesc("rbee_hive_heartbeats_rejected_total", "Heartbeats and notify datagrams rejected, by reason.",
 			[]string{"reason"}, nil),
 		workersDesc: prometheus.NewDesc("rbee_hive_workers", "Registered workers by state, backend and device.",
@@ -92,7 +95,7 @@ func newMetrics(s *Supervisor, reg *prometheus.Registry) (*metrics, error) {
 	// heartbeatsRejected is not registered itself: Collect merges it with
 	// the notify socket's drops into one family.
 	for _, c := range []prometheus.Collector{m.spawnFailures, m.restarts, m.exits,
-		m.oomKills, m.stale, m.heartbeats, m.healthFails, m.vramExceeded, m} {
+		m.oomKills, m.stale, m.heartbeats, m.healthFails, m.vramExceeded, m.logLinesDropped, m} {
 		if err := reg.Register(c); err != nil {
 			return nil, fmt.Errorf("supervisor: registering metrics: %w", err)
 		}

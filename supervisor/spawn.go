@@ -16,6 +16,7 @@ import (
 	"strings"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"time"
 
 	"github.com/rbee/rbee-hive/api"
@@ -124,6 +125,7 @@ func (s *Supervisor) Spawn(ctx context.Context, req SpawnRequest) (SpawnResult, 
 		}
 	}
 	w.logs = newLogSink(id, s.logDir, int64(s.cfg.Workers.LogMaxBytes), s.cfg.Workers.LogFiles, s.deps.LineSink)
+	w.logs.log, w.logs.dropped = w.log, s.m.logLinesDropped
 	s.mu.Lock()
 	if s.closing {
 		delete(s.ports, port)
@@ -448,6 +450,9 @@ func (s *Supervisor) startRun(w *worker, why string) error {
 	cmd := exec.Command(argv[0], argv[1:]...)
 	cmd.Env = env
 	cmd.Dir = "/"
+	// A session of its own: Ctrl-C in the hive's terminal (make run) must
+	// reach the hive alone, which then drains its workers in order.
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setsid: true}
 	outR, outW, err := os.Pipe()
 	if err != nil {
 		_ = leaf.Delete()

@@ -80,6 +80,11 @@ func New(cfg *config.Config, deps Deps) (*Supervisor, error) {
 	if err := os.MkdirAll(s.logDir, 0o750); err != nil {
 		return nil, fmt.Errorf("supervisor: worker log dir: %w", err)
 	}
+	if n, err := removeStaleLogs(s.logDir); err != nil {
+		s.log.Warn("removing earlier workers' log files", slog.Any("err", err))
+	} else if n > 0 {
+		s.log.Info("removed earlier workers' log files", slog.Int("files", n), slog.String("dir", s.logDir))
+	}
 	if deps.GPUs != nil {
 		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 		devs, err := deps.GPUs.GPUDevices(ctx)

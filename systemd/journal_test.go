@@ -205,7 +205,9 @@ func TestWorkerJournalEntries(t *testing.T) {
 		wantPri      string
 	}{
 		{"stdout", "loading model\n", "loading model", "6"},
-		{"stderr", "slow tokenizer\r\n", "slow tokenizer", "4"},
+		// stderr is where llama-server writes its INFO lines: info, not warning.
+		{"stderr", "slow tokenizer\r\n", "slow tokenizer", "6"},
+		{"stderr", "<4>context shift", "context shift", "4"},
 		{"stderr", "<3>CUDA error: out of memory", "CUDA error: out of memory", "3"},
 		{"stdout", "<7>debug detail", "debug detail", "7"},
 		{"stdout", "<9>not a level", "<9>not a level", "6"},
@@ -234,6 +236,15 @@ func TestWorkerJournalEntries(t *testing.T) {
 				t.Errorf("line %d: %s = %q, want %q", i, k, e[k], v)
 			}
 		}
+	}
+	// journalctl -p warning shows the lines that say they are warnings or
+	// worse, not every stderr line.
+	var warned []string
+	for _, e := range j.Entries(t, "RBEE_WORKER_ID=w-a1", "-p", "warning") {
+		warned = append(warned, e["MESSAGE"])
+	}
+	if got, want := strings.Join(warned, "|"), "context shift|CUDA error: out of memory"; got != want {
+		t.Errorf("journalctl -p warning: %q, want %q", got, want)
 	}
 	// journalctl -t rbee-worker (as in the README) sees both workers.
 	j.WaitFor(t, len(lines)+2, 5*time.Second, "-t", "rbee-worker")

@@ -39,6 +39,7 @@ type hive struct {
 	listener *notify.Listener
 	journal  *systemd.WorkerJournal // nil without journald
 	sup      *supervisor.Supervisor
+	px       *proxy.Proxy
 
 	ctx       context.Context // background loops; cancelled after the workers are stopped
 	cancel    context.CancelFunc
@@ -105,6 +106,7 @@ func newHive(ctx context.Context, cfg *config.Config, log *slog.Logger, reg *pro
 	if err != nil {
 		return nil, err
 	}
+	h.px = px
 
 	// A socket handed over by rbee-hive-notify.socket keeps datagrams queued
 	// while the hive restarts; otherwise the hive binds its own.
