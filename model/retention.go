@@ -2,6 +2,12 @@ package model
 
 import (
 	"context"
+	"errors"
+	"io/fs"
+	"os"
+	"path/filepath"
+	"sort"
+	"strings"
 	"sync"
 	"time"
 )
@@ -45,6 +51,7 @@ func (s *Store) touchQuiet(key string) {
 // enforceRetention deletes least-recently-used models that nobody holds
 // until the catalog plus incoming bytes fit MaxBytes.
 func (s *Store) enforceRetention(ctx context.Context, incoming uint64, exclude string) {
+	orphans := s.collectPartials(time.Now())
 	if s.maxBytes == 0 {
 		return
 	}
@@ -57,6 +64,19 @@ func (s *Store) enforceRetention(ctx context.Context, incoming uint64, exclude s
 	for _, m := range ms {
 		if m.Ref != exclude {
 			total += m.SizeBytes
+		}
+	}
+	for _, p := range orphans {
+		total += p.size
+	}
+	// Orphaned partials go first: no download owns them, and losing one
+	// costs at most a re-download, never a model a worker may load.
+	for _, p := range orphans {
+		if total+incoming <= s.maxBytes {
+			return
+		}
+		if s.removePartial(p, partialMaxBytes) {
+			total -= p.size
 		}
 	}
 	for _, m := range ms { // least recently used first
@@ -78,6 +98,94 @@ func (s *Store) enforceRetention(ctx context.Context, incoming uint64, exclude s
 	}
 	if total+incoming > s.maxBytes {
 		s.log.Warn("model retention: cannot get under max_bytes; the rest is in use",
-			"catalog_bytes", total, "incoming_bytes", incoming, "max_bytes", s.maxBytes)
+			"catalog_and_partial_bytes", total, "incoming_bytes", incoming, "max_bytes", s.maxBytes)
 	}
+}
+
+// Why an orphaned partial download was removed (the metric's reason label).
+const (
+	partialStale    = "stale"
+	partialMaxBytes = "max_bytes"
+)
+
+// partial is a partial download (*.incomplete) on disk.
+type partial struct {
+	path string
+	size uint64
+	mod  time.Time
+}
+
+// collectPartials removes orphaned partial downloads older than
+// partialMaxAge and returns the younger ones, oldest first. Younger ones
+// stay so that a repeated request resumes them.
+func (s *Store) collectPartials(now time.Time) []partial {
+	var keep []partial
+	for _, p := range s.orphanPartials() {
+		if now.Sub(p.mod) >= s.partialMaxAge && s.removePartial(p, partialStale) {
+			continue
+		}
+		keep = append(keep, p)
+	}
+	return keep
+}
+
+// orphanPartials lists the partial downloads under <Dir>/hf that no running
+// download owns, oldest first.
+func (s *Store) orphanPartials() []partial {
+	var out []partial
+	_ = filepath.WalkDir(filepath.Join(s.dir, "hf"), func(p string, e fs.DirEntry, err error) error {
+		if err != nil || !e.Type().IsRegular() || !strings.HasSuffix(e.Name(), incompleteSuffix) {
+			return nil // an unreadable directory is skipped, not fatal
+		}
+		st, err := e.Info()
+		if err != nil {
+			return nil
+		}
+		out = append(out, partial{path: p, size: uint64(st.Size()), mod: st.ModTime()})
+		return nil
+	})
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	kept := out[:0]
+	for _, p := range out {
+		if !s.ownedLocked(p.path) {
+			kept = append(kept, p)
+		}
+	}
+	sort.Slice(kept, func(i, j int) bool { return kept[i].mod.Before(kept[j].mod) })
+	return kept
+}
+
+// ownedLocked reports whether a running download may write path: any file
+// under the revision directory of a download in flight (it may resume it).
+// s.mu is held.
+func (s *Store) ownedLocked(path string) bool {
+	for _, d := range s.inflight {
+		if strings.HasPrefix(path, s.baseDir(d.ref)+string(filepath.Separator)) {
+			return true
+		}
+	}
+	return false
+}
+
+// removePartial deletes an orphaned partial unless a download started to own
+// it meanwhile (checked under s.mu, which a download takes to register), and
+// reports whether it did.
+func (s *Store) removePartial(p partial, reason string) bool {
+	s.mu.Lock()
+	if s.ownedLocked(p.path) {
+		s.mu.Unlock()
+		return false
+	}
+	err := os.Remove(p.path)
+	s.mu.Unlock()
+	if err != nil && !errors.Is(err, os.ErrNotExist) {
+		s.log.Warn("model: cannot remove an orphaned partial download", "path", p.path, "error", err)
+		return false
+	}
+	s.pruneDirs(filepath.Dir(p.path))
+	s.met.partialsRemoved.WithLabelValues(reason).Inc()
+	s.log.Info("model orphaned partial download removed", "path", p.path, "bytes", p.size,
+		"modified", p.mod.UTC().Format(time.RFC3339), "reason", reason)
+	return true
 }

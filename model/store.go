@@ -21,6 +21,9 @@ import (
 // Defaults.
 const (
 	DefaultStallTimeout = 60 * time.Second
+	// DefaultPartialMaxAge keeps an orphaned partial download for a day: a
+	// hive restarted (or a request repeated) within it resumes the bytes.
+	DefaultPartialMaxAge = 24 * time.Hour
 	// finishedRetention is how long a finished download still answers the
 	// progress route, so a late subscriber gets the outcome, not a 404.
 	finishedRetention = 5 * time.Minute
@@ -46,6 +49,11 @@ type Options struct {
 	// MaxBytes, when non-zero, caps the catalog: least recently used models
 	// that no worker holds are deleted to stay under it.
 	MaxBytes uint64
+	// PartialMaxAge bounds how long a partial download (*.incomplete) that
+	// no running download owns is kept for a later resume; zero:
+	// DefaultPartialMaxAge. Such orphans are collected at start and on
+	// every download, and count toward MaxBytes meanwhile.
+	PartialMaxAge time.Duration
 	// StallTimeout fails a download that receives nothing for this long;
 	// zero: DefaultStallTimeout.
 	StallTimeout time.Duration
@@ -68,16 +76,17 @@ type Result struct {
 // Store downloads models and keeps the catalog. Its methods are safe for
 // concurrent use.
 type Store struct {
-	dir       string
-	reserve   uint64
-	maxBytes  uint64
-	stall     time.Duration
-	log       *slog.Logger
-	hub       *hub
-	cat       *catalog
-	met       *metrics
-	checkDisk func(dir string, need, reserve uint64) error
-	keepAlive time.Duration
+	dir           string
+	reserve       uint64
+	maxBytes      uint64
+	partialMaxAge time.Duration
+	stall         time.Duration
+	log           *slog.Logger
+	hub           *hub
+	cat           *catalog
+	met           *metrics
+	checkDisk     func(dir string, need, reserve uint64) error
+	keepAlive     time.Duration
 
 	// Downloads run on ctx, so Close stops them and waits (wg).
 	ctx    context.Context
@@ -132,6 +141,10 @@ func New(opts Options) (*Store, error) {
 	if err != nil {
 		return nil, err
 	}
+	partialMaxAge := opts.PartialMaxAge
+	if partialMaxAge <= 0 {
+		partialMaxAge = DefaultPartialMaxAge
+	}
 	stall := opts.StallTimeout
 	if stall <= 0 {
 		stall = DefaultStallTimeout
@@ -149,7 +162,7 @@ func New(opts Options) (*Store, error) {
 	if catPath == "" {
 		catPath = filepath.Join(dir, "catalog.db")
 	}
-	cat, err := openCatalog(catPath)
+	cat, rebuild, err := openCatalogOrRecover(catPath, log, met)
 	if err != nil {
 		return nil, err
 	}
@@ -159,11 +172,21 @@ func New(opts Options) (*Store, error) {
 	}
 	ctx, cancel := context.WithCancel(context.Background())
 	s := &Store{
-		dir: dir, reserve: opts.DiskReserve, maxBytes: opts.MaxBytes, stall: stall,
+		dir: dir, reserve: opts.DiskReserve, maxBytes: opts.MaxBytes, partialMaxAge: partialMaxAge, stall: stall,
 		log: log, hub: h, cat: cat, met: met, checkDisk: check, keepAlive: keepAliveInterval,
 		ctx: ctx, cancel: cancel,
 		inflight: map[string]*download{}, byID: map[string]*download{}, inUse: map[string]int{}, files: map[string]chan struct{}{},
 	}
+	if rebuild {
+		n, err := s.rebuildCatalog(ctx)
+		if err != nil {
+			cat.close()
+			cancel()
+			return nil, err
+		}
+		log.Warn("model catalog rebuilt from the model files on disk", "catalog", catPath, "models", n)
+	}
+	s.collectPartials(time.Now())
 	s.updateDiskGauge(ctx)
 	attrs := []any{"dir", dir, "catalog", catPath, "endpoint", h.endpoint.Redacted(), "max_bytes", opts.MaxBytes, "stall_timeout", stall}
 	if token != "" {

@@ -4,11 +4,13 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io/fs"
 	"net/http"
 	"net/url"
 	"os"
 	"path/filepath"
 	"strings"
+	"time"
 
 	"github.com/rbee/rbee-hive/api"
 )
@@ -188,4 +190,140 @@ func (s *Store) checkFiles(m Model) error {
 		}
 	}
 	return nil
+}
+
+// rebuildCatalog registers the complete models found under <Dir>/hf, after
+// a corrupt catalog was moved aside. A revision directory becomes the whole
+// model (hf:<repo>@<rev>) when its files form one, else one entry per GGUF
+// model (hf:<repo>@<rev>:<file>), as a download would have named them. The
+// hub's checksums are not re-read: the files were verified when they were
+// downloaded, and entries carry no sha256. Last use is the files' mtime.
+func (s *Store) rebuildCatalog(ctx context.Context) (int, error) {
+	var n int
+	for _, b := range s.scanBases() {
+		files, newest, err := scanFiles(b.dir)
+		if err != nil {
+			s.log.Warn("model catalog rebuild: cannot read a model directory; skipping it", "path", b.dir, "error", err)
+			continue
+		}
+		if len(files) == 0 {
+			continue
+		}
+		ref := Ref{Provider: ProviderHF, Repo: b.repo, Revision: b.revision}
+		var refs []Ref
+		if _, err := selectFiles(ref, files); err == nil {
+			refs = append(refs, ref)
+		} else {
+			for _, g := range ggufModels(files) {
+				r := ref
+				r.File = g
+				refs = append(refs, r)
+			}
+		}
+		for _, r := range refs {
+			if _, err := ParseRef(r.String()); err != nil {
+				s.log.Warn("model catalog rebuild: directory does not name a model; skipping it", "path", b.dir, "error", err)
+				break
+			}
+			sel, err := selectFiles(r, files)
+			if err != nil {
+				continue
+			}
+			m := Model{
+				Ref: r.String(), Provider: r.Provider, Repo: r.Repo, Revision: r.Revision,
+				LocalPath: b.dir, SizeBytes: sel.total,
+				DownloadedAt: newest.Unix(), lastUsedMS: newest.UnixMilli(),
+			}
+			if sel.main != "" {
+				m.LocalPath = filepath.Join(b.dir, filepath.FromSlash(sel.main))
+			}
+			for _, f := range sel.files {
+				m.Files = append(m.Files, ModelFile{Path: f.Path, Size: f.Size})
+			}
+			if err := s.cat.put(ctx, m); err != nil {
+				return n, fmt.Errorf("model: rebuild catalog: %w", err)
+			}
+			s.log.Info("model catalog rebuild: registered a model found on disk", "ref", m.Ref, "path", m.LocalPath, "bytes", m.SizeBytes)
+			n++
+		}
+	}
+	return n, nil
+}
+
+// modelBase is one revision directory under <Dir>/hf.
+type modelBase struct{ dir, repo, revision string }
+
+// scanBases finds the revision directories: <Dir>/hf/<org>/<name>/<rev> for
+// an org/name repo, <Dir>/hf/<name>/<rev> for a bare one (told apart by the
+// revision directory holding files directly).
+func (s *Store) scanBases() []modelBase {
+	var out []modelBase
+	root := filepath.Join(s.dir, "hf")
+	for _, a := range readDirs(root) {
+		for _, b := range readDirs(filepath.Join(root, a)) {
+			dirB := filepath.Join(root, a, b)
+			if hasRegularFile(dirB) {
+				if rev, err := url.PathUnescape(b); err == nil {
+					out = append(out, modelBase{dir: dirB, repo: a, revision: rev})
+				}
+				continue
+			}
+			for _, c := range readDirs(dirB) {
+				if rev, err := url.PathUnescape(c); err == nil {
+					out = append(out, modelBase{dir: filepath.Join(dirB, c), repo: a + "/" + b, revision: rev})
+				}
+			}
+		}
+	}
+	return out
+}
+
+func readDirs(dir string) []string {
+	es, _ := os.ReadDir(dir)
+	var out []string
+	for _, e := range es {
+		if e.IsDir() {
+			out = append(out, e.Name())
+		}
+	}
+	return out
+}
+
+func hasRegularFile(dir string) bool {
+	es, _ := os.ReadDir(dir)
+	for _, e := range es {
+		if e.Type().IsRegular() {
+			return true
+		}
+	}
+	return false
+}
+
+// scanFiles lists the complete regular files under dir (partials are not
+// model files) and the newest modification time among them.
+func scanFiles(dir string) ([]RepoFile, time.Time, error) {
+	var files []RepoFile
+	var newest time.Time
+	err := filepath.WalkDir(dir, func(p string, e fs.DirEntry, err error) error {
+		if err != nil {
+			return err
+		}
+		if !e.Type().IsRegular() || strings.HasSuffix(e.Name(), incompleteSuffix) {
+			return nil
+		}
+		st, err := e.Info()
+		if err != nil {
+			return err
+		}
+		rel, err := filepath.Rel(dir, p)
+		if err != nil {
+			return err
+		}
+		files = append(files, RepoFile{Path: filepath.ToSlash(rel), Size: uint64(st.Size())})
+		if st.ModTime().After(newest) {
+			newest = st.ModTime()
+		}
+		return nil
+	})
+	return files, newest, err
 }
