@@ -112,9 +112,9 @@ func TestJournalHandlerLevelFilter(t *testing.T) {
 	log.Info("below threshold", "worker_id", "w-lvl")
 	log.Warn("at threshold", "worker_id", "w-lvl")
 	h.Close()
-	es := j.WaitFor(t, 1, 5*time.Second, "WORKER_ID=w-lvl", "SYSLOG_IDENTIFIER=rbee-test")
+	j.WaitFor(t, 1, 5*time.Second, "WORKER_ID=w-lvl", "SYSLOG_IDENTIFIER=rbee-test")
 	time.Sleep(200 * time.Millisecond) // a second entry would have arrived with the first
-	if es = j.Entries(t, "WORKER_ID=w-lvl"); len(es) != 1 || es[0]["MESSAGE"] != "at threshold" {
+	if es := j.Entries(t, "WORKER_ID=w-lvl"); len(es) != 1 || es[0]["MESSAGE"] != "at threshold" {
 		t.Fatalf("entries %v, want only the warning", es)
 	}
 	log.Warn("after close", "worker_id", "w-lvl")
