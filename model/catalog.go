@@ -24,7 +24,7 @@ type Model struct {
 	LocalPath    string      `json:"local_path"`
 	SizeBytes    uint64      `json:"size_bytes"`
 	SHA256       string      `json:"sha256,omitempty"` // of the main file, when it is one file
-	DownloadedAt int64       `json:"downloaded_at"`    // unix seconds, as the original
+	DownloadedAt int64       `json:"downloaded_at"`    // unix seconds (docs/compat.md)
 	LastUsed     int64       `json:"last_used"`        // unix seconds
 	InUse        int         `json:"in_use"`           // workers holding it now
 

@@ -343,7 +343,8 @@ func newDownload(ref Ref) *download {
 	}
 }
 
-// newID is a random UUIDv4, the original's download_id format.
+// newID is a random UUIDv4, the download_id format clients know
+// (docs/compat.md).
 func newID() string {
 	var b [16]byte
 	_, _ = rand.Read(b[:]) // crypto/rand.Read never fails (Go 1.24+)

@@ -27,7 +27,7 @@ const (
 	// finishedRetention is how long a finished download still answers the
 	// progress route, so a late subscriber gets the outcome, not a 404.
 	finishedRetention = 5 * time.Minute
-	keepAliveInterval = 10 * time.Second // the original's SSE keep-alive
+	keepAliveInterval = 10 * time.Second // SSE keep-alive, as the Rust hive (docs/compat.md)
 	notifyInterval    = 200 * time.Millisecond
 )
 

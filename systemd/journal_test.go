@@ -235,7 +235,7 @@ func TestWorkerJournalEntries(t *testing.T) {
 			}
 		}
 	}
-	// journalctl -t rbee-worker (as in the README) sees both workers.
+	// journalctl -t rbee-worker (as in docs/operations.md) sees both workers.
 	j.WaitFor(t, len(lines)+2, 5*time.Second, "-t", "rbee-worker")
 	if es := j.Entries(t, "RBEE_WORKER_ID=w-b2"); len(es) != 1 || es[0]["MESSAGE"] != "other worker" || es[0]["BACKEND"] != "" {
 		t.Fatalf("w-b2 entries %v", es)
