@@ -18,8 +18,8 @@ import (
 	"github.com/pelletier/go-toml/v2"
 )
 
-// Config is the whole configuration. Field comments are the reference; the
-// README's configuration table mirrors them.
+// Config is the whole configuration. Field comments are the reference;
+// docs/configuration.md mirrors them (config/readme_test.go checks it).
 type Config struct {
 	Listen     string    `toml:"listen" comment:"HTTP API address"`
 	StateDir   string    `toml:"state_dir" comment:"api-token, worker logs, model catalog"`
