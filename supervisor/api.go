@@ -13,10 +13,10 @@ import (
 	"time"
 
 	"github.com/rbee/rbee-hive/api"
+	workerproto "github.com/rbee/rbee-hive/worker"
 )
 
-// WorkerInfo is a worker as the API shows it: the original fields (RFC 3339
-// timestamps instead of serde's SystemTime objects) plus the hive's own.
+// WorkerInfo is a worker as the API shows it (timestamps in RFC 3339).
 type WorkerInfo struct {
 	ID                 string     `json:"id"`
 	URL                string     `json:"url"`
@@ -37,7 +37,7 @@ type WorkerInfo struct {
 	Health           string            `json:"health,omitempty"`
 	Status           string            `json:"status,omitempty"`
 	HealthMode       string            `json:"health_mode"`
-	RestartPolicy    string            `json:"restart_policy"`
+	RestartPolicy    RestartPolicy     `json:"restart_policy"`
 	MemoryLimitBytes int64             `json:"memory_limit_bytes"`
 	VRAMBytes        int64             `json:"vram_bytes,omitempty"`
 	GPUUUID          string            `json:"gpu_uuid,omitempty"`
@@ -45,7 +45,7 @@ type WorkerInfo struct {
 	CreatedAt        time.Time         `json:"created_at"`
 	StartedAt        *time.Time        `json:"started_at,omitempty"`
 	InFlight         int               `json:"in_flight"`
-	ExitReason       string            `json:"exit_reason,omitempty"`
+	ExitReason       ExitReason        `json:"exit_reason,omitempty"`
 	ExitCode         *int              `json:"exit_code,omitempty"`
 	ExitSignal       *int              `json:"exit_signal,omitempty"`
 	Figures          map[string]string `json:"figures,omitempty"`
@@ -77,10 +77,10 @@ type Resources struct {
 // info snapshots w. Caller holds s.mu.
 func (s *Supervisor) info(w *worker) WorkerInfo {
 	wi := WorkerInfo{ID: w.id, URL: w.url, ModelRef: w.modelRef, Backend: w.backend, Device: w.device,
-		State: w.state, LastActivity: w.lastActivity, SlotsTotal: 1, FailedHealthChecks: w.healthFails,
-		RestartCount: w.restartCount, StateReason: w.reason, Health: w.health, Status: w.status,
-		HealthMode: string(w.be.Health), RestartPolicy: w.policy, MemoryLimitBytes: w.memLimit, VRAMBytes: w.vram,
-		GPUUUID: w.gpuUUID, Port: w.port, CreatedAt: w.created, InFlight: w.inflight, ExitReason: w.exitReason}
+		State: w.state, LastActivity: w.lastActivity, SlotsTotal: 1, FailedHealthChecks: w.failedHealthChecks,
+		RestartCount: w.restartCount, StateReason: w.stateReason, Health: w.reportedHealth, Status: w.statusLine,
+		HealthMode: string(w.backendCfg.Health), RestartPolicy: w.restartPolicy, MemoryLimitBytes: w.memoryLimit, VRAMBytes: int64(w.vramRequested),
+		GPUUUID: w.gpuUUID, Port: w.port, CreatedAt: w.createdAt, InFlight: w.inFlight, ExitReason: w.exitReason}
 	if w.state == StateIdle {
 		wi.SlotsAvailable = 1
 	}
@@ -142,7 +142,7 @@ func (s *Supervisor) Get(id string) (WorkerInfo, error) {
 	}
 	wi := s.info(w)
 	r := w.run
-	vram := w.figures["RBEE_VRAM_BYTES"]
+	vram := w.figures[workerproto.KeyVRAMBytes]
 	s.mu.Unlock()
 	if r != nil && wi.Resources == nil {
 		if st, err := r.leaf.Stats(); err == nil {
@@ -290,7 +290,7 @@ func (s *Supervisor) handleInference(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	target.URL = u
-	// counted says this request holds one of wk.inflight (guarded by s.mu):
+	// counted says this request holds one of wk.inFlight (guarded by s.mu):
 	// a second OnEnd must not end another request's count, and a proxy that
 	// panics or forgets OnEnd must not leave the worker busy for good.
 	counted := false
@@ -301,7 +301,7 @@ func (s *Supervisor) handleInference(w http.ResponseWriter, r *http.Request) {
 			return
 		}
 		counted = true
-		wk.inflight++
+		wk.inFlight++
 		if wk.state == StateIdle {
 			s.setState(wk, StateBusy, "inference")
 		}
@@ -313,11 +313,11 @@ func (s *Supervisor) handleInference(w http.ResponseWriter, r *http.Request) {
 			return
 		}
 		counted = false
-		if wk.run != r0 || wk.inflight == 0 {
+		if wk.run != r0 || wk.inFlight == 0 {
 			return
 		}
-		wk.inflight--
-		if wk.inflight == 0 && wk.state == StateBusy {
+		wk.inFlight--
+		if wk.inFlight == 0 && wk.state == StateBusy {
 			s.setState(wk, StateIdle, "inference done")
 		}
 	}
@@ -365,7 +365,7 @@ func forbiddenFor(self, other string) *api.Error {
 		WithDetails(map[string]any{"worker_id": other})
 }
 
-// ReadyRequest is the original ready callback body.
+// ReadyRequest is the body of POST /v1/workers/ready.
 type ReadyRequest struct {
 	WorkerID string `json:"worker_id"`
 	URL      string `json:"url"`
@@ -374,8 +374,8 @@ type ReadyRequest struct {
 	Device   *int64 `json:"device"`
 }
 
-// handleReady is POST /v1/workers/ready. Unlike the original, an unknown
-// worker id is a 404, not a silent 200.
+// handleReady is POST /v1/workers/ready. An unknown worker id is a 404: a
+// silent 200 would hide a worker that talks to the wrong hive.
 func (s *Supervisor) handleReady(w http.ResponseWriter, r *http.Request, auth api.AuthFunc) {
 	self, aerr := s.workerAuth(r, auth)
 	if aerr != nil {
@@ -410,18 +410,18 @@ func (s *Supervisor) handleReady(w http.ResponseWriter, r *http.Request, auth ap
 	}
 	s.mu.Lock()
 	wk := s.workers[req.WorkerID]
-	if wk == nil || (wk.run == nil && !wk.starting) {
+	if wk == nil || (wk.run == nil && !wk.startInFlight) {
 		s.mu.Unlock()
 		api.WriteError(w, workerNotFound(req.WorkerID))
 		return
 	}
 	if wk.run == nil {
 		// Called back before its start was registered: apply it then.
-		if wk.early == nil {
-			wk.early = make(map[string]string)
+		if wk.earlyFields == nil {
+			wk.earlyFields = make(map[string]string)
 		}
-		wk.early["READY"] = "1"
-		wk.earlyVia = "POST /v1/workers/ready"
+		wk.earlyFields[workerproto.KeyReady] = "1"
+		wk.earlyReadyVia = "POST /v1/workers/ready"
 	} else {
 		s.markReady(wk, "POST /v1/workers/ready")
 	}
@@ -429,7 +429,7 @@ func (s *Supervisor) handleReady(w http.ResponseWriter, r *http.Request, auth ap
 	api.WriteJSON(w, http.StatusOK, map[string]string{"message": "Worker registered as ready"})
 }
 
-// HeartbeatRequest is the original heartbeat body.
+// HeartbeatRequest is the body of POST /v1/heartbeat.
 type HeartbeatRequest struct {
 	WorkerID     string `json:"worker_id"`
 	Timestamp    string `json:"timestamp"`
@@ -455,7 +455,7 @@ func (s *Supervisor) handleHeartbeat(w http.ResponseWriter, r *http.Request, aut
 			WithDetails(map[string]any{"field": "worker_id"}))
 		return
 	}
-	if req.HealthStatus != "healthy" && req.HealthStatus != "degraded" {
+	if h := workerproto.HealthStatus(req.HealthStatus); h != workerproto.Healthy && h != workerproto.Degraded {
 		s.m.heartbeatsRejected.WithLabelValues(rejectInvalid).Inc()
 		api.WriteError(w, api.Errorf(http.StatusUnprocessableEntity, api.CodeValidation,
 			"health_status must be \"healthy\" or \"degraded\", got %q", req.HealthStatus).WithDetails(map[string]any{"field": "health_status"}))
@@ -474,7 +474,7 @@ func (s *Supervisor) handleHeartbeat(w http.ResponseWriter, r *http.Request, aut
 		api.WriteError(w, workerNotFound(req.WorkerID))
 		return
 	}
-	wk.health = req.HealthStatus
+	wk.reportedHealth = req.HealthStatus
 	s.heartbeat(wk)
 	s.mu.Unlock()
 	api.WriteJSON(w, http.StatusOK, map[string]string{"message": "Heartbeat received"})

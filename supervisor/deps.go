@@ -119,7 +119,7 @@ type ProxyTarget struct {
 	OnEnd   func()
 }
 
-// Proxy streams an inference request to a worker (the lead adapts
+// Proxy streams an inference request to a worker (cmd/rbee-hive adapts
 // proxy.Proxy.Serve).
 type Proxy interface {
 	Forward(w http.ResponseWriter, r *http.Request, t ProxyTarget)

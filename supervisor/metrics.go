@@ -22,6 +22,7 @@ type metrics struct {
 	heartbeats         prometheus.Counter
 	healthFails        prometheus.Counter
 	vramExceeded       *prometheus.CounterVec
+	illegalTransitions *prometheus.CounterVec
 
 	rejectedDesc *prometheus.Desc // heartbeatsRejected plus the socket's drops
 	workersDesc  *prometheus.Desc
@@ -55,6 +56,9 @@ func newMetrics(s *Supervisor, reg *prometheus.Registry) (*metrics, error) {
 		vramExceeded: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "rbee_hive_worker_vram_limit_exceeded_total",
 			Help: "Times a cuda worker's sampled VRAM crossed its expected VRAM × resources.vram_limit_factor, by backend and device."},
 			[]string{"backend", "device"}),
+		illegalTransitions: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "rbee_hive_worker_illegal_transitions_total",
+			Help: "Worker state transitions refused because the state machine does not allow them (a bug), by from and to state."},
+			[]string{"from", "to"}),
 		rejectedDesc: prometheus.NewDesc("rbee_hive_heartbeats_rejected_total", "Heartbeats and notify datagrams rejected, by reason.",
 			[]string{"reason"}, nil),
 		workersDesc: prometheus.NewDesc("rbee_hive_workers", "Registered workers by state, backend and device.",
@@ -71,9 +75,9 @@ func newMetrics(s *Supervisor, reg *prometheus.Registry) (*metrics, error) {
 		m.spawnFailures.WithLabelValues(r)
 	}
 	for _, r := range exitReasons {
-		m.exits.WithLabelValues(r)
+		m.exits.WithLabelValues(string(r))
 		if r != ReasonStopped {
-			m.restarts.WithLabelValues(r)
+			m.restarts.WithLabelValues(string(r))
 		}
 	}
 	for _, r := range rejectReasons {
@@ -92,7 +96,7 @@ func newMetrics(s *Supervisor, reg *prometheus.Registry) (*metrics, error) {
 	// heartbeatsRejected is not registered itself: Collect merges it with
 	// the notify socket's drops into one family.
 	for _, c := range []prometheus.Collector{m.spawnFailures, m.restarts, m.exits,
-		m.oomKills, m.stale, m.heartbeats, m.healthFails, m.vramExceeded, m} {
+		m.oomKills, m.stale, m.heartbeats, m.healthFails, m.vramExceeded, m.illegalTransitions, m} {
 		if err := reg.Register(c); err != nil {
 			return nil, fmt.Errorf("supervisor: registering metrics: %w", err)
 		}
@@ -146,7 +150,7 @@ func (m *metrics) Collect(ch chan<- prometheus.Metric) {
 			if health[k] == nil {
 				health[k] = make(map[string]int)
 			}
-			hv := w.health
+			hv := w.reportedHealth
 			if hv == "" {
 				hv = "unknown"
 			}
