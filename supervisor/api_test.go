@@ -385,8 +385,8 @@ func TestInferenceBusyAccountingSurvivesProxyBugs(t *testing.T) {
 	if wi := h.get(res.WorkerID); wi.State != StateIdle || wi.InFlight != 0 {
 		t.Errorf("after a proxy panic: %s, %d in flight", wi.State, wi.InFlight)
 	}
-	if !strings.Contains(h.logs.String(), `msg="panic in worker API handler" component=supervisor`) {
-		t.Error("the panic is not in the supervisor's log")
+	if !strings.Contains(h.logs.String(), `msg="panic in HTTP handler"`) || !strings.Contains(h.logs.String(), "goroutine") {
+		t.Error("the panic and its stack are not in the hive's log")
 	}
 	// Another request is in flight while a buggy one ends twice.
 	h.s.mu.Lock()
