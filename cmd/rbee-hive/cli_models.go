@@ -49,7 +49,7 @@ func runModels(ctx context.Context, args []string, stdout, stderr io.Writer) err
 		if fs.NArg() != 1 {
 			return fmt.Errorf("%w: models rm needs one model reference", errUsage)
 		}
-		var out map[string]any
+		var out model.DeleteResponse
 		if err := c.do(ctx, "DELETE", "/v1/models/"+url.PathEscape(fs.Arg(0)), nil, &out); err != nil {
 			return err
 		}
