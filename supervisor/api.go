@@ -201,7 +201,7 @@ func (s *Supervisor) HandleDelete(w http.ResponseWriter, r *http.Request) error 
 // HandleLogs answers GET /v1/workers/{id}/logs.
 func (s *Supervisor) HandleLogs(w http.ResponseWriter, r *http.Request) error {
 	stream := r.URL.Query().Get("stream")
-	if stream != "" && stream != "stdout" && stream != "stderr" {
+	if stream != "" && stream != streamStdout && stream != streamStderr {
 		return badField("stream", "must be stdout or stderr, got %q", stream)
 	}
 	id := pathID(r)

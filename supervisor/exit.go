@@ -181,8 +181,7 @@ func (s *Supervisor) onExit(w *worker, r *run, st *os.ProcessState, oomed bool) 
 		return
 	}
 	failure := !(reason == ReasonExited && code != nil && *code == 0)
-	restart := w.restartPolicy == RestartAlways || (w.restartPolicy == RestartOnFailure && failure)
-	if !restart {
+	if !w.restartPolicy.restartsAfter(failure) {
 		if failure {
 			s.finish(w, StateFailed, string(reason))
 		} else {

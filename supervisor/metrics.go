@@ -6,6 +6,8 @@ import (
 
 	"github.com/prometheus/client_golang/prometheus"
 	dto "github.com/prometheus/client_model/go"
+
+	workerproto "github.com/rbee/rbee-hive/worker"
 )
 
 // metrics holds the supervisor's counters and reads its gauges at scrape
@@ -31,8 +33,11 @@ type metrics struct {
 	vramDesc     *prometheus.Desc
 }
 
-// reported health values; "unknown" until a worker says.
-var healthValues = []string{"healthy", "degraded", "unknown"}
+// healthUnknown is a running worker's health until it reports one.
+const healthUnknown = "unknown"
+
+// reported health values, for the rbee_hive_workers_by_health series.
+var healthValues = []string{string(workerproto.Healthy), string(workerproto.Degraded), healthUnknown}
 
 func newMetrics(s *Supervisor, reg *prometheus.Registry) (*metrics, error) {
 	m := &metrics{
@@ -152,7 +157,7 @@ func (m *metrics) Collect(ch chan<- prometheus.Metric) {
 			}
 			hv := w.reportedHealth
 			if hv == "" {
-				hv = "unknown"
+				hv = healthUnknown
 			}
 			health[k][hv]++
 			// The monitor's last sample keeps a scrape cheap: a v1 stats read

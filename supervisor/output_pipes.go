@@ -50,6 +50,6 @@ func (p *outputPipes) closeWriteEnds() {
 // have ended.
 func (p *outputPipes) pump(sink *logSink, readers *sync.WaitGroup) {
 	readers.Add(2)
-	go func() { defer readers.Done(); sink.pump("stdout", p.outR) }()
-	go func() { defer readers.Done(); sink.pump("stderr", p.errR) }()
+	go func() { defer readers.Done(); sink.pump(streamStdout, p.outR) }()
+	go func() { defer readers.Done(); sink.pump(streamStderr, p.errR) }()
 }

@@ -14,6 +14,7 @@ import (
 	"github.com/rbee/rbee-hive/config"
 	"github.com/rbee/rbee-hive/gpu"
 	"github.com/rbee/rbee-hive/supervisor"
+	workerproto "github.com/rbee/rbee-hive/worker"
 )
 
 func runConfig(args []string, stdout io.Writer) error {
@@ -310,7 +311,7 @@ func workersList(ctx context.Context, c *client, stdout io.Writer) error {
 			up = time.Since(t).Truncate(time.Second).String()
 		}
 		state := w.State
-		if w.Health == "degraded" {
+		if w.Health == string(workerproto.Degraded) {
 			state += " (degraded)"
 		}
 		fmt.Fprintf(tw, "%s\t%s\t%s\t%d\t%s\t%d\t%s\t%s\t%s\n", w.ID, state, w.Backend, w.Device, pid, w.RestartCount, up, w.URL, w.ModelRef)

@@ -134,7 +134,7 @@ func newHive(ctx context.Context, cfg *config.Config, log *slog.Logger, reg *pro
 			return h.listener.Stats().Dropped()
 		},
 	}
-	if h.gpus.Backend() != "none" {
+	if h.gpus.Backend() != gpu.DriverNone {
 		deps.GPUs = gpuList{h.gpus}
 	}
 	if journal.Enabled() {
