@@ -51,6 +51,11 @@ var errNotStarted = errors.New("worker not started: it was stopped, or the hive 
 // safe environment every worker starts from; never the hive's own.
 const safePath = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
+// errShuttingDown answers a spawn while the hive shuts down.
+func errShuttingDown() *api.Error {
+	return api.Errorf(http.StatusServiceUnavailable, api.CodeUnavailable, "the hive is shutting down")
+}
+
 // Spawn validates req, admits it, registers the worker and starts it (or
 // its model download). It returns as soon as the process runs; readiness is
 // reported later. A failed spawn leaves nothing behind.
@@ -63,7 +68,7 @@ func (s *Supervisor) Spawn(ctx context.Context, req SpawnRequest) (SpawnResult, 
 	closing := s.closing
 	s.mu.Unlock()
 	if closing {
-		return SpawnResult{}, api.Errorf(http.StatusServiceUnavailable, api.CodeUnavailable, "the hive is shutting down")
+		return SpawnResult{}, errShuttingDown()
 	}
 	id, err := newWorkerID()
 	if err != nil {
@@ -75,16 +80,10 @@ func (s *Supervisor) Spawn(ctx context.Context, req SpawnRequest) (SpawnResult, 
 		return SpawnResult{}, err
 	}
 	local := wait == nil
-	var claim Claim
-	if s.deps.Admitter != nil {
-		c, err := s.deps.Admitter.Admit(ctx, AdmitRequest{WorkerID: id, Backend: p.backend, Device: p.device,
-			GPUUUID: p.gpuUUID, CUDA: p.be.CUDA, MemoryBytes: p.memLimit, VRAMBytes: p.vram,
-			ModelRef: p.modelRef, ModelPath: pathIf(local, modelPath), ContextSize: p.be.ContextSize})
-		if err != nil {
-			modelRel()
-			return SpawnResult{}, fmt.Errorf("admission: %w", err) // a 507 *api.Error keeps its status and code
-		}
-		claim = c
+	claim, err := s.admit(ctx, id, p, pathIf(local, modelPath))
+	if err != nil {
+		modelRel()
+		return SpawnResult{}, err
 	}
 	// undo releases what this spawn holds when it fails before registering.
 	undo := func() {
@@ -102,6 +101,45 @@ func (s *Supervisor) Spawn(ctx context.Context, req SpawnRequest) (SpawnResult, 
 		s.m.spawnFailures.WithLabelValues(failPorts).Inc()
 		return SpawnResult{}, err
 	}
+	w := s.newWorker(id, p, modelPath, port, token, claim, modelRel)
+	if !local {
+		if !s.register(w, StateDownloading, func(w *worker) { s.startDownload(w, wait) }) {
+			undo()
+			return SpawnResult{}, errShuttingDown()
+		}
+		return SpawnResult{WorkerID: id, URL: w.url, State: StateDownloading}, nil
+	}
+	if !s.register(w, StateLoading, nil) {
+		undo()
+		return SpawnResult{}, errShuttingDown()
+	}
+	if err := s.startRun(w, "spawned"); err != nil {
+		s.mu.Lock()
+		s.removeLocked(w)
+		s.unlock()
+		undo()
+		return SpawnResult{}, s.spawnFailed(w, err)
+	}
+	return SpawnResult{WorkerID: id, URL: w.url, State: StateLoading}, nil
+}
+
+// admit asks the admitter (if any) for the resources of a new worker.
+// modelPath is "" while the model is still to be downloaded.
+func (s *Supervisor) admit(ctx context.Context, id string, p *spawnPlan, modelPath string) (Claim, error) {
+	if s.deps.Admitter == nil {
+		return nil, nil
+	}
+	c, err := s.deps.Admitter.Admit(ctx, AdmitRequest{WorkerID: id, Backend: p.backend, Device: p.device,
+		GPUUUID: p.gpuUUID, CUDA: p.be.CUDA, MemoryBytes: p.memLimit, VRAMBytes: p.vram,
+		ModelRef: p.modelRef, ModelPath: modelPath, ContextSize: p.be.ContextSize})
+	if err != nil {
+		return nil, fmt.Errorf("admission: %w", err) // a 507 *api.Error keeps its status and code
+	}
+	return c, nil
+}
+
+// newWorker builds the record of a worker about to be registered.
+func (s *Supervisor) newWorker(id string, p *spawnPlan, modelPath string, port int, token string, claim Claim, modelRel func()) *worker {
 	w := &worker{
 		id: id, backend: p.backend, backendCfg: p.be, device: p.device, gpuUUID: p.gpuUUID,
 		modelRef: p.modelRef, modelPath: modelPath, port: port,
@@ -117,45 +155,48 @@ func (s *Supervisor) Spawn(ctx context.Context, req SpawnRequest) (SpawnResult, 
 		}
 	}
 	w.logs = newLogSink(id, s.logDir, int64(s.cfg.Workers.LogMaxBytes), s.cfg.Workers.LogFiles, s.deps.LineSink)
+	return w
+}
+
+// register adds w to the registry in state first, then runs then (if
+// non-nil) under s.mu. It returns false, freeing w's port, when the hive
+// is shutting down.
+func (s *Supervisor) register(w *worker, first State, then func(w *worker)) bool {
 	s.mu.Lock()
+	defer s.mu.Unlock()
 	if s.closing {
-		delete(s.ports, port)
-		s.mu.Unlock()
-		undo()
-		return SpawnResult{}, api.Errorf(http.StatusServiceUnavailable, api.CodeUnavailable, "the hive is shutting down")
+		delete(s.ports, w.port)
+		return false
 	}
-	s.workers[id] = w
-	s.tokens[tokenKey(token)] = id
-	w.state = StateLoading
-	if !local {
-		w.state = StateDownloading
-	}
+	s.workers[w.id] = w
+	s.tokens[tokenKey(w.token)] = w.id
+	w.state = first
 	w.lastActivity = w.createdAt
 	w.log.Info("worker registered", slog.String("model_ref", w.modelRef), slog.String("state", string(w.state)),
 		slog.String("url", w.url), slog.String("restart", string(w.restartPolicy)), slog.Int64("memory_limit_bytes", w.memoryLimit))
-	if !local {
-		dctx, cancel := context.WithCancel(context.Background())
-		w.cancelDownload = cancel
-		s.wg.Add(1)
-		s.mu.Unlock()
-		go s.download(dctx, w, wait)
-		return SpawnResult{WorkerID: id, URL: w.url, State: StateDownloading}, nil
+	if then != nil {
+		then(w)
 	}
-	s.mu.Unlock()
-	if err := s.startRun(w, "spawned"); err != nil {
-		s.mu.Lock()
-		s.removeLocked(w)
-		s.unlock()
-		undo()
-		if errors.Is(err, errNotStarted) {
-			return SpawnResult{}, api.Errorf(http.StatusServiceUnavailable, api.CodeUnavailable, "worker %s was stopped before it started, or the hive is shutting down", id)
-		}
-		s.m.spawnFailures.WithLabelValues(spawnReason(err)).Inc()
-		w.log.Error("worker spawn failed", slog.Any("err", err))
-		return SpawnResult{}, api.Errorf(http.StatusInternalServerError, api.CodeInternal, "Failed to spawn worker: %v", err).
-			WithDetails(map[string]any{"reason": spawnReason(err)})
+	return true
+}
+
+// startDownload waits for w's model in the background. Caller holds s.mu.
+func (s *Supervisor) startDownload(w *worker, wait <-chan ModelResult) {
+	dctx, cancel := context.WithCancel(context.Background())
+	w.cancelDownload = cancel
+	s.wg.Add(1)
+	go s.download(dctx, w, wait)
+}
+
+// spawnFailed is the answer to a spawn whose process did not start.
+func (s *Supervisor) spawnFailed(w *worker, err error) error {
+	if errors.Is(err, errNotStarted) {
+		return api.Errorf(http.StatusServiceUnavailable, api.CodeUnavailable, "worker %s was stopped before it started, or the hive is shutting down", w.id)
 	}
-	return SpawnResult{WorkerID: id, URL: w.url, State: StateLoading}, nil
+	s.m.spawnFailures.WithLabelValues(spawnReason(err)).Inc()
+	w.log.Error("worker spawn failed", slog.Any("err", err))
+	return api.Errorf(http.StatusInternalServerError, api.CodeInternal, "Failed to spawn worker: %v", err).
+		WithDetails(map[string]any{"reason": spawnReason(err)})
 }
 
 func pathIf(ok bool, p string) string {
