@@ -130,8 +130,8 @@ func (s *Supervisor) admit(ctx context.Context, id string, p *spawnPlan, modelPa
 		return nil, nil
 	}
 	c, err := s.deps.Admitter.Admit(ctx, AdmitRequest{WorkerID: id, Backend: p.backend, Device: p.device,
-		GPUUUID: p.gpuUUID, CUDA: p.be.CUDA, MemoryBytes: p.memLimit, VRAMBytes: p.vram,
-		ModelRef: p.modelRef, ModelPath: modelPath, ContextSize: p.be.ContextSize})
+		GPUUUID: p.gpuUUID, CUDA: p.backendCfg.CUDA, MemoryBytes: p.memoryLimit, VRAMBytes: p.vramRequested,
+		ModelRef: p.modelRef, ModelPath: modelPath, ContextSize: p.backendCfg.ContextSize})
 	if err != nil {
 		return nil, fmt.Errorf("admission: %w", err) // a 507 *api.Error keeps its status and code
 	}
@@ -141,14 +141,14 @@ func (s *Supervisor) admit(ctx context.Context, id string, p *spawnPlan, modelPa
 // newWorker builds the record of a worker about to be registered.
 func (s *Supervisor) newWorker(id string, p *spawnPlan, modelPath string, port int, token string, claim Claim, modelRel func()) *worker {
 	w := &worker{
-		id: id, backend: p.backend, backendCfg: p.be, device: p.device, gpuUUID: p.gpuUUID,
+		id: id, backend: p.backend, backendCfg: p.backendCfg, device: p.device, gpuUUID: p.gpuUUID,
 		modelRef: p.modelRef, modelPath: modelPath, port: port,
 		url:   "http://" + net.JoinHostPort(s.cfg.WorkerHost, strconv.Itoa(port)),
-		token: token, restartPolicy: p.policy, memoryLimit: p.memLimit, vramRequested: uint64(p.vram), requestEnv: p.env,
+		token: token, restartPolicy: p.policy, memoryLimit: p.memoryLimit, vramRequested: p.vramRequested, requestEnv: p.env,
 		createdAt: time.Now(), claim: claim, releaseModel: modelRel,
 		log: s.log.With(slog.String("worker_id", id), slog.String("backend", p.backend), slog.Int("device", p.device)),
 	}
-	if p.be.CUDA {
+	if p.backendCfg.CUDA {
 		w.vramExpected = w.vramRequested
 		if w.vramExpected == 0 && claim != nil {
 			w.vramExpected = claim.VRAMBytes()
@@ -291,7 +291,7 @@ func (s *Supervisor) admitAgain(ctx context.Context, w *worker) error {
 	old := w.claim
 	w.claim = nil
 	req := AdmitRequest{WorkerID: w.id, Backend: w.backend, Device: w.device, GPUUUID: w.gpuUUID, CUDA: w.backendCfg.CUDA,
-		MemoryBytes: w.memoryLimit, VRAMBytes: int64(w.vramRequested), ModelRef: w.modelRef, ModelPath: w.modelPath, ContextSize: w.backendCfg.ContextSize}
+		MemoryBytes: w.memoryLimit, VRAMBytes: w.vramRequested, ModelRef: w.modelRef, ModelPath: w.modelPath, ContextSize: w.backendCfg.ContextSize}
 	s.mu.Unlock()
 	releaseClaim(old)
 	c, err := s.deps.Admitter.Admit(ctx, req)

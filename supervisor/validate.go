@@ -87,11 +87,11 @@ func checkIdentifier(s string, max int) string {
 type spawnPlan struct {
 	modelRef, provider, reference string
 	backend                       string
-	be                            config.Backend
+	backendCfg                    config.Backend
 	device                        int
 	gpuUUID                       string
-	memLimit                      int64
-	vram                          int64
+	memoryLimit                   int64  // bytes
+	vramRequested                 uint64 // 0: let the admitter estimate
 	policy                        RestartPolicy
 	env                           map[string]string
 }
@@ -117,8 +117,8 @@ func (s *Supervisor) validateSpawn(ctx context.Context, req *SpawnRequest) (*spa
 		return nil, api.Errorf(http.StatusUnprocessableEntity, api.CodeValidation, "missing field `device`").
 			WithDetails(map[string]any{"field": "device"})
 	}
-	p := &spawnPlan{modelRef: req.ModelRef, provider: provider, reference: reference, backend: req.Backend, be: be,
-		memLimit: int64(s.cfg.MemoryLimit(req.Backend)), policy: RestartOnFailure}
+	p := &spawnPlan{modelRef: req.ModelRef, provider: provider, reference: reference, backend: req.Backend, backendCfg: be,
+		memoryLimit: int64(s.cfg.MemoryLimit(req.Backend)), policy: RestartOnFailure}
 	dev := *req.Device
 	if dev < 0 {
 		return nil, badField("device", "must not be negative, got %d", dev)
@@ -139,13 +139,13 @@ func (s *Supervisor) validateSpawn(ctx context.Context, req *SpawnRequest) (*spa
 		if *req.MemoryLimitBytes < 1<<20 {
 			return nil, badField("memory_limit_bytes", "must be at least 1MiB, got %d", *req.MemoryLimitBytes)
 		}
-		p.memLimit = *req.MemoryLimitBytes
+		p.memoryLimit = *req.MemoryLimitBytes
 	}
 	if req.VRAMBytes != nil {
 		if *req.VRAMBytes < 0 {
 			return nil, badField("vram_bytes", "must not be negative, got %d", *req.VRAMBytes)
 		}
-		p.vram = *req.VRAMBytes
+		p.vramRequested = uint64(*req.VRAMBytes)
 	}
 	switch req.Restart {
 	case "":
