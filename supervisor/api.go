@@ -10,6 +10,7 @@ import (
 	"time"
 
 	"github.com/rbee/rbee-hive/api"
+	"github.com/rbee/rbee-hive/config"
 	workerproto "github.com/rbee/rbee-hive/worker"
 )
 
@@ -33,7 +34,7 @@ type WorkerInfo struct {
 	StateReason      string            `json:"state_reason,omitempty"`
 	Health           string            `json:"health,omitempty"`
 	Status           string            `json:"status,omitempty"`
-	HealthMode       string            `json:"health_mode"`
+	HealthMode       config.HealthMode `json:"health_mode"`
 	RestartPolicy    RestartPolicy     `json:"restart_policy"`
 	MemoryLimitBytes int64             `json:"memory_limit_bytes"`
 	VRAMBytes        int64             `json:"vram_bytes,omitempty"`
@@ -76,7 +77,7 @@ func (s *Supervisor) info(w *worker) WorkerInfo {
 	wi := WorkerInfo{ID: w.id, URL: w.url, ModelRef: w.modelRef, Backend: w.backend, Device: w.device,
 		State: w.state, LastActivity: w.lastActivity, SlotsTotal: 1, FailedHealthChecks: w.failedHealthChecks,
 		RestartCount: w.restartCount, StateReason: w.stateReason, Health: w.reportedHealth, Status: w.statusLine,
-		HealthMode: string(w.backendCfg.Health), RestartPolicy: w.restartPolicy, MemoryLimitBytes: w.memoryLimit, VRAMBytes: int64(w.vramRequested),
+		HealthMode: w.backendCfg.Health, RestartPolicy: w.restartPolicy, MemoryLimitBytes: w.memoryLimit, VRAMBytes: int64(w.vramRequested),
 		GPUUUID: w.gpuUUID, Port: w.port, CreatedAt: w.createdAt, InFlight: w.inFlight, ExitReason: w.exitReason}
 	if w.state == StateIdle {
 		wi.SlotsAvailable = 1
