@@ -46,8 +46,8 @@ type AdmitRequest struct {
 	Device      int
 	GPUUUID     string // empty for non-cuda backends
 	CUDA        bool
-	MemoryBytes int64 // the worker's memory limit
-	VRAMBytes   int64 // 0: the admitter estimates from the model
+	MemoryBytes int64  // the worker's memory limit
+	VRAMBytes   uint64 // 0: the admitter estimates from the model
 	ModelRef    string
 	ModelPath   string // empty while the model still has to be downloaded
 	ContextSize int
@@ -119,7 +119,7 @@ type ProxyTarget struct {
 	OnEnd   func()
 }
 
-// Proxy streams an inference request to a worker (the lead adapts
+// Proxy streams an inference request to a worker (cmd/rbee-hive adapts
 // proxy.Proxy.Serve).
 type Proxy interface {
 	Forward(w http.ResponseWriter, r *http.Request, t ProxyTarget)

@@ -33,7 +33,7 @@ func (a admitter) Admit(ctx context.Context, req supervisor.AdmitRequest) (super
 	if req.CUDA {
 		dev := req.Device
 		r.GPU = &dev
-		r.VRAMBytes = uint64(req.VRAMBytes)
+		r.VRAMBytes = req.VRAMBytes
 		if r.VRAMBytes == 0 && req.ModelPath != "" {
 			est, err := estimate.EstimateVRAM(req.ModelPath, req.ContextSize)
 			if err != nil {
