@@ -48,6 +48,7 @@ type WorkerInfo struct {
 	ExitReason       string            `json:"exit_reason,omitempty"`
 	ExitCode         *int              `json:"exit_code,omitempty"`
 	ExitSignal       *int              `json:"exit_signal,omitempty"`
+	ContextSize      int               `json:"context_size,omitempty"` // what an OpenAI engine reports (engine.go)
 	Figures          map[string]string `json:"figures,omitempty"`
 	Resources        *Resources        `json:"resources,omitempty"`
 }
@@ -166,7 +167,8 @@ func (s *Supervisor) Routes(rt *api.Router, auth api.AuthFunc) {
 	rt.HandleFunc("GET /v1/workers/{id}", auth, s.safe(s.handleGet))
 	rt.HandleFunc("DELETE /v1/workers/{id}", auth, s.safe(s.handleDelete))
 	rt.HandleFunc("GET /v1/workers/{id}/logs", auth, s.safe(s.handleLogs))
-	rt.HandleFunc("POST /v1/workers/{id}/inference", auth, s.safe(s.handleInference))
+	rt.HandleFunc("POST /v1/workers/{id}/inference", auth, s.safe(s.protocolGuard(routeRbee, s.handleInference)))
+	s.engineRoutes(rt, auth)
 	rt.HandleFunc("POST /v1/workers/ready", nil, s.safe(func(w http.ResponseWriter, r *http.Request) { s.handleReady(w, r, auth) }))
 	rt.HandleFunc("POST /v1/heartbeat", nil, s.safe(func(w http.ResponseWriter, r *http.Request) { s.handleHeartbeat(w, r, auth) }))
 }
@@ -225,6 +227,7 @@ func (s *Supervisor) handleGet(w http.ResponseWriter, r *http.Request) {
 		s.writeError(w, r, err)
 		return
 	}
+	s.engineDetails(r.Context(), &wi)
 	api.WriteJSON(w, http.StatusOK, wi)
 }
 
@@ -278,7 +281,8 @@ func (s *Supervisor) handleInference(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	r0 := wk.run
-	target := ProxyTarget{WorkerID: id, Backend: wk.backend, Model: wk.modelRef, Token: wk.token}
+	target := ProxyTarget{WorkerID: id, Backend: wk.backend, Model: wk.modelRef, Token: wk.token,
+		API: string(wk.be.API), Route: engineRoute(r, id)}
 	s.mu.Unlock()
 	if s.deps.Proxy == nil {
 		api.WriteError(w, api.Errorf(http.StatusServiceUnavailable, api.CodeUnavailable, "no inference proxy configured"))

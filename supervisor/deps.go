@@ -113,6 +113,8 @@ type ProxyTarget struct {
 	Backend  string
 	Model    string
 	Token    string // the worker's own token, for the outbound Authorization header
+	API      string // the backend's api: "rbee" or "openai"
+	Route    string // the engine path, e.g. /v1/chat/completions (engine.go)
 	// OnStart and OnEnd must be called exactly once each; they keep the
 	// worker busy while requests are in flight.
 	OnStart func()

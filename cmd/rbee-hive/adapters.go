@@ -83,7 +83,8 @@ func (m modelStore) Ensure(ctx context.Context, ref string) (string, <-chan supe
 type proxyAdapter struct{ px *proxy.Proxy }
 
 func (p proxyAdapter) Forward(w http.ResponseWriter, r *http.Request, t supervisor.ProxyTarget) {
-	p.px.Serve(w, r, t.URL, proxy.Labels{Backend: t.Backend, Model: canonicalRef(t.Model)}, proxy.Hooks{
+	labels := proxy.Labels{Backend: t.Backend, Model: canonicalRef(t.Model)}
+	hooks := proxy.Hooks{
 		OnStart: t.OnStart,
 		OnEnd:   t.OnEnd,
 		Prepare: func(out *http.Request) {
@@ -91,7 +92,12 @@ func (p proxyAdapter) Forward(w http.ResponseWriter, r *http.Request, t supervis
 				out.Header.Set("Authorization", "Bearer "+t.Token)
 			}
 		},
-	})
+	}
+	if t.API == string(config.APIOpenAI) {
+		p.px.ServeOpenAI(w, r, t.URL, proxy.Route(t.Route), labels, hooks)
+		return
+	}
+	p.px.Serve(w, r, t.URL, labels, hooks)
 }
 
 // canonicalRef is a model reference's catalog spelling, so that hf:a/b and
