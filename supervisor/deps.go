@@ -51,6 +51,7 @@ type AdmitRequest struct {
 	ModelRef    string
 	ModelPath   string // empty while the model still has to be downloaded
 	ContextSize int
+	Parallel    int // the backend's parallel slots, for the estimate
 }
 
 // Claim is an admitted reservation. Loaded is called once the worker is

@@ -86,7 +86,7 @@ func (s *Supervisor) Spawn(ctx context.Context, req SpawnRequest) (SpawnResult, 
 	if s.deps.Admitter != nil {
 		c, err := s.deps.Admitter.Admit(ctx, AdmitRequest{WorkerID: id, Backend: p.backend, Device: p.device,
 			GPUUUID: p.gpuUUID, CUDA: p.be.CUDA, MemoryBytes: p.memLimit, VRAMBytes: p.vram,
-			ModelRef: p.modelRef, ModelPath: pathIf(local, modelPath), ContextSize: p.be.ContextSize})
+			ModelRef: p.modelRef, ModelPath: pathIf(local, modelPath), ContextSize: p.be.ContextSize, Parallel: p.be.Parallel})
 		if err != nil {
 			modelRel()
 			return SpawnResult{}, fmt.Errorf("admission: %w", err) // a 507 *api.Error keeps its status and code
@@ -257,7 +257,7 @@ func (s *Supervisor) admitAgain(ctx context.Context, w *worker) error {
 	old := w.claim
 	w.claim = nil
 	req := AdmitRequest{WorkerID: w.id, Backend: w.backend, Device: w.device, GPUUUID: w.gpuUUID, CUDA: w.be.CUDA,
-		MemoryBytes: w.memLimit, VRAMBytes: w.vram, ModelRef: w.modelRef, ModelPath: w.modelPath, ContextSize: w.be.ContextSize}
+		MemoryBytes: w.memLimit, VRAMBytes: w.vram, ModelRef: w.modelRef, ModelPath: w.modelPath, ContextSize: w.be.ContextSize, Parallel: w.be.Parallel}
 	s.mu.Unlock()
 	releaseClaim(old)
 	c, err := s.deps.Admitter.Admit(ctx, req)

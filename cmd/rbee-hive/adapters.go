@@ -35,7 +35,7 @@ func (a admitter) Admit(ctx context.Context, req supervisor.AdmitRequest) (super
 		r.GPU = &dev
 		r.VRAMBytes = uint64(req.VRAMBytes)
 		if r.VRAMBytes == 0 && req.ModelPath != "" {
-			est, err := estimate.EstimateVRAM(req.ModelPath, req.ContextSize)
+			est, err := estimate.EstimateWith(req.ModelPath, estimate.Options{ContextSize: req.ContextSize, Parallel: req.Parallel})
 			if err != nil {
 				// No estimate is no reason to refuse: the margin still applies
 				// and the monitor watches real use.
@@ -45,11 +45,28 @@ func (a admitter) Admit(ctx context.Context, req supervisor.AdmitRequest) (super
 			}
 		}
 	}
+	if !req.CUDA && req.ModelPath != "" && req.MemoryBytes > 0 {
+		a.warnCPU(req)
+	}
 	c, err := a.ledger.Admit(ctx, r)
 	if err != nil {
 		return nil, err
 	}
 	return claim{Claim: c, vram: r.VRAMBytes}, nil
+}
+
+// warnCPU logs when a CPU worker's memory limit is below what its GGUF
+// model needs at the backend's context and slots: the worker will be OOM
+// killed, which the operator may want (a probe), so it is not refused.
+func (a admitter) warnCPU(req supervisor.AdmitRequest) {
+	est, err := estimate.EstimateWith(req.ModelPath, estimate.Options{ContextSize: req.ContextSize, Parallel: req.Parallel, CPU: true})
+	if err != nil || est.RAMBytes == 0 {
+		return // not a GGUF model, or no figure: nothing to compare
+	}
+	if uint64(req.MemoryBytes) < est.RAMBytes {
+		a.log.Warn("memory limit below the model's estimated need", "worker_id", req.WorkerID, "model", req.ModelRef,
+			"memory_limit_bytes", req.MemoryBytes, "estimate_bytes", est.RAMBytes, "context_size", req.ContextSize, "parallel", req.Parallel)
+	}
 }
 
 // claim is a ledger claim that remembers the VRAM it was admitted for, so
