@@ -102,7 +102,7 @@ func metric(text, name, sel string) float64 {
 }
 
 // engineSlots reads llama-server's own /slots: how many are processing.
-func engineSlots(t *testing.T, workerURL string) (processing int, decoded []int) {
+func engineSlots(t testing.TB, workerURL string) (processing int, decoded []int) {
 	t.Helper()
 	resp, err := http.Get(workerURL + "/slots")
 	if err != nil {
@@ -423,7 +423,7 @@ func TestLlamaServerThroughTheHive(t *testing.T) {
 }
 
 // procStatus reads a process's resident memory and its peak.
-func procStatus(t *testing.T, pid int) (rss, hwm uint64) {
+func procStatus(t testing.TB, pid int) (rss, hwm uint64) {
 	t.Helper()
 	data, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
 	if err != nil {

@@ -29,7 +29,7 @@ func TestMain(m *testing.M) {
 // llamaServer is the genuine llama-server (scripts/build-llama-server.sh
 // prints its path; `make enginetest` passes it as RBEE_LLAMA_SERVER). Without
 // it the test skips, except under CI, where it must run.
-func llamaServer(t *testing.T) string {
+func llamaServer(t testing.TB) string {
 	t.Helper()
 	why := ""
 	bin := os.Getenv("RBEE_LLAMA_SERVER")
@@ -55,7 +55,7 @@ func llamaServer(t *testing.T) string {
 
 // hive is a running `rbee-hive daemon` built from this tree.
 type hive struct {
-	t          *testing.T
+	t          testing.TB
 	cmd        *exec.Cmd
 	url        string
 	token      string
@@ -64,7 +64,7 @@ type hive struct {
 	done       chan struct{}
 }
 
-func buildHive(t *testing.T) string {
+func buildHive(t testing.TB) string {
 	t.Helper()
 	dir := t.TempDir()
 	cmd := exec.Command("go", "build", "-o", dir, "./cmd/rbee-hive")
@@ -75,7 +75,7 @@ func buildHive(t *testing.T) string {
 	return filepath.Join(dir, "rbee-hive")
 }
 
-func startHive(t *testing.T, backends string) *hive {
+func startHive(t testing.TB, backends string) *hive {
 	t.Helper()
 	bin := buildHive(t)
 	dir := t.TempDir()
@@ -274,7 +274,7 @@ func (h *hive) metrics() string {
 }
 
 // waitFor polls cond every 50ms until it holds or timeout passes.
-func waitFor(t *testing.T, timeout time.Duration, what string, cond func() bool) {
+func waitFor(t testing.TB, timeout time.Duration, what string, cond func() bool) {
 	t.Helper()
 	deadline := time.Now().Add(timeout)
 	for !cond() {
