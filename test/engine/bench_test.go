@@ -26,8 +26,8 @@ func BenchmarkProxyOverhead(b *testing.B) {
 	if err := ggufwrite.TinyLlama(modelPath); err != nil {
 		b.Fatal(err)
 	}
-	h := startHive(b, backends(bin))
-	code, body := h.do("POST", "/v1/workers/spawn", map[string]any{"model_ref": "file:" + modelPath, "backend": "llama", "device": 0})
+	h := startHive(b, backends(b, bin))
+	code, body := h.do("POST", "/v1/workers/spawn", map[string]any{"model_ref": "file:" + modelPath, "backend": "llama-server", "device": 0})
 	if code != http.StatusOK {
 		b.Fatalf("spawn: %d %s", code, body)
 	}

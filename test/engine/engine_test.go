@@ -27,32 +27,30 @@ const (
 	oomCtx   = 65536 // the oom backend's context: a KV cache that needs real memory
 )
 
-func backends(bin string) string {
-	cmd := func(ctx int) string {
-		return fmt.Sprintf(`[%q, "--host", "127.0.0.1", "--port", "{port}", "-m", "{model_path}", "-c", "%d", "--parallel", "%d", "-t", "1"]`,
-			bin, ctx, parallel)
+// backends is the shipped llama-server example from docs/engines.md, run
+// with the test's binary, plus the same with a 65536-token context for the
+// oom case.
+func backends(t testing.TB, bin string) string {
+	t.Helper()
+	doc, err := os.ReadFile("../../docs/engines.md")
+	if err != nil {
+		t.Fatal(err)
 	}
-	return fmt.Sprintf(`
-[backends.llama]
-command = %s
-health = "http"
-health_path = "/health"
-api = "openai"
-native_completion = true
-context_size = %d
-parallel = %d
-load_timeout = "60s"
-memory_limit = "1GiB"
-
-[backends.llama-big-context]
-command = %s
-health = "http"
-health_path = "/health"
-api = "openai"
-context_size = %d
-parallel = %d
-load_timeout = "60s"
-`, cmd(ctxSize), ctxSize, parallel, cmd(oomCtx), oomCtx, parallel)
+	_, rest, ok := strings.Cut(string(doc), "```toml\n[backends.llama-server]\n")
+	block, _, ok2 := strings.Cut(rest, "```")
+	if !ok || !ok2 {
+		t.Fatal("docs/engines.md has no [backends.llama-server] toml block")
+	}
+	block = "[backends.llama-server]\n" + strings.ReplaceAll(block, `"/usr/local/bin/llama-server"`, strconv.Quote(bin))
+	for _, want := range []string{fmt.Sprintf(`"-c", "%d"`, ctxSize), fmt.Sprintf(`"--parallel", "%d"`, parallel), `api = "openai"`} {
+		if !strings.Contains(block, want) {
+			t.Fatalf("the docs/engines.md example lacks %s", want)
+		}
+	}
+	big := strings.Replace(block, "[backends.llama-server]", "[backends.llama-big-context]", 1)
+	big = strings.Replace(big, fmt.Sprintf(`"-c", "%d"`, ctxSize), fmt.Sprintf(`"-c", "%d"`, oomCtx), 1)
+	big = strings.Replace(big, fmt.Sprintf("context_size = %d", ctxSize), fmt.Sprintf("context_size = %d", oomCtx), 1)
+	return "\n" + block + "\n" + big
 }
 
 // event is one SSE event the client received and when.
@@ -136,11 +134,11 @@ func TestLlamaServerThroughTheHive(t *testing.T) {
 	if err := ggufwrite.TinyLlama(modelPath); err != nil {
 		t.Fatal(err)
 	}
-	h := startHive(t, backends(bin))
-	const sel = `backend="llama"`
+	h := startHive(t, backends(t, bin))
+	const sel = `backend="llama-server"`
 
 	// Spawn: loading, then idle once llama-server's /health says 200.
-	code, body := h.do("POST", "/v1/workers/spawn", map[string]any{"model_ref": "file:" + modelPath, "backend": "llama", "device": 0})
+	code, body := h.do("POST", "/v1/workers/spawn", map[string]any{"model_ref": "file:" + modelPath, "backend": "llama-server", "device": 0})
 	if code != http.StatusOK {
 		t.Fatalf("spawn: %d %s", code, body)
 	}
