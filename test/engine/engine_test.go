@@ -368,13 +368,18 @@ func TestLlamaServerThroughTheHive(t *testing.T) {
 	t.Run("memory limit below the need: oom", func(t *testing.T) {
 		// The KV cache of a 65536-token context alone (16 MiB, cleared at
 		// load) is beyond this limit, and so is the estimate.
-		est, err := estimate.EstimateWith(modelPath, estimate.Options{ContextSize: oomCtx, Parallel: parallel, CPU: true})
+		// A model trained for that context, so llama-server takes -c as given.
+		bigPath := filepath.Join(dir, "tiny-64k.gguf")
+		if err := (ggufwrite.Llama{Context: oomCtx}).WriteFile(bigPath); err != nil {
+			t.Fatal(err)
+		}
+		est, err := estimate.EstimateWith(bigPath, estimate.Options{ContextSize: oomCtx, Parallel: parallel, CPU: true})
 		if err != nil {
 			t.Fatal(err)
 		}
 		limit := int64(est.KVCacheBytes / 2)
 		t.Logf("oom backend: estimate %d B (KV %d B), memory limit %d B", est.RAMBytes, est.KVCacheBytes, limit)
-		code, body := h.do("POST", "/v1/workers/spawn", map[string]any{"model_ref": "file:" + modelPath, "backend": "llama-big-context",
+		code, body := h.do("POST", "/v1/workers/spawn", map[string]any{"model_ref": "file:" + bigPath, "backend": "llama-big-context",
 			"device": 0, "memory_limit_bytes": limit})
 		if code != http.StatusOK {
 			t.Fatalf("spawn: %d %s", code, body)
