@@ -24,11 +24,11 @@ import (
 const (
 	ctxSize  = 1024
 	parallel = 2
-	oomCtx   = 65536 // the oom backend's context: a KV cache that needs real memory
+	oomCtx   = 262144 // the oom backend's context: a 64 MiB KV cache, cleared (touched) at load
 )
 
 // backends is the shipped llama-server example from docs/engines.md, run
-// with the test's binary, plus the same with a 65536-token context for the
+// with the test's binary, plus the same with a 262144-token context for the
 // oom case.
 func backends(t testing.TB, bin string) string {
 	t.Helper()
@@ -366,10 +366,10 @@ func TestLlamaServerThroughTheHive(t *testing.T) {
 	})
 
 	t.Run("memory limit below the need: oom", func(t *testing.T) {
-		// The KV cache of a 65536-token context alone (16 MiB, cleared at
+		// The KV cache of a 262144-token context alone (64 MiB, cleared at
 		// load) is beyond this limit, and so is the estimate.
 		// A model trained for that context, so llama-server takes -c as given.
-		bigPath := filepath.Join(dir, "tiny-64k.gguf")
+		bigPath := filepath.Join(dir, "tiny-256k.gguf")
 		if err := (ggufwrite.Llama{Context: oomCtx}).WriteFile(bigPath); err != nil {
 			t.Fatal(err)
 		}
