@@ -176,3 +176,52 @@ func TestPrepareOpenAIBody(t *testing.T) {
 		t.Errorf("native route body changed: %s", out)
 	}
 }
+
+// llama.cpp's native /completion stream has no [DONE]: its last event says
+// "stop": true. A stream that breaks before it gets the error event only.
+func TestOpenAIProxyNativeCompletion(t *testing.T) {
+	for _, broken := range []bool{false, true} {
+		t.Run(fmt.Sprint("broken=", broken), func(t *testing.T) {
+			eng := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+				w.Header().Set("Content-Type", "text/event-stream")
+				_, _ = io.WriteString(w, "data: {\"content\":\"a\",\"stop\":false}\n\ndata: {\"content\":\"b\",\"stop\":false}\n\n")
+				if !broken {
+					_, _ = io.WriteString(w, `data: {"content":"","stop":true,"stop_type":"limit","tokens_predicted":2,"tokens_evaluated":3,"timings":{"predicted_per_second":40}}`+"\n\n")
+				}
+			}))
+			defer eng.Close()
+			up, _ := url.Parse(eng.URL)
+			reg := prometheus.NewPedanticRegistry()
+			p, err := New(reg, Options{Logger: slog.New(slog.DiscardHandler)})
+			if err != nil {
+				t.Fatal(err)
+			}
+			hive := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+				p.ServeOpenAI(w, r, up, RouteNativeComplete, testLabels, Hooks{})
+			}))
+			defer hive.Close()
+			resp, err := http.Post(hive.URL, "application/json", strings.NewReader(`{"prompt":"x","stream":true}`))
+			if err != nil {
+				t.Fatal(err)
+			}
+			raw, _ := io.ReadAll(resp.Body)
+			resp.Body.Close()
+			s := string(raw)
+			if strings.Contains(s, "[DONE]") {
+				t.Errorf("native stream got [DONE]: %s", s)
+			}
+			rg := &rig{t: t, p: p, reg: reg}
+			if broken {
+				if !strings.Contains(s, CodeStreamError) {
+					t.Errorf("no error event: %s", s)
+				}
+				rg.exactlyOne(p.m.requests, "requests_total{status=%q}", allStatuses, StatusError)
+				return
+			}
+			rg.exactlyOne(p.m.requests, "requests_total{status=%q}", allStatuses, StatusOK)
+			if rg.counter(p.m.tokens) != 2 || rg.counter(p.m.promptTokens) != 3 || rg.counter(p.m.finish, FinishLength) != 1 {
+				t.Errorf("tokens %v prompt %v length %v", rg.counter(p.m.tokens), rg.counter(p.m.promptTokens), rg.counter(p.m.finish, FinishLength))
+			}
+		})
+	}
+}
