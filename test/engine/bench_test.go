@@ -6,13 +6,11 @@ import (
 	"encoding/json"
 	"fmt"
 	"net/http"
-	"path/filepath"
 	"slices"
 	"strings"
 	"testing"
 	"time"
 
-	"github.com/rbee/rbee-hive/internal/ggufwrite"
 )
 
 // BenchmarkProxyOverhead streams the same greedy chat completion from
@@ -22,10 +20,7 @@ import (
 func BenchmarkProxyOverhead(b *testing.B) {
 	bin := llamaServer(b)
 	dir := b.TempDir()
-	modelPath := filepath.Join(dir, "tiny.gguf")
-	if err := ggufwrite.TinyLlama(modelPath); err != nil {
-		b.Fatal(err)
-	}
+	modelPath := writeModel(b, dir)
 	h := startHive(b, backends(b, bin))
 	code, body := h.do("POST", "/v1/workers/spawn", map[string]any{"model_ref": "file:" + modelPath, "backend": "llama-server", "device": 0})
 	if code != http.StatusOK {

@@ -42,6 +42,9 @@ func backends(t testing.TB, bin string) string {
 		t.Fatal("docs/engines.md has no [backends.llama-server] toml block")
 	}
 	block = "[backends.llama-server]\n" + strings.ReplaceAll(block, `"/usr/local/bin/llama-server"`, strconv.Quote(bin))
+	// -lv 4: llama-server logs its model, KV and compute buffer sizes (the
+	// estimate is compared with them) only above the default verbosity.
+	block = strings.Replace(block, `"-t", "1"]`, `"-t", "1", "-lv", "4"]`, 1)
 	for _, want := range []string{fmt.Sprintf(`"-c", "%d"`, ctxSize), fmt.Sprintf(`"--parallel", "%d"`, parallel), `api = "openai"`} {
 		if !strings.Contains(block, want) {
 			t.Fatalf("the docs/engines.md example lacks %s", want)
@@ -51,6 +54,21 @@ func backends(t testing.TB, bin string) string {
 	big = strings.Replace(big, fmt.Sprintf(`"-c", "%d"`, ctxSize), fmt.Sprintf(`"-c", "%d"`, oomCtx), 1)
 	big = strings.Replace(big, fmt.Sprintf("context_size = %d", ctxSize), fmt.Sprintf("context_size = %d", oomCtx), 1)
 	return "\n" + block + "\n" + big
+}
+
+// writeModel writes the test's llama model: the reference's tiny shape
+// scaled to 4 layers, embedding 512 (8 heads / 4 KV heads), feed-forward
+// 2048, 61 MiB of F32 weights, so that llama-server decodes at about 150
+// tokens/s on one thread: slow enough that a stream, a hang-up and two
+// busy slots can be seen while they happen, where the 0.5 MB model
+// finishes 48 tokens in 10 ms.
+func writeModel(t testing.TB, dir string) string {
+	t.Helper()
+	p := filepath.Join(dir, "small-llama.gguf")
+	if err := (ggufwrite.Llama{Layers: 4, Embedding: 512, Heads: 8, KVHeads: 4, FF: 2048, Context: ctxSize}).WriteFile(p); err != nil {
+		t.Fatal(err)
+	}
+	return p
 }
 
 // event is one SSE event the client received and when.
@@ -130,10 +148,7 @@ func engineSlots(t testing.TB, workerURL string) (processing int, decoded []int)
 func TestLlamaServerThroughTheHive(t *testing.T) {
 	bin := llamaServer(t)
 	dir := t.TempDir()
-	modelPath := filepath.Join(dir, "tiny.gguf")
-	if err := ggufwrite.TinyLlama(modelPath); err != nil {
-		t.Fatal(err)
-	}
+	modelPath := writeModel(t, dir)
 	h := startHive(t, backends(t, bin))
 	const sel = `backend="llama-server"`
 
@@ -165,6 +180,35 @@ func TestLlamaServerThroughTheHive(t *testing.T) {
 	if wi.PID == nil {
 		t.Fatal("no pid")
 	}
+
+	t.Run("estimate beside what llama-server uses", func(t *testing.T) {
+		est, err := estimate.EstimateWith(modelPath, estimate.Options{ContextSize: ctxSize, Parallel: parallel, CPU: true})
+		if err != nil {
+			t.Fatal(err)
+		}
+		// One request first, so every buffer has been touched.
+		if code, body := h.do("POST", "/v1/workers/"+id+"/v1/completions", map[string]any{"prompt": "warm", "max_tokens": 4}); code != http.StatusOK {
+			t.Fatalf("completion: %d %s", code, body)
+		}
+		rss, hwm := procStatus(t, *wi.PID)
+		_, logs := h.do("GET", "/v1/workers/"+id+"/logs", nil)
+		buf := logBuffers(string(logs))
+		ratio := float64(est.RAMBytes) / float64(hwm)
+		report := fmt.Sprintf("estimate (ctx %d, parallel %d, CPU): RAM %d B = weights %d + KV %d + compute %d + overhead %d\n"+
+			"llama-server: VmRSS %d B, VmHWM %d B; logged buffers %v\n"+
+			"estimate / VmHWM = %.2f; KV estimate / logged KV = %.2f; compute estimate / logged compute = %.2f\n",
+			ctxSize, parallel, est.RAMBytes, est.WeightsBytes, est.KVCacheBytes, est.ComputeBytes, est.OverheadBytes,
+			rss, hwm, buf, ratio, float64(est.KVCacheBytes)/buf["KV"], float64(est.ComputeBytes)/buf["compute"])
+		t.Log(report)
+		if p := os.Getenv("RBEE_ENGINE_REPORT"); p != "" {
+			_ = os.WriteFile(p, []byte(report), 0o644)
+		}
+		if buf["KV"] == 0 {
+			t.Errorf("no KV buffer in llama-server's log")
+		} else if r := float64(est.KVCacheBytes) / buf["KV"]; r < 0.5 || r > 2 {
+			t.Errorf("KV estimate %d vs llama-server's %v: ratio %.2f", est.KVCacheBytes, buf["KV"], r)
+		}
+	})
 
 	chat := "/v1/workers/" + id + "/v1/chat/completions"
 	t.Run("streamed chat arrives token by token", func(t *testing.T) {
@@ -322,31 +366,6 @@ func TestLlamaServerThroughTheHive(t *testing.T) {
 			w, _ := h.worker(id)
 			return w.State == "idle" && w.InFlight == 0
 		})
-	})
-
-	t.Run("estimate beside what llama-server uses", func(t *testing.T) {
-		est, err := estimate.EstimateWith(modelPath, estimate.Options{ContextSize: ctxSize, Parallel: parallel, CPU: true})
-		if err != nil {
-			t.Fatal(err)
-		}
-		rss, hwm := procStatus(t, *wi.PID)
-		_, logs := h.do("GET", "/v1/workers/"+id+"/logs", nil)
-		buf := logBuffers(string(logs))
-		ratio := float64(est.RAMBytes) / float64(hwm)
-		report := fmt.Sprintf("estimate (ctx %d, parallel %d, CPU): RAM %d B = weights %d + KV %d + compute %d + overhead %d\n"+
-			"llama-server: VmRSS %d B, VmHWM %d B; logged buffers %v\n"+
-			"estimate / VmHWM = %.2f; KV estimate / logged KV = %.2f; compute estimate / logged compute = %.2f\n",
-			ctxSize, parallel, est.RAMBytes, est.WeightsBytes, est.KVCacheBytes, est.ComputeBytes, est.OverheadBytes,
-			rss, hwm, buf, ratio, float64(est.KVCacheBytes)/buf["KV"], float64(est.ComputeBytes)/buf["compute"])
-		t.Log(report)
-		if p := os.Getenv("RBEE_ENGINE_REPORT"); p != "" {
-			_ = os.WriteFile(p, []byte(report), 0o644)
-		}
-		if buf["KV"] == 0 {
-			t.Errorf("no KV buffer in llama-server's log")
-		} else if r := float64(est.KVCacheBytes) / buf["KV"]; r < 0.5 || r > 2 {
-			t.Errorf("KV estimate %d vs llama-server's %v: ratio %.2f", est.KVCacheBytes, buf["KV"], r)
-		}
 	})
 
 	t.Run("kill -9 restarts and serves again", func(t *testing.T) {
