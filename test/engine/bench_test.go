@@ -10,7 +10,6 @@ import (
 	"strings"
 	"testing"
 	"time"
-
 )
 
 // BenchmarkProxyOverhead streams the same greedy chat completion from
