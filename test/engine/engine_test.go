@@ -212,6 +212,7 @@ func TestLlamaServerThroughTheHive(t *testing.T) {
 
 	chat := "/v1/workers/" + id + "/v1/chat/completions"
 	t.Run("streamed chat arrives token by token", func(t *testing.T) {
+		m0 := h.metrics()
 		evs, err := h.stream(context.Background(), chat, map[string]any{
 			"messages": []map[string]string{{"role": "user", "content": "Hello"}}, "max_tokens": 48, "stream": true}, 0)
 		if err != nil {
@@ -248,17 +249,21 @@ func TestLlamaServerThroughTheHive(t *testing.T) {
 		}
 		t.Logf("%d content chunks over %v", len(content), lastC.Sub(first))
 		m := h.metrics()
+		moved := func(name, sel string) float64 { return metric(m, name, sel) - metric(m0, name, sel) }
 		for _, name := range []string{"rbee_hive_inference_time_to_first_token_seconds_count", "rbee_hive_inference_duration_seconds_count",
 			"rbee_hive_inference_tokens_per_second_count", "rbee_hive_inference_tokens_total", "rbee_hive_inference_prompt_tokens_total"} {
-			if metric(m, name, sel) < 1 {
+			if moved(name, sel) < 1 {
 				t.Errorf("%s did not move", name)
 			}
 		}
-		if got := metric(m, "rbee_hive_inference_tokens_total", sel); got != 48 {
-			t.Errorf("tokens_total %v, want 48 (the engine's usage)", got)
+		if got := moved("rbee_hive_inference_tokens_total", sel); got != 48 {
+			t.Errorf("tokens_total moved by %v, want 48 (the engine's usage)", got)
 		}
-		if metric(m, "rbee_hive_inference_finish_reasons_total", `reason="length"`) != 1 {
+		if moved("rbee_hive_inference_finish_reasons_total", `reason="length"`) != 1 {
 			t.Error("finish reason length not counted")
+		}
+		if moved("rbee_hive_inference_time_to_first_token_seconds_count", sel) != 1 {
+			t.Error("time to first token not observed exactly once")
 		}
 	})
 
