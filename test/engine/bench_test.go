@@ -42,7 +42,7 @@ func BenchmarkProxyOverhead(b *testing.B) {
 	}
 	direct() // warm both paths
 	viaHive()
-	const rounds = 20
+	const rounds = 12
 	var dT, hT []time.Duration
 	var dR, hR []float64
 	b.ResetTimer()
@@ -81,7 +81,9 @@ func timeStream(b *testing.B, url, token string, req map[string]any) (time.Durat
 		r.Header.Set("Authorization", "Bearer "+token)
 	}
 	start := time.Now()
-	resp, err := http.DefaultClient.Do(r)
+	// A fresh connection for each stream, on both paths: llama-server may
+	// close an idle keep-alive connection just as a POST reuses it.
+	resp, err := (&http.Client{Transport: &http.Transport{DisableKeepAlives: true}}).Do(r)
 	if err != nil {
 		b.Fatal(err)
 	}
