@@ -24,7 +24,9 @@ import (
 	"io"
 	"mime"
 	"net/http"
+	"net/http/httptrace"
 	"net/url"
+	"syscall"
 	"time"
 
 	"github.com/rbee/rbee-hive/api"
@@ -254,7 +256,7 @@ func (p *Proxy) serveOpenAI(w http.ResponseWriter, r *http.Request, upstream *ur
 	if hooks.Prepare != nil {
 		hooks.Prepare(req)
 	}
-	resp, err := p.client.Do(req)
+	resp, err := p.doStaleRetry(req)
 	if err != nil {
 		return p.failBeforeStream(ctx, w, r, err)
 	}
@@ -300,6 +302,28 @@ func (p *Proxy) serveOpenAI(w http.ResponseWriter, r *http.Request, upstream *ur
 		cw.finishOpenAI(st, oa, CodeStreamError, earlyEndMessage)
 		return outcome{status: StatusError, errorType: ErrorTypeStream, err: fmt.Errorf("worker stream: %w", readErr)}
 	}
+}
+
+// doStaleRetry sends req once more when it failed on a reused keep-alive
+// connection without any answer: llama-server (cpp-httplib) closes idle
+// connections after 5 s, and a POST that races that close gets EOF, which
+// the transport does not retry for a non-idempotent method. The engine
+// closed that connection, so it holds no work of this request.
+func (p *Proxy) doStaleRetry(req *http.Request) (*http.Response, error) {
+	var reused bool
+	trace := &httptrace.ClientTrace{GotConn: func(i httptrace.GotConnInfo) { reused = i.Reused }}
+	resp, err := p.client.Do(req.WithContext(httptrace.WithClientTrace(req.Context(), trace)))
+	if err == nil || !reused || req.Context().Err() != nil || req.GetBody == nil ||
+		!(errors.Is(err, io.EOF) || errors.Is(err, io.ErrUnexpectedEOF) || errors.Is(err, syscall.ECONNRESET)) {
+		return resp, err
+	}
+	body, gerr := req.GetBody()
+	if gerr != nil {
+		return nil, err
+	}
+	retry := req.Clone(req.Context())
+	retry.Body = body
+	return p.client.Do(retry)
 }
 
 // prepareOpenAIBody checks that body is a JSON object and, for a streamed

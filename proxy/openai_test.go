@@ -9,6 +9,7 @@ import (
 	"net/http/httptest"
 	"net/url"
 	"strings"
+	"sync/atomic"
 	"testing"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -223,5 +224,47 @@ func TestOpenAIProxyNativeCompletion(t *testing.T) {
 				t.Errorf("tokens %v prompt %v length %v", rg.counter(p.m.tokens), rg.counter(p.m.promptTokens), rg.counter(p.m.finish, FinishLength))
 			}
 		})
+	}
+}
+
+// An engine that drops a reused keep-alive connection without answering
+// (cpp-httplib closing an idle connection as the POST arrives) costs the
+// client nothing: the request goes again on a fresh connection.
+func TestOpenAIProxyRetriesStaleConnection(t *testing.T) {
+	var n atomic.Int32
+	eng := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if n.Add(1) == 2 {
+			conn, _, err := http.NewResponseController(w).Hijack()
+			if err == nil {
+				conn.Close()
+			}
+			return
+		}
+		w.Header().Set("Content-Type", "application/json")
+		_, _ = io.WriteString(w, `{"choices":[{"text":"x","finish_reason":"length"}],"usage":{"prompt_tokens":1,"completion_tokens":1}}`)
+	}))
+	defer eng.Close()
+	up, _ := url.Parse(eng.URL)
+	p, err := New(prometheus.NewPedanticRegistry(), Options{Logger: slog.New(slog.DiscardHandler)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	hive := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		p.ServeOpenAI(w, r, up, RouteCompletions, testLabels, Hooks{})
+	}))
+	defer hive.Close()
+	for i := range 2 {
+		resp, err := http.Post(hive.URL, "application/json", strings.NewReader(`{"prompt":"x"}`))
+		if err != nil {
+			t.Fatal(err)
+		}
+		b, _ := io.ReadAll(resp.Body)
+		resp.Body.Close()
+		if resp.StatusCode != http.StatusOK {
+			t.Errorf("request %d: %d %s", i, resp.StatusCode, b)
+		}
+	}
+	if got := n.Load(); got != 3 {
+		t.Errorf("engine saw %d requests, want 3 (one dropped, retried)", got)
 	}
 }
