@@ -422,6 +422,44 @@ func TestLlamaServerThroughTheHive(t *testing.T) {
 		}
 	})
 
+	t.Run("the 0.5 MB tiny model loads and never stops early", func(t *testing.T) {
+		tiny := filepath.Join(dir, "tiny.gguf")
+		if err := ggufwrite.TinyLlama(tiny); err != nil {
+			t.Fatal(err)
+		}
+		code, body := h.do("POST", "/v1/workers/spawn", map[string]any{"model_ref": "file:" + tiny, "backend": "llama-server", "device": 0})
+		if code != http.StatusOK {
+			t.Fatalf("spawn: %d %s", code, body)
+		}
+		var sp struct {
+			WorkerID string `json:"worker_id"`
+		}
+		_ = json.Unmarshal(body, &sp)
+		waitFor(t, 60*time.Second, "the tiny worker to be idle", func() bool {
+			w, _ := h.worker(sp.WorkerID)
+			return w.State == "idle"
+		})
+		// The output bias keeps </s> and byte tokens from ever being
+		// sampled: every request runs to max_tokens.
+		for range 3 {
+			code, body = h.do("POST", "/v1/workers/"+sp.WorkerID+"/v1/completions", map[string]any{"prompt": "Once", "max_tokens": 200})
+			var r struct {
+				Choices []struct {
+					FinishReason string `json:"finish_reason"`
+				} `json:"choices"`
+				Usage struct {
+					CompletionTokens int `json:"completion_tokens"`
+				} `json:"usage"`
+			}
+			if code != http.StatusOK || json.Unmarshal(body, &r) != nil || r.Usage.CompletionTokens != 200 || len(r.Choices) != 1 || r.Choices[0].FinishReason != "length" {
+				t.Errorf("tiny model completion: %d %s", code, body)
+			}
+		}
+		if code, _ := h.do("DELETE", "/v1/workers/"+sp.WorkerID, nil); code != http.StatusOK {
+			t.Errorf("DELETE tiny worker: %d", code)
+		}
+	})
+
 	t.Run("DELETE: gone, leaf removed", func(t *testing.T) {
 		var leaves []string
 		for _, d := range cgroupDirs(h.cgroupRoot) {
