@@ -4,7 +4,7 @@ BIN      := bin
 GOFLAGS  ?=
 PKGS     := ./...
 
-.PHONY: all build run test unit lint vmtest bench dashboards deps clean
+.PHONY: all build run test unit lint vmtest bench bench-peers dashboards deps clean
 
 all: build
 
@@ -36,6 +36,11 @@ vmtest:
 
 bench: build
 	$(GO) test -run '^$$' -bench . -benchtime 2s ./...
+
+# The hive against supervisord and a raw notify receiver, one ratio per line
+# (bench/peers.sh; root; installs Debian's supervisor package if missing).
+bench-peers:
+	sh bench/peers.sh
 
 dashboards:
 	$(GO) run ./dashboards/gen
