@@ -306,7 +306,7 @@ func TestUnwatchAndClose(t *testing.T) {
 // BenchmarkExit is SIGKILL → Exit received for one child, through the
 // reaper (one shared loop) and through os.Process.Wait in a goroutine (a
 // thread per waiter), in the same run; the process start is outside the
-// timer.
+// timer, and both waiters are asleep in the kernel when the kill is sent.
 func BenchmarkExit(b *testing.B) {
 	r := newReaper(b)
 	b.Run("reaper", func(b *testing.B) {
@@ -320,6 +320,7 @@ func BenchmarkExit(b *testing.B) {
 			if err != nil {
 				b.Fatal(err)
 			}
+			time.Sleep(2 * time.Millisecond) // both sides asleep in the kernel
 			b.StartTimer()
 			_ = c.Process.Signal(syscall.SIGKILL)
 			<-ch
@@ -335,6 +336,7 @@ func BenchmarkExit(b *testing.B) {
 			}
 			done := make(chan struct{})
 			go func() { _ = c.Wait(); close(done) }()
+			time.Sleep(2 * time.Millisecond) // the waiter has entered waitid
 			b.StartTimer()
 			_ = c.Process.Signal(syscall.SIGKILL)
 			<-done
