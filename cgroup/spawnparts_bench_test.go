@@ -21,18 +21,22 @@ import (
 // helper binary:
 //
 //   - bare: exec.Command(helper exit) + Wait;
+//
 //   - hive-init (with RBEE_HIVE_BIN=/path/rbee-hive): that binary started
 //     as a malformed gate, so it runs the Go runtime and every package init
 //     and exits 125: the start-up cost a gate of that binary pays;
+//
 //   - place-first / place-rest: pid writes to cgroup.procs of a fresh leaf
 //     (the library's AddProc, one write per hierarchy) for a process that
 //     is not in it yet: the first hierarchy's write, then the others;
+//
 //   - gated: Start of the helper into a fresh leaf (the real path) + Wait;
+//
 //   - thread-fork: the alternative without a gate: a locked OS thread of
 //     this process moves itself into the leaf (v1 tasks files), forks the
 //     helper there (the child inherits the thread's cgroups), moves back.
 //
-//	go test -run '^$' -bench V1SpawnParts -benchtime 50x ./cgroup/
+//     go test -run '^$' -bench V1SpawnParts -benchtime 50x ./cgroup/
 func BenchmarkV1SpawnParts(b *testing.B) {
 	if mgrMode() != "v1" {
 		b.Skip("cgroup v1 only: v2 starts workers with CLONE_INTO_CGROUP")
