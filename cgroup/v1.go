@@ -277,7 +277,9 @@ func (l *v1Leaf) Kill(ctx context.Context) error {
 // Delete removes the leaf from every hierarchy; a leaf already gone
 // everywhere counts as deleted, so callers can retry.
 func (l *v1Leaf) Delete() error {
+	// Before and after the removal: a Stats racing with Delete may reopen.
 	l.stats.close()
+	defer l.stats.close()
 	gone := true
 	for _, d := range l.dirs {
 		if !dirGone(d) {

@@ -345,7 +345,9 @@ func (l *v2Leaf) listPids() ([]int, error) { return readPids(l.dir) }
 // Delete removes the leaf; deleting a leaf that is already gone succeeds, so
 // callers can retry.
 func (l *v2Leaf) Delete() error {
+	// Before and after the removal: a Stats racing with Delete may reopen.
 	l.stats.close()
+	defer l.stats.close()
 	if dirGone(l.dir) {
 		return nil
 	}
