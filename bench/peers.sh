@@ -16,8 +16,14 @@ if ! command -v supervisord >/dev/null 2>&1; then
 	DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends supervisor
 	[ -n "$had_policy" ] || rm -f /usr/sbin/policy-rc.d
 fi
-if command -v systemctl >/dev/null 2>&1 && [ -d /run/systemd/system ]; then
-	systemctl disable --now supervisor.service >/dev/null 2>&1 || true
+# Never started at boot; stopped now where systemd runs (--no-reload also
+# works without systemd as PID 1: it only removes the enablement links).
+if command -v systemctl >/dev/null 2>&1 && [ -e /lib/systemd/system/supervisor.service ]; then
+	if [ -d /run/systemd/system ]; then
+		systemctl disable --now supervisor.service >/dev/null 2>&1 || true
+	else
+		systemctl --no-reload disable supervisor.service >/dev/null 2>&1 || true
+	fi
 fi
 # Without systemd as PID 1 the package daemon, if one was started, has this
 # pidfile (the package's /etc/supervisor/supervisord.conf).
