@@ -6,7 +6,7 @@ PKGS     := ./...
 # Installed (pinned) by scripts/install-deps.sh test.
 STATICCHECK ?= $(or $(shell $(GO) env GOBIN),$(shell $(GO) env GOPATH)/bin)/staticcheck
 
-.PHONY: all build run test unit lint vmtest enginetest bench dashboards deps deps-run clean
+.PHONY: all build run test unit lint vmtest enginetest bench bench-peers dashboards deps deps-run clean
 
 all: build
 
@@ -51,6 +51,11 @@ enginetest:
 
 bench: build
 	$(GO) test -run '^$$' -bench . -benchtime 2s ./...
+
+# The hive against supervisord and a raw notify receiver, one ratio per line
+# (bench/peers.sh; root; installs Debian's supervisor package if missing).
+bench-peers:
+	sh bench/peers.sh
 
 dashboards:
 	$(GO) run ./dashboards/gen
