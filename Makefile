@@ -4,7 +4,7 @@ BIN      := bin
 GOFLAGS  ?=
 PKGS     := ./...
 
-.PHONY: all build run test unit lint vmtest bench dashboards deps clean
+.PHONY: all build run test unit lint vmtest systemdtest bench dashboards deps clean
 
 all: build
 
@@ -21,8 +21,9 @@ run: deps build
 	$(BIN)/rbee-hive daemon --demo
 
 # Everything CI runs: lint, unit/integration tests on this host (real cgroups
-# v1, journald, Prometheus), then the cgroup v2 suite inside a VM.
-test: deps lint unit vmtest
+# v1, journald, Prometheus), then the cgroup v2 suite inside a VM, then the
+# shipped units under systemd as PID 1 inside a VM.
+test: deps lint unit vmtest systemdtest
 
 lint:
 	@out=$$(gofmt -l $$(git ls-files '*.go')); if [ -n "$$out" ]; then echo "gofmt needed:"; echo "$$out"; exit 1; fi
@@ -33,6 +34,11 @@ unit: build
 
 vmtest:
 	bash test/vm/run.sh ./cgroup ./supervisor
+
+# Boots this host's systemd in qemu, installs the hive with `make install`
+# and checks it as an operator would (test/systemd-vm/run.sh).
+systemdtest:
+	bash test/systemd-vm/run.sh
 
 bench: build
 	$(GO) test -run '^$$' -bench . -benchtime 2s ./...

@@ -16,6 +16,8 @@ declare -A need=(
   [perl]=perl-base
   [curl]=curl
   [cpio]=cpio
+  [jq]=jq
+  [xz]=xz-utils
   [gcc]=gcc
 )
 missing=()

@@ -107,6 +107,9 @@ c_worker_cgroup() {
 	[ "$cg" = "0::/rbee.slice/rbee-hive.service/workers/$id" ] || { say "worker in $cg"; return 1; }
 	max=$(cat $CG/rbee.slice/rbee-hive.service/workers/$id/memory.max)
 	[ "$max" = 134217728 ] || { say "memory.max $max"; return 1; }
+	# STATUS= follows the workers.
+	waitfor 10 sh -c '[ "$(systemctl show -P StatusText rbee-hive)" = "1 worker: 1 idle" ]' ||
+		{ say "StatusText '$(prop rbee-hive StatusText)'"; return 1; }
 	say "$id in ${cg#0::} memory.max=$max"
 }
 c_journal_worker() {
@@ -197,13 +200,15 @@ c_stop_drain() {
 	journalctl -u rbee-hive --since "$since" --no-pager
 	[ "$(prop rbee-hive Result)" = success ] || { say "Result=$(prop rbee-hive Result) (TimeoutStopSec hit?)"; return 1; }
 	[ ! -d $CG/rbee.slice/rbee-hive.service ] || { say "cgroup left: $(cat $CG/rbee.slice/rbee-hive.service/cgroup.procs)"; return 1; }
-	# The worker saw SIGTERM from the hive, not systemd's final SIGKILL.
+	# The hive stopped its worker itself (SIGTERM, the worker's own
+	# "stopping" line) and summed up; systemd's final SIGKILL found nothing.
 	journalctl -u rbee-hive --since "$since" --no-pager -o cat | grep -q 'SIGKILL' && { say "something was SIGKILLed"; return 1; }
-	journalctl RBEE_WORKER_ID=$id --since "$since" --no-pager -o cat | tail -n 3
+	journalctl RBEE_WORKER_ID=$id --since "$since" --no-pager | grep -q 'msg=stopping.*why=terminated' || { say "worker did not see SIGTERM"; return 1; }
+	journalctl -u rbee-hive --since "$since" --no-pager | grep -q 'workers shut down' || { say "no 'workers shut down' line"; return 1; }
 	say "systemctl stop with $id running: ${ms} ms (budget 30 s), Result=success, cgroup gone"
 }
 c_notify_socket() {
-	local n=20 got i
+	local n=10 i
 	systemctl start rbee-hive-notify.socket || { say "socket start failed"; return 1; }
 	[ "$(prop rbee-hive ActiveState)" = inactive ] || { say "hive not stopped"; return 1; }
 	# The hive is down: these datagrams wait in the socket's queue (and the

@@ -16,7 +16,7 @@
 #
 # Environment:
 #   VMTEST_CACHE      kernel cache shared with test/vm/run.sh (default .cache/vm)
-#   SDTEST_TIMEOUT    seconds for the whole VM run (default 300)
+#   SDTEST_TIMEOUT    seconds for the whole VM run (default 480)
 #   SDTEST_SCALE      multiplies every wait inside the guest (default 1;
 #                     raise it on a slow or contended host)
 #   SDTEST_MEM        VM memory in MiB (default 768)
@@ -29,7 +29,7 @@ set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 HERE=$ROOT/test/systemd-vm
 CACHE=${VMTEST_CACHE:-$ROOT/.cache/vm}
-TIMEOUT=${SDTEST_TIMEOUT:-300}
+TIMEOUT=${SDTEST_TIMEOUT:-480}
 SCALE=${SDTEST_SCALE:-1}
 MEM=${SDTEST_MEM:-768}
 SMP=${SDTEST_SMP:-2}
@@ -135,7 +135,7 @@ timeout --foreground "$TIMEOUT" qemu-system-x86_64 \
 	-virtfs local,path=/,mount_tag=hostroot,security_model=none,readonly=on,multidevs=remap \
 	-virtfs local,path="$share",mount_tag=sdshare,security_model=none,multidevs=remap \
 	-nic none -display none -monitor none -serial stdio -no-reboot </dev/null |
-	tr -d '\r' | tee "$serial" | grep -a --line-buffered "SDTEST" >&2
+	sed -u 's/\r$//' | tee "$serial" | grep -a --line-buffered "SDTEST" >&2
 qrc=${PIPESTATUS[0]}
 set -e
 vm_s=$(($(date +%s) - boot))

@@ -58,6 +58,10 @@ cat >"$root/etc/systemd/system/rbee-sdtest.service" <<'UNIT'
 [Unit]
 Description=rbee-hive checks under systemd
 After=multi-user.target
+# poweroff-immediate: the overlay root cannot be unmounted anyway, and
+# the results on the share were synced by checks.sh.
+SuccessAction=poweroff-immediate
+FailureAction=poweroff-immediate
 
 [Service]
 Type=exec
@@ -70,7 +74,5 @@ StandardError=journal
 TTYPath=/dev/ttyS0
 TTYReset=no
 TTYVHangup=no
-SuccessAction=poweroff-force
-FailureAction=poweroff-force
 UNIT
 ln -sf ../rbee-sdtest.service "$root/etc/systemd/system/multi-user.target.wants/rbee-sdtest.service"
