@@ -40,11 +40,12 @@ chmod 0640 "$root/etc/rbee-hive/config.toml" "$root/etc/rbee-hive/gpu1.toml"
 # The shipped WatchdogSec=30s would make the wedge check wait 30 s+ under
 # TCG; a drop-in shortens it for this test only. It is in place from boot
 # (a daemon-reload costs 10+ s under TCG), so every check runs with it and
-# a spurious watchdog abort anywhere would show up in NRestarts.
+# a spurious watchdog abort anywhere would show up in NRestarts. Scaled
+# with the other waits for slow hosts.
 install -d "$root/etc/systemd/system/rbee-hive.service.d"
-cat >"$root/etc/systemd/system/rbee-hive.service.d/50-sdtest-watchdog.conf" <<'UNIT'
+cat >"$root/etc/systemd/system/rbee-hive.service.d/50-sdtest-watchdog.conf" <<UNIT
 [Service]
-WatchdogSec=10s
+WatchdogSec=$((10 * scale))s
 UNIT
 
 install -d "$root/opt/rbee-sdtest" "$root/etc/systemd/system/multi-user.target.wants"
