@@ -16,6 +16,18 @@ CG=/sys/fs/cgroup
 exec 3>&1 >>"$LOG" 2>&1
 echo "SDTEST $N BOOTED uptime=$(cut -d' ' -f1 /proc/uptime) $(systemctl --version | head -n1)" >&3
 echo "rbee-simworker placeholder" >"$MODEL"
+# Before the host's timeout kills the VM, save the journal and say so, so a
+# hung check still leaves its evidence.
+if [ "${SDTEST_DEADLINE:-0}" -gt 0 ]; then
+	(
+		sleep $((SDTEST_DEADLINE - $(cut -d. -f1 /proc/uptime)))
+		echo "SDTEST $N FAIL deadline checks still running at ${SDTEST_DEADLINE} s uptime" >&3
+		journalctl -o export --no-pager >$OUT/journal.export
+		sync
+		systemctl poweroff --force --force
+	) &
+	guard=$!
+fi
 
 # --- helpers ---------------------------------------------------------------
 # check NAME FUNC: runs FUNC; its last line of stdout is the detail.
@@ -251,6 +263,7 @@ for name in $SDTEST_EXPECTED; do
 	check "$name" "c_${name//-/_}"
 done
 
+[ -z "${guard:-}" ] || kill "$guard"
 journalctl -o export --no-pager >$OUT/journal.export 2>/dev/null
 systemctl stop rbee-hive rbee-hive@gpu1 rbee-hive-notify.socket
 echo "SDTEST $N DONE uptime=$(cut -d' ' -f1 /proc/uptime)" >&3

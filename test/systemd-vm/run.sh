@@ -103,7 +103,7 @@ nonce=$(od -An -N8 -tx1 /dev/urandom | tr -d ' \n')
 cat >"$share/test/sdtest.env" <<ENV
 SDTEST_NONCE='$nonce'
 ENV
-bash "$HERE/stage.sh" "$share/test/root" "$nonce" "$SCALE" "${SDTEST_ONLY:-${EXPECTED[*]}}" || die "staging the test tree"
+bash "$HERE/stage.sh" "$share/test/root" "$nonce" "$SCALE" "${SDTEST_ONLY:-${EXPECTED[*]}}" $((TIMEOUT - 30)) || die "staging the test tree"
 
 # --- initramfs: busybox, init.sh and the modules for 9p and overlayfs ---------
 initrd=$work/initrd

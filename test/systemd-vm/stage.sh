@@ -2,9 +2,9 @@
 # Stages what goes into the VM besides `make install`'s files: what an
 # operator adds after installing (the API token, a config, a second
 # instance's config), the test's watchdog drop-in and the runner unit.
-#   stage.sh ROOT NONCE SCALE "EXPECTED NAMES"
+#   stage.sh ROOT NONCE SCALE "EXPECTED NAMES" DEADLINE
 set -euo pipefail
-root=$1 nonce=$2 scale=$3 expected=$4
+root=$1 nonce=$2 scale=$3 expected=$4 deadline=$5
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 
 # `make install` creates the token only on a live install (a package's
@@ -54,6 +54,7 @@ cat >"$root/opt/rbee-sdtest/env" <<ENV
 SDTEST_NONCE=$nonce
 SDTEST_SCALE=$scale
 SDTEST_EXPECTED="$expected"
+SDTEST_DEADLINE=$deadline
 ENV
 cat >"$root/etc/systemd/system/rbee-sdtest.service" <<'UNIT'
 [Unit]
