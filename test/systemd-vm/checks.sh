@@ -22,7 +22,7 @@ if [ "${SDTEST_DEADLINE:-0}" -gt 0 ]; then
 	(
 		sleep $((SDTEST_DEADLINE - $(cut -d. -f1 /proc/uptime)))
 		echo "SDTEST $N FAIL deadline checks still running at ${SDTEST_DEADLINE} s uptime" >&3
-		journalctl -o export --no-pager >$OUT/journal.export
+		journalctl -o export --no-pager >$OUT/journal.export; journalctl -o json --no-pager >$OUT/journal.json
 		sync
 		systemctl poweroff --force --force
 	) &
@@ -265,6 +265,7 @@ done
 
 [ -z "${guard:-}" ] || kill "$guard"
 journalctl -o export --no-pager >$OUT/journal.export 2>/dev/null
+journalctl -o json --no-pager >$OUT/journal.json 2>/dev/null
 systemctl stop rbee-hive rbee-hive@gpu1 rbee-hive-notify.socket
 echo "SDTEST $N DONE uptime=$(cut -d' ' -f1 /proc/uptime)" >&3
 sync

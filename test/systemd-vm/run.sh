@@ -11,8 +11,8 @@
 # serial console. The run passes only if every name in EXPECTED passed
 # exactly once and nothing failed; a missing line (a check that silently did
 # not run, a VM that hung) fails it. A failed run keeps the serial log, the
-# VM's journal (`journalctl -o export`) and the checks' output in a results
-# directory, whose path is printed.
+# VM's journal (`journalctl -o export` and `-o json`) and the checks' output
+# (checks.log) in a results directory, whose path is printed.
 #
 # Environment:
 #   VMTEST_CACHE      kernel cache shared with test/vm/run.sh (default .cache/vm)
@@ -168,9 +168,10 @@ summary="checks $passed/${#EXPECTED[@]} passed; guest ready for checks at ${boot
 echo "$summary" >"$res/summary.txt"
 log "$summary"
 if [ "$fail" != 0 ]; then
-	log "FAILED; serial log, journal export and check output kept in $res"
+	log "FAILED; serial log, the VM's journal and the checks' output kept in $res"
+	log "(journal.json for jq; journal.export: systemd-journal-remote -o x.journal journal.export, then journalctl --file x.journal)"
 	exit 1
 fi
 # A passing run keeps only its summary and serial log.
-rm -f "$res/journal.export"
+rm -f "$res/journal.export" "$res/journal.json"
 log "ok ($res)"
