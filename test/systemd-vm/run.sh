@@ -36,7 +36,8 @@ SMP=${SDTEST_SMP:-2}
 RESULTS=${SDTEST_RESULTS:-$ROOT/.cache/systemd-vm}
 MAKE=${MAKE:-make}
 
-# The checks, in the order checks.sh runs them.
+# The checks, in the order checks.sh runs them. A new check is a function
+# c_<name> (dashes become underscores) in checks.sh plus its name here.
 EXPECTED=(
 	start-ready status-line credential-token supervisor-leaf worker-cgroup
 	journal-worker oom-continue journal-err instance-gpu1 watchdog-restart
