@@ -100,9 +100,7 @@ func testConfig(t testing.TB) *config.Config {
 // newCgroups returns a manager over a uniquely named root, removed at the end.
 func newCgroups(t testing.TB) cgroup.Manager {
 	t.Helper()
-	if os.Geteuid() != 0 {
-		t.Skip("needs root: creates cgroups (CI runs as root)")
-	}
+	testkit.RequireRoot(t)
 	var b [4]byte
 	_, _ = rand.Read(b[:])
 	root := "rbee-sup-" + hex.EncodeToString(b[:])
