@@ -4,7 +4,7 @@ BIN      := bin
 GOFLAGS  ?=
 PKGS     := ./...
 
-.PHONY: all build run test unit lint vmtest bench dashboards deps clean
+.PHONY: all build run test unit race fuzz soak lint vmtest bench dashboards deps clean
 
 all: build
 
@@ -22,14 +22,35 @@ run: deps build
 
 # Everything CI runs: lint, unit/integration tests on this host (real cgroups
 # v1, journald, Prometheus), then the cgroup v2 suite inside a VM.
-test: deps lint unit vmtest
+test: deps lint unit race fuzz soak vmtest
 
 lint:
 	@out=$$(gofmt -l $$(git ls-files '*.go')); if [ -n "$$out" ]; then echo "gofmt needed:"; echo "$$out"; exit 1; fi
 	$(GO) vet $(PKGS)
 
+# testsum prints one line per package, failed tests in full, every skip
+# with its reason, and the count of passed, failed and skipped tests.
 unit: build
-	$(GO) test -count=1 -timeout 15m $(PKGS)
+	@bash -o pipefail -c '$(GO) test -json -count=1 -timeout 15m $(PKGS) | $(GO) run ./internal/testsum'
+
+# The packages with concurrency, under the race detector.
+RACE_PKGS := ./supervisor/... ./proxy ./model ./admission
+race: build
+	@bash -o pipefail -c '$(GO) test -json -race -count=1 -timeout 20m $(RACE_PKGS) | $(GO) run ./internal/testsum'
+
+# Every fuzz target for FUZZTIME each (package:Target); corpora live in
+# <package>/testdata/fuzz/<Target>, and a crasher found lands there too.
+FUZZTIME ?= 5s
+FUZZ := ./supervisor/notify:FuzzParse ./supervisor:FuzzSpawnBody ./supervisor:FuzzHeartbeatBody \
+	./supervisor:FuzzReadyBody ./model:FuzzParseRef ./model:FuzzDownloadBody ./config:FuzzLoad ./proxy:FuzzStream
+fuzz:
+	@for t in $(FUZZ); do echo "fuzz $$t $(FUZZTIME)"; \
+		bash -o pipefail -c "$(GO) test -run '^\$$' -fuzz '^$${t#*:}\$$' -fuzztime $(FUZZTIME) $${t%%:*} 2>&1 | grep -v '^fuzz: elapsed'" || exit 1; done
+
+# A chaos run against a real hive (test/soak): SOAK_DURATION=2m in CI.
+SOAK_DURATION ?= 2m
+soak: build
+	SOAK_DURATION=$(SOAK_DURATION) $(GO) test -count=1 -timeout 30m -v -run '^TestSoak$$' ./test/soak
 
 vmtest:
 	bash test/vm/run.sh ./cgroup ./supervisor
