@@ -268,11 +268,23 @@ func TestEarlyFieldsBounded(t *testing.T) {
 		h.s.HandleDatagram(int32(*wi.PID), fields)
 	}
 	h.s.mu.Lock()
-	n := len(w.early)
+	early := w.early
 	w.run, w.starting, w.early = r, false, nil
 	h.s.mu.Unlock()
-	if n > maxEarly {
-		t.Errorf("%d early fields kept, want at most %d", n, maxEarly)
+	// The live worker's own datagrams (WATCHDOG, STATUS, its RBEE_ figures)
+	// land in the same window: protocol keys are always kept, RBEE_* keys
+	// are what the bound is about, and it must be reached, not just kept.
+	n := 0
+	for k := range early {
+		switch {
+		case strings.HasPrefix(k, "RBEE_"):
+			n++
+		case k != "READY" && k != "WATCHDOG" && k != "STATUS" && k != "STOPPING":
+			t.Errorf("early field %q kept", k)
+		}
+	}
+	if n != maxEarly {
+		t.Errorf("%d early RBEE_* fields kept, want the bound %d", n, maxEarly)
 	}
 }
 
