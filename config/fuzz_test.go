@@ -1,7 +1,6 @@
 package config
 
 import (
-	"bytes"
 	"os"
 	"path/filepath"
 	"strings"
@@ -46,11 +45,20 @@ func FuzzLoad(f *testing.F) {
 		}
 		cfg2, err := Load(p, true)
 		if err != nil {
-			t.Fatalf("printed config does not load: %v\n%s", err, out)
+			t.Fatalf("printed config does not load: %v", err) // the error names the line
 		}
 		out2, err := cfg2.TOML()
-		if err != nil || !bytes.Equal(out, out2) {
-			t.Fatalf("printed config changes on reload (%v):\n%s\n---\n%s", err, out, out2)
+		if err != nil {
+			t.Fatalf("reloaded config does not print: %v", err)
+		}
+		a, b := strings.Split(string(out), "\n"), strings.Split(string(out2), "\n")
+		for i := range min(len(a), len(b)) {
+			if a[i] != b[i] {
+				t.Fatalf("printed config changes on reload, line %d: %q -> %q", i+1, a[i], b[i])
+			}
+		}
+		if len(a) != len(b) {
+			t.Fatalf("printed config changes on reload: %d lines -> %d", len(a), len(b))
 		}
 	})
 }
