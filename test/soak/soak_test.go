@@ -227,6 +227,18 @@ func TestSoak(t *testing.T) {
 	if end.rssKiB > 2*base.rssKiB+64<<10 {
 		h.c.violate("hive RSS %d KiB -> %d KiB", base.rssKiB, end.rssKiB)
 	}
+	// What the hive itself saw of the faults, for the summary line.
+	for _, line := range strings.Split(h.metrics(), "\n") {
+		for _, name := range []string{"rbee_hive_worker_oom_kills_total", "rbee_hive_workers_stale_total", "rbee_hive_worker_restarts_total"} {
+			if rest, ok := strings.CutPrefix(line, name); ok && len(rest) > 0 && (rest[0] == ' ' || rest[0] == '{') {
+				_, v, _ := strings.Cut(rest, " ")
+				n, _ := strconv.ParseFloat(v, 64)
+				h.c.mu.Lock()
+				h.c.n["hive_"+strings.TrimPrefix(name, "rbee_hive_")] += int(n)
+				h.c.mu.Unlock()
+			}
+		}
+	}
 	if h.c.n["worker_processes_seen"] == 0 {
 		h.c.violate("the stray-process check never found a worker process: its filter is broken")
 	}
