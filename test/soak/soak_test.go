@@ -189,8 +189,9 @@ func TestSoak(t *testing.T) {
 		}
 	}()
 	faulted := map[string]bool{} // workers a fault was aimed at: their inference may fail
+	silent := map[string]time.Time{}
 	for ctx.Err() == nil {
-		h.chaosStep(ctx, rng, faulted, &wg)
+		h.chaosStep(ctx, rng, faulted, silent, &wg)
 		time.Sleep(time.Duration(50+rng.IntN(250)) * time.Millisecond)
 	}
 	wg.Wait()
@@ -490,11 +491,13 @@ func (h *hive) spawn(backend string, env map[string]string, restart string) stri
 }
 
 // chaosStep injects one random fault (or a normal action).
-func (h *hive) chaosStep(ctx context.Context, rng *mrand.Rand, faulted map[string]bool, wg *sync.WaitGroup) {
+func (h *hive) chaosStep(ctx context.Context, rng *mrand.Rand, faulted map[string]bool, silent map[string]time.Time, wg *sync.WaitGroup) {
 	ws := h.workers()
 	var live []workerInfo
 	for _, w := range ws {
-		if w.PID != nil {
+		// A silent worker is left alone long enough to go stale (3s
+		// threshold after its load), or the fault would never bite.
+		if w.PID != nil && time.Since(silent[w.ID]) > 10*time.Second {
 			live = append(live, w)
 		}
 	}
@@ -521,7 +524,7 @@ func (h *hive) chaosStep(ctx context.Context, rng *mrand.Rand, faulted map[strin
 		}
 	case n < 30 && canSpawn:
 		if id := h.spawn("sim", map[string]string{"RBEE_SIM_NO_HEARTBEAT": "true"}, ""); id != "" {
-			faulted[id] = true
+			faulted[id], silent[id] = true, time.Now()
 			h.c.add("fault_silent")
 		}
 	case n < 34 && canSpawn:
