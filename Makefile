@@ -42,8 +42,8 @@ race: build
 # <package>/testdata/fuzz/<Target>, and a crasher found lands there too.
 # A count, not a duration: with -fuzztime=5s Go 1.26's coordinator fails a
 # target with "context deadline exceeded" and no crasher on a busy machine
-# (golang/go#75804, fixed in Go 1.27). 2000 runs take 1-10 s per target.
-FUZZTIME ?= 2000x
+# (golang/go#75804, fixed in Go 1.27). 10000 runs take 2-30 s per target.
+FUZZTIME ?= 10000x
 FUZZ := ./supervisor/notify:FuzzParse ./supervisor:FuzzSpawnBody ./supervisor:FuzzHeartbeatBody \
 	./supervisor:FuzzReadyBody ./model:FuzzParseRef ./model:FuzzDownloadBody ./config:FuzzLoad ./proxy:FuzzStream
 fuzz:
