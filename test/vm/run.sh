@@ -16,7 +16,8 @@
 #   VMTEST_TIMEOUT       seconds for the whole VM run (default 240 x scale)
 #   VMTEST_TEST_TIMEOUT  -test.timeout per binary (default 180s x scale)
 #   VMTEST_SCALE         integer multiplier of both defaults (default: from
-#                        the load: 1 + load average / CPUs, rounded down;
+#                        the load: 1 + load average / CPUs, rounded down,
+#                        at most 5;
 #                        the VM is emulated, so a loaded host slows it down)
 #   VMTEST_MEM           VM memory in MiB (default 1536)
 #   VMTEST_SMP           VM CPUs (default 2)
@@ -29,7 +30,8 @@ CACHE=${VMTEST_CACHE:-$ROOT/.cache/vm}
 # TCG emulation runs at what the host's CPUs have to spare: under a load
 # average of 6 on 2 CPUs the suite needs about four times as long.
 if [ -z "${VMTEST_SCALE:-}" ]; then
-	VMTEST_SCALE=$(awk -v n="$(nproc)" '{s = int(1 + $1 / n); print (s < 1 ? 1 : s)}' /proc/loadavg)
+	# Capped at 5 (20 minutes in all), so a hung VM still fails CI in time.
+	VMTEST_SCALE=$(awk -v n="$(nproc)" '{s = int(1 + $1 / n); print (s < 1 ? 1 : (s > 5 ? 5 : s))}' /proc/loadavg)
 fi
 case $VMTEST_SCALE in '' | *[!0-9]* | 0) echo "vmtest: VMTEST_SCALE=$VMTEST_SCALE: want a positive integer" >&2; exit 1 ;; esac
 TIMEOUT=${VMTEST_TIMEOUT:-$((240 * VMTEST_SCALE))}
