@@ -25,11 +25,11 @@ type oaiRequest struct {
 		Role    string `json:"role"`
 		Content any    `json:"content"`
 	} `json:"messages"`
-	Prompt        any      `json:"prompt"`
-	MaxTokens     *int     `json:"max_tokens"`
-	Stream        bool     `json:"stream"`
-	Seed          *uint64  `json:"seed"`
-	Stop          any      `json:"stop"`
+	Prompt        any     `json:"prompt"`
+	MaxTokens     *int    `json:"max_tokens"`
+	Stream        bool    `json:"stream"`
+	Seed          *uint64 `json:"seed"`
+	Stop          any     `json:"stop"`
 	StreamOptions *struct {
 		IncludeUsage bool `json:"include_usage"`
 	} `json:"stream_options"`
