@@ -50,7 +50,7 @@ func newMetrics(reg prometheus.Registerer, models []string) (*metrics, error) {
 		}, []string{"model", "reason"}),
 		rejected: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "rbee_hive_openai_rejected_total",
-			Help: "Requests and loads of a served model answered 503, by reason (queue_full, load_timeout, no_room, load_failed, model_not_loaded).",
+			Help: "Requests for a served model answered 503, by reason (queue_full, load_timeout, no_room, load_failed, model_not_loaded).",
 		}, []string{"model", "reason"}),
 	}
 	for _, c := range []prometheus.Collector{m.queueWait, m.coldStart, m.queueLen, m.loads, m.unloads, m.evictions, m.rejected} {

@@ -295,6 +295,10 @@ func (r *Router) Acquire(ctx context.Context, name string) (*Lease, error) {
 			select {
 			case <-ld.done:
 				if ld.err != nil {
+					var ue *UnavailableError
+					if errors.As(ld.err, &ue) {
+						r.m.rejected.WithLabelValues(name, ue.Code).Inc()
+					}
 					return nil, ld.err
 				}
 			default:
@@ -303,6 +307,12 @@ func (r *Router) Acquire(ctx context.Context, name string) (*Lease, error) {
 	}
 }
 
+// failure is a load's outcome; each request that waited on it counts it.
+func failure(name, code string, retry time.Duration, err error) error {
+	return &UnavailableError{Model: name, Code: code, RetryAfter: retry, Err: err}
+}
+
+// unavailable is a refusal of one request, counted.
 func (r *Router) unavailable(name, code string, retry time.Duration, err error) error {
 	r.m.rejected.WithLabelValues(name, code).Inc()
 	return &UnavailableError{Model: name, Code: code, RetryAfter: retry, Err: err}
@@ -348,24 +358,24 @@ func (r *Router) spawnWithRoom(ctx context.Context, m *model, reason string) (Wo
 		var nr *NoRoomError
 		if errors.As(err, &nr) && nr.Resource != "vram" && nr.Resource != "ram" {
 			// Stopping workers frees neither disk nor anything else.
-			return Worker{}, r.unavailable(m.Name, "no_room", 30*time.Second, err)
+			return Worker{}, failure(m.Name, "no_room", 30*time.Second, err)
 		}
 		if nr == nil {
 			if ctx.Err() != nil && errors.Is(ctx.Err(), context.DeadlineExceeded) {
-				return Worker{}, r.unavailable(m.Name, "load_timeout", 5*time.Second, fmt.Errorf("%w: %w", ErrLoadTimeout, err))
+				return Worker{}, failure(m.Name, "load_timeout", 5*time.Second, fmt.Errorf("%w: %w", ErrLoadTimeout, err))
 			}
 			r.log.Warn("served model load failed", "model", m.Name, "err", err)
-			return Worker{}, r.unavailable(m.Name, "load_failed", 10*time.Second, err)
+			return Worker{}, failure(m.Name, "load_failed", 10*time.Second, err)
 		}
 		victim, ok := r.victim(ctx, m.Name)
 		if !ok {
 			r.log.Warn("no room for served model", "model", m.Name, "err", nr)
-			return Worker{}, r.unavailable(m.Name, "no_room", 30*time.Second, err)
+			return Worker{}, failure(m.Name, "no_room", 30*time.Second, err)
 		}
 		r.log.Info("evicting idle worker", "model", victim.served, "worker_id", victim.id, "for", m.Name, "resource", nr.Resource)
 		r.m.evictions.WithLabelValues(victim.served, nr.Resource).Inc()
 		if err := r.stop(victim.id, victim.served, ReasonEvicted); err != nil {
-			return Worker{}, r.unavailable(m.Name, "no_room", 30*time.Second, fmt.Errorf("evict %s: %w", victim.id, err))
+			return Worker{}, failure(m.Name, "no_room", 30*time.Second, fmt.Errorf("evict %s: %w", victim.id, err))
 		}
 	}
 }

@@ -188,6 +188,9 @@ func TestEvictsIdleNeverBusy(t *testing.T) {
 	if _, code := openAIError(t, a); code != "no_room" || !strings.Contains(a.body, "vram") {
 		t.Errorf("code %q, body %s", code, a.body)
 	}
+	if v := testutil.ToFloat64(r.m.rejected.WithLabelValues("a", "no_room")); v != 1 {
+		t.Errorf("rejected{a,no_room} = %v, want 1", v)
+	}
 	if ids := h.ids("b"); len(ids) != 1 || ids[0] != busyB[0] {
 		t.Errorf("busy b stopped: before %v after %v", busyB, ids)
 	}
