@@ -25,7 +25,9 @@ const (
 	// StateOther is any state that neither serves nor will: stopping,
 	// restarting, stale, failed. Such a worker counts toward nothing.
 	StateOther State = iota
-	// StateLoading workers will serve; they count toward max_workers.
+	// StateLoading workers will serve; they count toward max_workers. A
+	// worker the hive is restarting is loading too: requests wait for it
+	// rather than start another.
 	StateLoading
 	// StateReady workers serve requests.
 	StateReady

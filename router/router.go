@@ -21,12 +21,18 @@ type Options struct {
 	MaxBodyBytes int64
 	// StopTimeout bounds one Hive.Stop call (DefaultStopTimeout if 0).
 	StopTimeout time.Duration
+	// Poll is how often a waiting request looks at the hive's workers
+	// again when what it waits for is not the router's own doing: a
+	// worker loading or restarting under the hive, or slots held by
+	// requests sent to a worker directly (DefaultPoll if 0).
+	Poll time.Duration
 }
 
 // Defaults for Options' zero values.
 const (
 	DefaultMaxBodyBytes = 1 << 20
 	DefaultStopTimeout  = time.Minute
+	DefaultPoll         = 100 * time.Millisecond
 )
 
 // Load and unload reasons, the values of the metrics' reason label.
@@ -96,6 +102,9 @@ func New(hive Hive, fwd Forwarder, models []Model, opts Options) (*Router, error
 	}
 	if opts.StopTimeout <= 0 {
 		opts.StopTimeout = DefaultStopTimeout
+	}
+	if opts.Poll <= 0 {
+		opts.Poll = DefaultPoll
 	}
 	r := &Router{hive: hive, fwd: fwd, models: map[string]*model{}, log: opts.Logger, opts: opts, tracked: map[string]*tracked{}}
 	for _, m := range models {
@@ -284,12 +293,22 @@ func (r *Router) Acquire(ctx context.Context, name string) (*Lease, error) {
 		}
 		ld, ch := m.load, m.changed
 		r.mu.Unlock()
+		var poll <-chan time.Time
+		var pt *time.Timer
+		if ld == nil {
+			pt = time.NewTimer(r.opts.Poll)
+			poll = pt.C
+		}
 		select {
 		case <-ctx.Done():
 			return nil, ctx.Err()
 		case <-deadline:
 			return nil, r.unavailable(name, "load_timeout", 5*time.Second, ErrLoadTimeout)
 		case <-ch:
+		case <-poll:
+		}
+		if pt != nil {
+			pt.Stop()
 		}
 		if ld != nil {
 			select {
@@ -444,46 +463,62 @@ func (r *Router) stop(id, served, reason string) error {
 	return nil
 }
 
-// Load makes sure a worker of the model is ready, starting one if none is,
-// and exempts it from ttl and eviction until Unload: an operator warmed it.
+// Load makes sure a worker of the model is ready, starting one if none is
+// ready or loading, and exempts it from ttl and eviction until Unload: an
+// operator warmed it. It waits at most the model's load_timeout.
 func (r *Router) Load(ctx context.Context, name string) (Worker, error) {
 	m := r.models[name]
 	if m == nil {
 		return Worker{}, ErrUnknownModel
 	}
-	ws, err := r.hive.Workers(ctx, name)
-	if err != nil {
-		return Worker{}, fmt.Errorf("router: list workers of %s: %w", name, err)
-	}
-	r.mu.Lock()
-	for _, w := range ws {
-		if w.State == StateReady {
-			if t := r.track(w.ID, name); !t.stopping {
-				t.auto = false
+	ctx, cancel := context.WithTimeout(ctx, m.LoadTimeout)
+	defer cancel()
+	for {
+		ws, err := r.hive.Workers(ctx, name)
+		if err != nil {
+			return Worker{}, fmt.Errorf("router: list workers of %s: %w", name, err)
+		}
+		r.mu.Lock()
+		live := 0
+		for _, w := range ws {
+			t := r.tracked[w.ID]
+			if t != nil && t.stopping {
+				continue
+			}
+			switch w.State {
+			case StateReady:
+				r.track(w.ID, name).auto = false
 				r.mu.Unlock()
 				return w, nil
+			case StateLoading:
+				live++
 			}
 		}
+		ld := m.load
+		if ld == nil && live == 0 {
+			ld = r.startLoad(m, ReasonManual)
+		}
+		r.mu.Unlock()
+		var done <-chan struct{}
+		var poll <-chan time.Time
+		if ld == nil {
+			poll = time.After(r.opts.Poll) // a worker loading under the hive
+		} else {
+			done = ld.done
+		}
+		select {
+		case <-ctx.Done():
+			if errors.Is(ctx.Err(), context.DeadlineExceeded) {
+				return Worker{}, failure(name, "load_timeout", 5*time.Second, ErrLoadTimeout)
+			}
+			return Worker{}, ctx.Err()
+		case <-done:
+		case <-poll:
+		}
+		if ld != nil && ld.err != nil {
+			return Worker{}, ld.err
+		}
 	}
-	ld := m.load
-	if ld == nil {
-		ld = r.startLoad(m, ReasonManual)
-	}
-	r.mu.Unlock()
-	select {
-	case <-ctx.Done():
-		return Worker{}, ctx.Err()
-	case <-ld.done:
-	}
-	if ld.err != nil {
-		return Worker{}, ld.err
-	}
-	r.mu.Lock()
-	if t := r.tracked[ld.w.ID]; t != nil {
-		t.auto = false
-	}
-	r.mu.Unlock()
-	return ld.w, nil
 }
 
 // Unload stops every worker of the model, busy or not (requests in flight

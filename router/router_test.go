@@ -416,3 +416,79 @@ func mustURL(s string) *url.URL {
 	}
 	return u
 }
+
+// TestWaitsForWorkerLoadingUnderHive: a worker the hive is loading itself
+// (a restart, a spawn through its own API) is waited for, not duplicated.
+func TestWaitsForWorkerLoadingUnderHive(t *testing.T) {
+	h := newFakeHive(t, 1000, map[string]simModel{"a": {memMiB: 100, loadTime: 400 * time.Millisecond}})
+	_, srv := newTestRouter(t, h, Model{Name: "a", Autoload: true, LoadTimeout: 10 * time.Second})
+	spawned := make(chan error, 1)
+	go func() { _, err := h.Spawn(context.Background(), "a"); spawned <- err }()
+	waitFor(t, "the hive's own worker to be loading", func() bool { return len(h.ids("a")) == 1 })
+	if a := post(t, srv.URL+PathChatCompletions, chatBody("a", 1, false)); a.status != 200 {
+		t.Fatalf("%d %s", a.status, a.body)
+	}
+	if err := <-spawned; err != nil {
+		t.Fatal(err)
+	}
+	if n := h.spawnCount("a"); n != 1 {
+		t.Errorf("spawns = %d, want 1", n)
+	}
+}
+
+// TestScaleOutAndTTLSparesBusy: with one slot per worker and max_workers 2,
+// two concurrent streams get a worker each and a third waits for a free
+// slot; the ttl stops neither worker while it streams, both once idle.
+func TestScaleOutAndTTLSparesBusy(t *testing.T) {
+	h := newFakeHive(t, 1000, map[string]simModel{"a": {memMiB: 100, tps: 40, slots: 1}})
+	r, srv := newTestRouter(t, h, Model{Name: "a", Autoload: true, MaxWorkers: 2, TTL: 50 * time.Millisecond})
+	type stream struct {
+		rd   *bufio.Reader
+		body io.Closer
+	}
+	open := func() stream {
+		resp, err := http.Post(srv.URL+PathChatCompletions, "application/json", strings.NewReader(chatBody("a", 20, true)))
+		if err != nil {
+			t.Fatal(err)
+		}
+		if resp.StatusCode != 200 {
+			t.Fatalf("status %d", resp.StatusCode)
+		}
+		rd := bufio.NewReader(resp.Body)
+		if _, err := rd.ReadString('\n'); err != nil {
+			t.Fatal(err)
+		}
+		return stream{rd, resp.Body}
+	}
+	s1, s2 := open(), open()
+	if n := h.spawnCount("a"); n != 2 {
+		t.Fatalf("two concurrent streams on one-slot workers: %d spawns, want 2", n)
+	}
+	third := make(chan answer, 1)
+	go func() { third <- post(t, srv.URL+PathChatCompletions, chatBody("a", 1, false)) }()
+	waitFor(t, "the third request to queue", func() bool { return testutil.ToFloat64(r.m.queueLen.WithLabelValues("a")) == 1 })
+
+	time.Sleep(100 * time.Millisecond) // both workers' last use is now older than the ttl
+	r.expire(context.Background())
+	if v := testutil.ToFloat64(r.m.unloads.WithLabelValues("a", ReasonTTL)); v != 0 || len(h.ids("a")) != 2 {
+		t.Fatalf("ttl stopped a busy worker: unloads %v, workers %v", v, h.ids("a"))
+	}
+	for _, s := range []stream{s1, s2} {
+		rest, _ := io.ReadAll(s.rd)
+		s.body.Close()
+		if !strings.HasSuffix(string(rest), "data: [DONE]\n\n") {
+			t.Errorf("stream cut: %q", rest)
+		}
+	}
+	if a := <-third; a.status != 200 {
+		t.Fatalf("third: %d %s", a.status, a.body)
+	}
+	if n := h.spawnCount("a"); n != 2 {
+		t.Errorf("max_workers 2 exceeded: %d spawns", n)
+	}
+	time.Sleep(100 * time.Millisecond)
+	r.expire(context.Background())
+	if v := testutil.ToFloat64(r.m.unloads.WithLabelValues("a", ReasonTTL)); v != 2 || len(h.ids("a")) != 0 {
+		t.Errorf("idle workers past ttl: unloads %v, workers %v", v, h.ids("a"))
+	}
+}
