@@ -492,3 +492,32 @@ func TestScaleOutAndTTLSparesBusy(t *testing.T) {
 		t.Errorf("idle workers past ttl: unloads %v, workers %v", v, h.ids("a"))
 	}
 }
+
+// TestQueuedClientLeaves: a request that gives up while queued frees its
+// place, and the load it started still serves the next one.
+func TestQueuedClientLeaves(t *testing.T) {
+	h := newFakeHive(t, 1000, map[string]simModel{"a": {memMiB: 100, loadTime: 300 * time.Millisecond}})
+	r, srv := newTestRouter(t, h, Model{Name: "a", Autoload: true, Queue: 1})
+	ctx, cancel := context.WithCancel(context.Background())
+	req, _ := http.NewRequestWithContext(ctx, http.MethodPost, srv.URL+PathChatCompletions, strings.NewReader(chatBody("a", 1, false)))
+	gone := make(chan error, 1)
+	go func() {
+		resp, err := http.DefaultClient.Do(req)
+		if err == nil {
+			resp.Body.Close()
+		}
+		gone <- err
+	}()
+	waitFor(t, "the request to queue", func() bool { return testutil.ToFloat64(r.m.queueLen.WithLabelValues("a")) == 1 })
+	cancel()
+	if err := <-gone; err == nil {
+		t.Fatal("cancelled request succeeded")
+	}
+	waitFor(t, "its place to be freed", func() bool { return testutil.ToFloat64(r.m.queueLen.WithLabelValues("a")) == 0 })
+	if a := post(t, srv.URL+PathChatCompletions, chatBody("a", 1, false)); a.status != 200 {
+		t.Fatalf("%d %s", a.status, a.body)
+	}
+	if n := h.spawnCount("a"); n != 1 {
+		t.Errorf("spawns = %d, want 1: the load outlives the request that started it", n)
+	}
+}
