@@ -96,7 +96,11 @@ type Target struct {
 // once (bounded) and replayable; route is "/v1/chat/completions" or
 // "/v1/completions". It returns when the exchange is over. Failures after
 // the first byte must end the stream with an error event: the client's
-// status line is gone by then.
+// status line is gone by then. The hive's OpenAI proxy fits it as
+//
+//	ForwarderFunc(func(w http.ResponseWriter, r *http.Request, t Target, route string) {
+//		p.ServeOpenAI(w, r, t.URL, proxy.Route(route), proxy.Labels{Backend: t.Backend, Model: t.Served}, hooksFor(t.WorkerID))
+//	})
 type Forwarder interface {
 	Forward(w http.ResponseWriter, r *http.Request, t Target, route string)
 }
