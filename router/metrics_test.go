@@ -74,7 +74,7 @@ func TestNewRejects(t *testing.T) {
 			_, err := New(staticHive{}, &HTTPForwarder{}, []Model{{Name: "a"}, {Name: "a"}}, Options{})
 			return err
 		},
-		"no hive": func() error { _, err := New(nil, &HTTPForwarder{}, nil, Options{}); return err },
+		"no hive":      func() error { _, err := New(nil, &HTTPForwarder{}, nil, Options{}); return err },
 		"no forwarder": func() error { _, err := New(staticHive{}, nil, nil, Options{}); return err },
 	} {
 		if f() == nil {
