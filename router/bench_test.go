@@ -5,6 +5,7 @@ import (
 	"context"
 	"io"
 	"net/http"
+	"net/http/httptest"
 	"strings"
 	"testing"
 	"time"
@@ -24,8 +25,9 @@ func timedPost(b *testing.B, url, body string) time.Duration {
 	return time.Since(t0)
 }
 
-// BenchmarkOverhead: a warm worker asked directly and through the router,
-// interleaved in the same run; reports both and their ratio.
+// BenchmarkOverhead: a warm worker asked directly, through a bare proxy hop
+// and through the router, interleaved in the same run; reports all three
+// and the ratios.
 func BenchmarkOverhead(b *testing.B) {
 	h := newFakeHive(b, 1000, map[string]simModel{"a": {memMiB: 100, slots: 4}})
 	_, srv := newTestRouter(b, h, Model{Name: "a", Autoload: true})
@@ -37,16 +39,27 @@ func BenchmarkOverhead(b *testing.B) {
 			ws, _ := h.Workers(context.Background(), "a")
 			direct := ws[0].URL.JoinPath(RouteChatCompletions).String()
 			timedPost(b, direct, body)
-			var d, r time.Duration
+			// The same forwarder to a fixed worker without the router: the
+			// hop's own cost, to tell it from routing's.
+			fwd := &HTTPForwarder{}
+			hop := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+				fwd.Forward(w, r, Target{Served: "a", WorkerID: ws[0].ID, URL: ws[0].URL}, RouteChatCompletions)
+			}))
+			defer hop.Close()
+			timedPost(b, hop.URL, body)
+			var d, p, r time.Duration
 			b.ResetTimer()
 			for b.Loop() {
 				d += timedPost(b, direct, body)
+				p += timedPost(b, hop.URL, body)
 				r += timedPost(b, srv.URL+PathChatCompletions, body)
 			}
 			n := float64(b.N)
 			b.ReportMetric(float64(d.Microseconds())/n, "direct-µs/req")
+			b.ReportMetric(float64(p.Microseconds())/n, "proxied-µs/req")
 			b.ReportMetric(float64(r.Microseconds())/n, "routed-µs/req")
 			b.ReportMetric(float64(r)/float64(d), "routed/direct")
+			b.ReportMetric(float64(r)/float64(p), "routed/proxied")
 		})
 	}
 }
