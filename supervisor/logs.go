@@ -15,6 +15,12 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 )
 
+// The output streams a worker's log lines are tagged with.
+const (
+	streamStdout = "stdout"
+	streamStderr = "stderr"
+)
+
 const (
 	tailBytes = 64 << 10 // in-memory tail per worker
 	maxLine   = 16 << 10 // longer lines are split
@@ -83,7 +89,7 @@ const (
 )
 
 func streamTag(stream string) byte {
-	if stream == "stderr" {
+	if stream == streamStderr {
 		return tagStderr
 	}
 	return tagStdout

@@ -2,7 +2,6 @@ package supervisor
 
 import (
 	"context"
-	"crypto/sha256"
 	"errors"
 	"fmt"
 	"io"
@@ -159,17 +158,6 @@ func (s *Supervisor) Alive(ctx context.Context) error {
 	}
 }
 
-// WedgeLoop is a test hook: the Run loop blocks until release is closed, so
-// Alive fails as it would with a real bug. It returns once the loop is stuck.
-func (s *Supervisor) WedgeLoop(ctx context.Context, release <-chan struct{}) error {
-	select {
-	case s.wedge <- release:
-		return nil
-	case <-ctx.Done():
-		return fmt.Errorf("wedge: %w", ctx.Err())
-	}
-}
-
 // Summary is one line for systemd's STATUS=, e.g. "3 workers: 2 idle, 1 loading".
 func (s *Supervisor) Summary() string {
 	s.mu.Lock()
@@ -206,5 +194,3 @@ func (s *Supervisor) unlock() {
 		f()
 	}
 }
-
-func tokenKey(tok string) [32]byte { return sha256.Sum256([]byte(tok)) }

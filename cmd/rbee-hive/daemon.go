@@ -17,7 +17,6 @@ import (
 
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/collectors"
-	"github.com/prometheus/client_golang/prometheus/promhttp"
 
 	"github.com/rbee/rbee-hive/api"
 	"github.com/rbee/rbee-hive/config"
@@ -147,15 +146,9 @@ func serveDaemon(ctx context.Context, cfg *config.Config, log *slog.Logger, demo
 	}
 	defer h.close()
 
-	rt.HandleFunc("GET /v1/health", nil, func(w http.ResponseWriter, r *http.Request) {
-		api.WriteJSON(w, http.StatusOK, map[string]string{"status": "alive", "version": version, "api_version": "v1"})
-	})
-	rt.Handle("GET /metrics", nil, promhttp.HandlerFor(reg, promhttp.HandlerOpts{
-		Registry:          reg,
-		ErrorLog:          slog.NewLogLogger(log.Handler(), slog.LevelError),
-		EnableOpenMetrics: false,
-	}))
-	h.routes(rt, apiAuth)
+	if err := rt.Register(apiAuth, h.routeTable(reg, log, apiAuth)...); err != nil {
+		return err
+	}
 
 	srv := &http.Server{
 		Handler:           rt,

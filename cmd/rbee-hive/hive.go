@@ -5,7 +5,6 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
-	"net/http"
 	"os"
 	"path/filepath"
 	"sync"
@@ -15,7 +14,6 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 
 	"github.com/rbee/rbee-hive/admission"
-	"github.com/rbee/rbee-hive/api"
 	"github.com/rbee/rbee-hive/cgroup"
 	"github.com/rbee/rbee-hive/config"
 	"github.com/rbee/rbee-hive/gpu"
@@ -139,7 +137,7 @@ func newHive(ctx context.Context, cfg *config.Config, log *slog.Logger, reg *pro
 			return h.listener.Stats().Dropped()
 		},
 	}
-	if h.gpus.Backend() != "none" {
+	if h.gpus.Backend() != gpu.DriverNone {
 		deps.GPUs = gpuList{h.gpus}
 	}
 	if journal.Enabled() {
@@ -177,14 +175,6 @@ func (h *hive) goLoop(name string, fn func(context.Context) error) {
 			h.log.Error("background loop stopped", "loop", name, "err", err)
 		}
 	}()
-}
-
-func (h *hive) routes(rt *api.Router, auth api.AuthFunc) {
-	h.sup.Routes(rt, auth)
-	h.models.Routes(rt, auth)
-	rt.HandleFunc("GET /v1/resources", auth, func(w http.ResponseWriter, r *http.Request) {
-		api.WriteJSON(w, http.StatusOK, h.ledger.Resources(r.Context()))
-	})
 }
 
 // ready tells systemd the hive serves: the socket is bound, the cgroup tree
