@@ -132,7 +132,7 @@ type Backend struct {
 // and stops its workers on demand.
 type Served struct {
 	Model       string   `toml:"model" comment:"model reference, as a spawn request names it (e.g. hf:org/repo/file.gguf or a path)"`
-	Backend     string   `toml:"backend" comment:"one of the backends"`
+	Backend     string   `toml:"backend" comment:"one of the backends, with api = openai"`
 	MemoryLimit Size     `toml:"memory_limit" comment:"0: the backend's"`
 	ContextSize int      `toml:"context_size" comment:"0: the backend's"`
 	Autoload    *bool    `toml:"autoload" comment:"start a worker when a request arrives and none is ready; false: only POST /openai/v1/models/NAME/load does"`
@@ -471,6 +471,10 @@ func (c *Config) finishServed(name string) error {
 	b, ok := c.Backends[s.Backend]
 	if !ok {
 		return bad(key+".backend", "%q is not a backend (known: %s)", s.Backend, strings.Join(c.BackendNames(), ", "))
+	}
+	// Requests are forwarded to the worker's OpenAI routes as they are.
+	if b.API != APIOpenAI {
+		return bad(key+".backend", "backend %q has api = %q; a served model needs one with api = \"openai\"", s.Backend, b.API)
 	}
 	if s.MemoryLimit < 0 {
 		return bad(key+".memory_limit", "must not be negative")

@@ -9,13 +9,19 @@ import (
 
 func TestServedDefaults(t *testing.T) {
 	p := writeConfig(t, `
+[backends.oai]
+command = ["{self_dir}/rbee-simworker", "--port", "{port}"]
+api = "openai"
+load_timeout = "2m"
+memory_limit = "512MiB"
+
 [served.tiny]
 model = "hf:org/tiny/tiny.gguf"
-backend = "sim"
+backend = "oai"
 
 [served.big]
 model = "/models/big.gguf"
-backend = "sim"
+backend = "oai"
 autoload = false
 ttl = "10m"
 pinned = true
@@ -76,7 +82,8 @@ context_size = 8192
 
 // TestServedErrors: every error names the file, the line and the full key.
 func TestServedErrors(t *testing.T) {
-	const head = "[served.m]\nmodel = \"/m.gguf\"\nbackend = \"sim\"\n"
+	const oai = "[backends.oai]\ncommand = [\"/bin/x\"]\napi = \"openai\"\n"
+	const head = oai + "[served.m]\nmodel = \"/m.gguf\"\nbackend = \"oai\"\n"
 	tests := []struct {
 		name, body string
 		line       int
@@ -85,17 +92,18 @@ func TestServedErrors(t *testing.T) {
 		{"bad name", "\n[served.Big]\nmodel = \"x\"\nbackend = \"sim\"\n", 2, "served.Big", "lowercase"},
 		{"no model", "[served.m]\nbackend = \"sim\"\n", 1, "served.m.model", "must name a model"},
 		{"unknown backend", "[served.m]\nmodel = \"x\"\nbackend = \"vllm\"\n", 3, "served.m.backend", `"vllm" is not a backend`},
+		{"rbee backend", "[served.m]\nmodel = \"x\"\nbackend = \"sim\"\n", 3, "served.m.backend", `needs one with api = "openai"`},
 		{"no backend", "[served.m]\nmodel = \"x\"\n", 1, "served.m.backend", "is not a backend"},
-		{"integer ttl", head + "ttl = 600\n", 4, "served.m.ttl", `write "600s"`},
-		{"tiny ttl", head + "ttl = \"10ms\"\n", 4, "served.m.ttl", "at least 1s"},
-		{"negative ttl", head + "ttl = \"-1m\"\n", 4, "served.m.ttl", "negative"},
-		{"negative workers", head + "max_workers = -1\n", 4, "served.m.max_workers", "within 0-64"},
-		{"huge queue", head + "queue = 10000000\n", 4, "served.m.queue", "within 0-65536"},
-		{"tiny load timeout", head + "load_timeout = \"5ms\"\n", 4, "served.m.load_timeout", "minimum"},
-		{"negative memory", head + "memory_limit = -5\n", 4, "served.m.memory_limit", "negative"},
-		{"negative context", head + "context_size = -5\n", 4, "served.m.context_size", "negative"},
-		{"unknown key", head + "ttl_seconds = 5\n", 4, "served.m.ttl_seconds", "unknown key"},
-		{"autoload not bool", head + "autoload = \"yes\"\n", 4, "served.m.autoload", ""},
+		{"integer ttl", head + "ttl = 600\n", 7, "served.m.ttl", `write "600s"`},
+		{"tiny ttl", head + "ttl = \"10ms\"\n", 7, "served.m.ttl", "at least 1s"},
+		{"negative ttl", head + "ttl = \"-1m\"\n", 7, "served.m.ttl", "negative"},
+		{"negative workers", head + "max_workers = -1\n", 7, "served.m.max_workers", "within 0-64"},
+		{"huge queue", head + "queue = 10000000\n", 7, "served.m.queue", "within 0-65536"},
+		{"tiny load timeout", head + "load_timeout = \"5ms\"\n", 7, "served.m.load_timeout", "minimum"},
+		{"negative memory", head + "memory_limit = -5\n", 7, "served.m.memory_limit", "negative"},
+		{"negative context", head + "context_size = -5\n", 7, "served.m.context_size", "negative"},
+		{"unknown key", head + "ttl_seconds = 5\n", 7, "served.m.ttl_seconds", "unknown key"},
+		{"autoload not bool", head + "autoload = \"yes\"\n", 7, "served.m.autoload", ""},
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
