@@ -1,16 +1,18 @@
 package router
 
 import (
+	"bufio"
 	"context"
 	"errors"
 	"fmt"
-	"net"
+	"io"
 	"net/http"
 	"net/url"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"strconv"
+	"strings"
 	"sync"
 	"syscall"
 	"testing"
@@ -90,15 +92,6 @@ func (h *fakeHive) Workers(_ context.Context, served string) ([]Worker, error) {
 	return out, nil
 }
 
-func freePort() (int, error) {
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		return 0, err
-	}
-	defer ln.Close()
-	return ln.Addr().(*net.TCPAddr).Port, nil
-}
-
 func (h *fakeHive) Spawn(ctx context.Context, served string) (Worker, error) {
 	t0 := time.Now()
 	sm, ok := h.models[served]
@@ -127,33 +120,64 @@ func (h *fakeHive) Spawn(ctx context.Context, served string) (Worker, error) {
 		h.mu.Unlock()
 		return Worker{}, err
 	}
-	port, err := freePort()
+	// --port 0 and the address the worker logs: a port picked here could
+	// be taken by another process before the worker binds it.
+	pr, pw, err := os.Pipe()
 	if err != nil {
 		return fail(err)
 	}
-	cmd := exec.Command(simBin, "--port", strconv.Itoa(port), "--worker-id", p.id, "--model", served,
+	defer pr.Close()
+	cmd := exec.Command(simBin, "--port", "0", "--worker-id", p.id, "--model", served,
 		"--load-time", sm.loadTime.String(), "--tokens-per-second", strconv.FormatFloat(sm.tps, 'f', -1, 64))
 	cmd.Env = []string{} // no NOTIFY_SOCKET: readiness is /health
+	cmd.Stderr = pw
 	t1 := time.Now()
 	h.mu.Lock()
-	p.url = &url.URL{Scheme: "http", Host: "127.0.0.1:" + strconv.Itoa(port)}
 	err = cmd.Start()
 	if err == nil {
 		p.cmd = cmd
 	}
 	h.mu.Unlock()
+	pw.Close()
 	if err != nil {
 		return fail(err)
 	}
 	execd := time.Since(t1)
+	addrc := make(chan string, 1)
 	go func() {
-		_ = p.cmd.Wait()
+		sc := bufio.NewScanner(pr)
+		for sc.Scan() {
+			line := sc.Text()
+			if !strings.Contains(line, "msg=listening ") {
+				continue
+			}
+			if _, a, ok := strings.Cut(line, " addr="); ok && len(strings.Fields(a)) > 0 {
+				addrc <- strings.Fields(a)[0]
+				break
+			}
+		}
+		_, _ = io.Copy(io.Discard, pr)
+	}()
+	go func() {
+		_ = cmd.Wait()
 		h.mu.Lock()
 		delete(h.procs, p.id) // a crashed worker is gone, as after a failed restart
 		h.mu.Unlock()
 		close(p.exited)
 	}()
 	t2 := time.Now()
+	select {
+	case a := <-addrc:
+		h.mu.Lock()
+		p.url = &url.URL{Scheme: "http", Host: a}
+		h.mu.Unlock()
+	case <-p.exited:
+		return Worker{}, fmt.Errorf("worker %s exited before listening", p.id)
+	case <-ctx.Done():
+		_ = cmd.Process.Kill()
+		<-p.exited
+		return Worker{}, fmt.Errorf("worker %s not listening: %w", p.id, ctx.Err())
+	}
 	for {
 		req, _ := http.NewRequestWithContext(ctx, http.MethodGet, p.url.JoinPath("/health").String(), nil)
 		if resp, err := http.DefaultClient.Do(req); err == nil {
@@ -164,7 +188,7 @@ func (h *fakeHive) Spawn(ctx context.Context, served string) (Worker, error) {
 		}
 		select {
 		case <-ctx.Done():
-			_ = p.cmd.Process.Kill()
+			_ = cmd.Process.Kill()
 			<-p.exited
 			return Worker{}, fmt.Errorf("worker %s not ready: %w", p.id, ctx.Err())
 		case <-p.exited:

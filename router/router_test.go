@@ -234,9 +234,11 @@ func TestTTLUnload(t *testing.T) {
 			t.Fatalf("%s: %d %s", m, a.status, a.body)
 		}
 	}
-	waitFor(t, "a's idle worker to be stopped", func() bool { return len(h.ids("a")) == 0 })
-	if v := testutil.ToFloat64(r.m.unloads.WithLabelValues("a", ReasonTTL)); v != 1 {
-		t.Errorf("unloads{a,ttl} = %v", v)
+	waitFor(t, "a's idle worker to be stopped for its ttl", func() bool {
+		return testutil.ToFloat64(r.m.unloads.WithLabelValues("a", ReasonTTL)) == 1
+	})
+	if ids := h.ids("a"); len(ids) != 0 {
+		t.Errorf("a's workers after the ttl: %v", ids)
 	}
 	if len(h.ids("keep")) != 1 {
 		t.Error("a model without ttl was unloaded")
