@@ -387,6 +387,16 @@ func (r *Router) spawnWithRoom(ctx context.Context, m *model, reason string) (Wo
 			return Worker{}, failure(m.Name, "load_failed", 10*time.Second, err)
 		}
 		victim, ok := r.victim(ctx, m.Name)
+		if !ok && r.stopping() {
+			// A worker on its way out (ttl, unload, another load's
+			// eviction) still holds its memory: wait for it, then retry.
+			select {
+			case <-ctx.Done():
+				return Worker{}, failure(m.Name, "load_timeout", 5*time.Second, fmt.Errorf("%w: %w", ErrLoadTimeout, err))
+			case <-time.After(r.opts.Poll):
+			}
+			continue
+		}
 		if !ok {
 			r.log.Warn("no room for served model", "model", m.Name, "err", nr)
 			return Worker{}, failure(m.Name, "no_room", 30*time.Second, err)
@@ -397,6 +407,18 @@ func (r *Router) spawnWithRoom(ctx context.Context, m *model, reason string) (Wo
 			return Worker{}, failure(m.Name, "no_room", 30*time.Second, fmt.Errorf("evict %s: %w", victim.id, err))
 		}
 	}
+}
+
+// stopping reports whether any worker is being stopped by the router.
+func (r *Router) stopping() bool {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	for _, t := range r.tracked {
+		if t.stopping {
+			return true
+		}
+	}
+	return false
 }
 
 type victimRef struct{ id, served string }

@@ -523,3 +523,43 @@ func TestQueuedClientLeaves(t *testing.T) {
 		t.Errorf("spawns = %d, want 1: the load outlives the request that started it", n)
 	}
 }
+
+// slowStopHive holds every Stop until release is closed.
+type slowStopHive struct {
+	*fakeHive
+	release chan struct{}
+}
+
+func (s slowStopHive) Stop(ctx context.Context, id string) error {
+	<-s.release
+	return s.fakeHive.Stop(ctx, id)
+}
+
+// TestLoadWaitsForWorkerBeingStopped: a load that finds no room while a
+// worker is on its way out (here its ttl) waits for it instead of
+// answering 503 no_room.
+func TestLoadWaitsForWorkerBeingStopped(t *testing.T) {
+	fh := newFakeHive(t, 1000, map[string]simModel{"a": {memMiB: 600}, "b": {memMiB: 600}})
+	h := slowStopHive{fh, make(chan struct{})}
+	r, srv := newTestRouter(t, h, Model{Name: "a", Autoload: true, TTL: 10 * time.Millisecond}, Model{Name: "b", Autoload: true})
+	if a := post(t, srv.URL+PathChatCompletions, chatBody("a", 1, false)); a.status != 200 {
+		t.Fatalf("a: %d %s", a.status, a.body)
+	}
+	time.Sleep(20 * time.Millisecond) // a's last use is older than its ttl
+	expired := make(chan struct{})
+	go func() { r.expire(context.Background()); close(expired) }()
+	waitFor(t, "a to be marked for its ttl", r.stopping)
+	got := make(chan answer, 1)
+	go func() { got <- post(t, srv.URL+PathChatCompletions, chatBody("b", 1, false)) }()
+	waitFor(t, "b's request to wait or be answered", func() bool {
+		return len(got) > 0 || testutil.ToFloat64(r.m.queueLen.WithLabelValues("b")) == 1
+	})
+	close(h.release)
+	<-expired
+	if a := <-got; a.status != 200 {
+		t.Fatalf("b while a was stopping: %d %s", a.status, a.body)
+	}
+	if v := testutil.ToFloat64(r.m.evictions.WithLabelValues("a", "vram")); v != 0 {
+		t.Errorf("evictions{a} = %v: a was already stopping", v)
+	}
+}
