@@ -17,12 +17,12 @@ import (
 	"golang.org/x/sys/unix"
 )
 
-// Test identities: far from any account the host may have (and inside the
-// default worker range of internal/workeruser).
+// Test identities: in the default worker range of internal/workeruser,
+// which no account of a stock host uses.
 const (
-	testWorkerUID = 640123
-	testWorkerGID = 640123
-	testExtraGID  = 640200
+	testWorkerUID = 70123
+	testWorkerGID = 70123
+	testExtraGID  = 79999
 )
 
 // runIsolatedHelper tries what a hostile worker would: raise its own memory
