@@ -228,6 +228,11 @@ func (r *Reader) socketInodes(pid int, want map[uint64]int) ([]uint64, error) {
 	for _, n := range names {
 		target, err := os.Readlink(dir + "/" + n)
 		if err != nil {
+			if errors.Is(err, os.ErrPermission) {
+				// Another uid's fds need CAP_SYS_PTRACE: say so rather
+				// than report its sockets as a squatter's.
+				return nil, fmt.Errorf("procfs: pid %d fds: %w", pid, err)
+			}
 			continue // closed since the listing
 		}
 		rest, ok := strings.CutPrefix(target, "socket:[")
