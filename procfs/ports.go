@@ -249,3 +249,31 @@ func (r *Reader) socketInodes(pid int, want map[uint64]int) ([]uint64, error) {
 	}
 	return found, nil
 }
+
+// PortHeldBy checks a port against a worker that has a uid of its own:
+// every listening socket on port must belong to uid (the kernel records the
+// creator's fsuid in each socket). Only a process running as uid can create
+// such a socket, and with one uid per worker that is the worker itself, so
+// no /proc/<pid>/fd is read: cheaper than PortOwner, and the hive needs
+// neither CAP_SYS_PTRACE nor CAP_DAC_READ_SEARCH for it. Workers that share
+// a uid (a fixed system user, root) need PortOwner. ErrNoListener: nothing
+// listens; a *SquatterError names the sockets of other uids.
+func (r *Reader) PortHeldBy(port int, uid uint32) error {
+	ls, err := r.portListeners(port, nil, r.root == DefaultRoot)
+	if err != nil {
+		return err
+	}
+	if len(ls) == 0 {
+		return fmt.Errorf("procfs: port %d: %w", port, ErrNoListener)
+	}
+	var foreign []Listener
+	for _, l := range ls {
+		if l.UID != uid {
+			foreign = append(foreign, l)
+		}
+	}
+	if len(foreign) > 0 {
+		return &SquatterError{Port: port, Foreign: foreign}
+	}
+	return nil
+}

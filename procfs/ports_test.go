@@ -9,6 +9,7 @@ import (
 	"os/exec"
 	"strconv"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 )
@@ -48,8 +49,17 @@ func runListener() int {
 // startListener runs a child process listening on network/addr; it returns
 // the child and its port, and stops the child when the test ends.
 func startListener(t testing.TB, network, addr string, extraFDs int) (*exec.Cmd, int) {
+	return startListenerAs(t, network, addr, extraFDs, nil)
+}
+
+// startListenerAs is startListener with the child running as cred (nil:
+// this process's identity).
+func startListenerAs(t testing.TB, network, addr string, extraFDs int, cred *syscall.Credential) (*exec.Cmd, int) {
 	t.Helper()
 	c := exec.Command("/proc/self/exe")
+	if cred != nil {
+		c.SysProcAttr = &syscall.SysProcAttr{Credential: cred}
+	}
 	c.Env = append(os.Environ(), portsHelperEnv+"=listen", "RBEE_TEST_NET="+network, "RBEE_TEST_ADDR="+addr,
 		"RBEE_TEST_FDS="+strconv.Itoa(extraFDs))
 	stdin, err := c.StdinPipe()
@@ -215,7 +225,8 @@ func TestParseListeners(t *testing.T) {
 
 // BenchmarkPortOwner measures one ownership check of a worker whose leaf
 // has two processes (the listener with 100 extra fds, and a bystander),
-// with the listeners found by sock_diag and by reading net/tcp{,6}, against
+// with the listeners found by sock_diag and by reading net/tcp{,6}, and the
+// uid-only check (PortHeldBy), against
 // one TCP connect + close to the same port (what an http health probe
 // costs at least), all in the same loop.
 func BenchmarkPortOwner(b *testing.B) {
@@ -224,9 +235,14 @@ func BenchmarkPortOwner(b *testing.B) {
 	bystander, _ := startListener(b, "tcp4", "127.0.0.1:0", 0)
 	pids := []int{bystander.Process.Pid, child.Process.Pid}
 	addr := net.JoinHostPort("127.0.0.1", strconv.Itoa(port))
-	var diag, proc, dial time.Duration
+	var diag, proc, byUID, dial time.Duration
 	for i := 0; i < b.N; i++ {
+		tu := time.Now()
+		if err := r.PortHeldBy(port, uint32(os.Getuid())); err != nil {
+			b.Fatal(err)
+		}
 		t0 := time.Now()
+		byUID += t0.Sub(tu)
 		if _, err := r.portOwner(port, pids, true); err != nil {
 			b.Fatal(err)
 		}
@@ -248,7 +264,9 @@ func BenchmarkPortOwner(b *testing.B) {
 	us := func(d time.Duration) float64 { return float64(d.Nanoseconds()) / 1000 / float64(b.N) }
 	b.ReportMetric(us(diag), "diag-us/op")
 	b.ReportMetric(us(proc), "procnet-us/op")
+	b.ReportMetric(us(byUID), "byuid-us/op")
 	b.ReportMetric(us(dial), "dial-us/op")
+	b.ReportMetric(float64(byUID)/float64(dial), "byuid/dial")
 	b.ReportMetric(float64(diag)/float64(dial), "diag/dial")
 	b.ReportMetric(float64(proc)/float64(dial), "procnet/dial")
 }
@@ -270,5 +288,42 @@ func TestDiagMatchesProcNet(t *testing.T) {
 	}
 	if len(diag) != 2 || fmt.Sprint(diag) != fmt.Sprint(proc) {
 		t.Errorf("sock_diag %+v, net/tcp %+v; want the same two listeners", diag, proc)
+	}
+}
+
+// TestPortHeldBy: a listener created by the worker's uid passes, one of
+// another uid (this root test process, or another worker's uid) is a
+// squatter; IPv4 and IPv6.
+func TestPortHeldBy(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("needs root: starts a listener under another uid (CI runs as root)")
+	}
+	const workerUID, otherUID = 70123, 70124
+	r := hostReader(t)
+	for _, fam := range []struct{ network, addr, twin string }{
+		{"tcp4", "127.0.0.1:0", "::1"},
+		{"tcp6", "[::1]:0", "127.0.0.1"},
+	} {
+		t.Run(fam.network, func(t *testing.T) {
+			_, port := startListenerAs(t, fam.network, fam.addr, 0, &syscall.Credential{Uid: workerUID, Gid: workerUID})
+			if err := r.PortHeldBy(port, workerUID); err != nil {
+				t.Errorf("worker's own listener: %v", err)
+			}
+			var se *SquatterError
+			if err := r.PortHeldBy(port, otherUID); !errors.As(err, &se) || se.Foreign[0].UID != workerUID {
+				t.Errorf("checked for another worker's uid: %v, want a SquatterError naming uid %d", err, workerUID)
+			}
+			twin := listenHere(t, "tcp", net.JoinHostPort(fam.twin, strconv.Itoa(port)))
+			if err := r.PortHeldBy(port, workerUID); !errors.As(err, &se) || len(se.Foreign) != 1 || se.Foreign[0].UID != 0 {
+				t.Errorf("root listener beside the worker's: %v, want a SquatterError naming uid 0", err)
+			}
+			twin.Close()
+		})
+	}
+	ln := listenHere(t, "tcp4", "127.0.0.1:0")
+	port := ln.Addr().(*net.TCPAddr).Port
+	ln.Close()
+	if err := r.PortHeldBy(port, workerUID); !errors.Is(err, ErrNoListener) {
+		t.Errorf("closed port: %v, want ErrNoListener", err)
 	}
 }
