@@ -20,8 +20,8 @@ const (
 	whyShell  = "makes a shell run code it names"
 )
 
-// rules: glibc's own list of variables it drops for setuid programs
-// (sysdeps/generic/unsecvars.h) minus TMPDIR, plus interpreter hooks.
+// rules: the variables glibc itself drops for setuid programs, minus
+// TMPDIR, plus loader and interpreter hooks.
 // MALLOC_* is not denied as a whole: MALLOC_ARENA_MAX and friends are
 // tuning that inference servers use; only MALLOC_TRACE (writes a trace file
 // at a path it names) is.
