@@ -54,12 +54,18 @@ func runIsolatedHelper() int {
 	})
 	try("WRITE_PARENT_PROCS", "RBEE_TEST_PARENT_PROCS", func(p string) error { return appendFile(p, self) })
 	try("WRITE_OWN_PROCS", "RBEE_TEST_OWN_PROCS", func(p string) error { return appendFile(p, self) })
-	try("KILL_ROOT", "RBEE_TEST_VICTIM", func(p string) error {
+	kill := func(p string) error {
 		victim, err := strconv.Atoi(p)
 		if err != nil {
 			return err
 		}
 		return syscall.Kill(victim, syscall.SIGKILL)
+	}
+	try("KILL_ROOT", "RBEE_TEST_VICTIM", kill)
+	try("KILL_PEER", "RBEE_TEST_PEER", kill)
+	try("READ_PEER_ENVIRON", "RBEE_TEST_PEER", func(p string) error {
+		_, err := os.ReadFile("/proc/" + p + "/environ")
+		return err
 	})
 	sid, _ := unix.Getsid(0)
 	fmt.Printf("SID=%d PID=%d\n", sid, os.Getpid())
@@ -134,6 +140,21 @@ func TestStartIsolated(t *testing.T) {
 				}
 				defer func() { _ = victim.Process.Kill(); _ = victim.Wait() }()
 
+				// Another isolated worker, in its own leaf under the next
+				// uid, that the worker under test must not touch either.
+				var peer *exec.Cmd
+				if tc.iso != nil && tc.iso.UID != 0 {
+					pl, err := m.Create("w-peer", Limits{MemoryMax: 64 << 20, PidsMax: 8})
+					if err != nil {
+						t.Fatal(err)
+					}
+					peer = helperCmd("sleep")
+					peer.Env = append(peer.Env, "RBEE_WORKER_TOKEN=peer-secret")
+					if err := pl.Start(peer, WithIsolation(Isolation{UID: tc.iso.UID + 1, GID: tc.iso.GID + 1})); err != nil {
+						t.Fatal(err)
+					}
+					defer func() { _ = peer.Process.Kill(); _ = peer.Wait() }()
+				}
 				limit, ownProcs, parentProcs := leafAttackFiles(l)
 				cmd := helperCmd("isolated")
 				// Every worker tries to lift its limit (a root one must
@@ -142,7 +163,7 @@ func TestStartIsolated(t *testing.T) {
 				cmd.Env = append(cmd.Env, "RBEE_TEST_LIMIT_FILE="+limit)
 				if tc.iso != nil && tc.iso.UID != 0 {
 					cmd.Env = append(cmd.Env, "RBEE_TEST_OWN_PROCS="+ownProcs, "RBEE_TEST_PARENT_PROCS="+parentProcs,
-						"RBEE_TEST_VICTIM="+strconv.Itoa(victim.Process.Pid))
+						"RBEE_TEST_VICTIM="+strconv.Itoa(victim.Process.Pid), "RBEE_TEST_PEER="+strconv.Itoa(peer.Process.Pid))
 				}
 				stdin, err := cmd.StdinPipe()
 				if err != nil {
@@ -206,13 +227,16 @@ func TestStartIsolated(t *testing.T) {
 					// of its own only removes capabilities.
 					return
 				}
-				for _, k := range []string{"WRITE_LIMIT", "WRITE_OWN_PROCS", "WRITE_PARENT_PROCS", "KILL_ROOT"} {
+				for _, k := range []string{"WRITE_LIMIT", "WRITE_OWN_PROCS", "WRITE_PARENT_PROCS", "KILL_ROOT", "KILL_PEER", "READ_PEER_ENVIRON"} {
 					if !strings.Contains(got[k], "permission denied") && !strings.Contains(got[k], "operation not permitted") {
 						t.Errorf("%s = %q, want it refused with EACCES/EPERM", k, got[k])
 					}
 				}
 				if !alive(victim.Process.Pid) {
 					t.Error("the isolated worker killed a root process")
+				}
+				if !alive(peer.Process.Pid) {
+					t.Error("the isolated worker killed another worker")
 				}
 				if ps, _ := l.Pids(); !contains(ps, pid) {
 					t.Errorf("pid %d left its leaf (pids %v)", pid, ps)
