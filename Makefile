@@ -3,8 +3,10 @@ GO       ?= go
 BIN      := bin
 GOFLAGS  ?=
 PKGS     := ./...
+# Installed (pinned) by scripts/install-deps.sh test.
+STATICCHECK ?= $(or $(shell $(GO) env GOBIN),$(shell $(GO) env GOPATH)/bin)/staticcheck
 
-.PHONY: all build run test unit lint vmtest bench dashboards deps clean
+.PHONY: all build run test unit lint vmtest enginetest bench dashboards deps deps-run clean
 
 all: build
 
@@ -12,27 +14,40 @@ build:
 	$(GO) build -o $(BIN)/rbee-hive ./cmd/rbee-hive
 	@if [ -d cmd/rbee-simworker ]; then $(GO) build -o $(BIN)/rbee-simworker ./cmd/rbee-simworker; fi
 
+# deps-run: what running needs; deps: also every tool the tests use.
+deps-run:
+	bash scripts/install-deps.sh run
+
 deps:
-	bash scripts/install-deps.sh
+	bash scripts/install-deps.sh test
 
 # Starts the hive in the foreground with the built-in default config and one
 # demo worker (the `sim` backend). Ctrl-C stops it and its worker.
-run: deps build
+run: deps-run build
 	$(BIN)/rbee-hive daemon --demo
 
 # Everything CI runs: lint, unit/integration tests on this host (real cgroups
 # v1, journald, Prometheus), then the cgroup v2 suite inside a VM.
-test: deps lint unit vmtest
+test: deps lint unit vmtest enginetest
 
 lint:
 	@out=$$(gofmt -l $$(git ls-files '*.go')); if [ -n "$$out" ]; then echo "gofmt needed:"; echo "$$out"; exit 1; fi
 	$(GO) vet $(PKGS)
+	$(STATICCHECK) $(PKGS)
 
+# test/engine needs the llama-server that `enginetest` builds; it runs there.
 unit: build
-	$(GO) test -count=1 -timeout 15m $(PKGS)
+	$(GO) test -count=1 -timeout 15m $$($(GO) list $(PKGS) | grep -v '/test/engine$$')
 
 vmtest:
 	bash test/vm/run.sh ./cgroup ./supervisor
+
+# The genuine llama.cpp llama-server behind the hive (test/engine): built once
+# from node-llama-cpp's source bundle into a cache keyed by its commit
+# (~25 min on 2 cores the first time), then reused.
+enginetest:
+	@bin=$$(bash scripts/build-llama-server.sh | tail -n 1) && \
+	  RBEE_LLAMA_SERVER="$$bin" $(GO) test -count=1 -timeout 15m -v -run . ./test/engine
 
 bench: build
 	$(GO) test -run '^$$' -bench . -benchtime 2s ./...

@@ -76,7 +76,8 @@ func TestAuth(t *testing.T) {
 	}{
 		{"none", "", 401, CodeMissingAPIKey},
 		{"not bearer", "Basic dXNlcjpwYXNz", 401, CodeMissingAPIKey},
-		{"lowercase scheme", "bearer s3cret-token", 401, CodeMissingAPIKey},
+		{"lowercase scheme", "bearer s3cret-token", 200, ""},
+		{"uppercase scheme", "BEARER s3cret-token", 200, ""},
 		{"empty token", "Bearer ", 401, CodeMissingAPIKey},
 		{"control char", "Bearer s3cret\x01token", 401, CodeMissingAPIKey},
 		{"wrong", "Bearer nope", 401, CodeInvalidAPIKey},

@@ -19,14 +19,15 @@ func Fingerprint(token string) string {
 }
 
 // BearerToken extracts the token from "Authorization: Bearer <token>", or ""
-// when the header is missing or malformed.
+// when the header is missing or malformed. The scheme is case-insensitive
+// (RFC 7235), so "bearer <token>" is accepted too.
 func BearerToken(r *http.Request) string {
 	h := r.Header.Get("Authorization")
 	if h == "" || len(h) > maxAuthHeader {
 		return ""
 	}
 	const prefix = "Bearer "
-	if !strings.HasPrefix(h, prefix) {
+	if len(h) < len(prefix) || !strings.EqualFold(h[:len(prefix)], prefix) {
 		return ""
 	}
 	tok := strings.TrimSpace(h[len(prefix):])
@@ -47,8 +48,7 @@ func TokenEqual(got, want string) bool {
 	return subtle.ConstantTimeCompare([]byte(got), []byte(want)) == 1
 }
 
-// Authenticator decides whether a request's bearer token is acceptable.
-// Extra lets other token kinds (per-worker tokens) be accepted on some routes.
+// Authenticator decides whether a request's bearer token is the API token.
 type Authenticator struct {
 	Token string
 }

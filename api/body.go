@@ -13,7 +13,7 @@ import (
 const MaxBodyBytes = 1 << 20
 
 // DecodeJSON reads one JSON object from r's body (capped at MaxBodyBytes)
-// into v. Unknown fields are ignored, as the original API did. It returns an
+// into v. Unknown fields are ignored, so older and newer clients both work. It returns an
 // *Error ready for WriteError.
 func DecodeJSON(w http.ResponseWriter, r *http.Request, v any) error {
 	if ct := r.Header.Get("Content-Type"); ct != "" {

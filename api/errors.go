@@ -72,22 +72,11 @@ func AsError(err error) *Error {
 	return &Error{Status: http.StatusInternalServerError, Code: CodeInternal, Message: "internal error"}
 }
 
-// codeRecorder is implemented by the Router's response writer, so that the
-// error code of every failed request can be counted by type.
-type codeRecorder interface{ recordErrorCode(code string) }
-
-// recordCode finds the router's writer under any wrappers that Unwrap.
+// recordCode tells the Router's writer (under any wrappers that Unwrap) the
+// error code, so that every failed request is counted by type.
 func recordCode(w http.ResponseWriter, code string) {
-	for w != nil {
-		if r, ok := w.(codeRecorder); ok {
-			r.recordErrorCode(code)
-			return
-		}
-		u, ok := w.(interface{ Unwrap() http.ResponseWriter })
-		if !ok {
-			return
-		}
-		w = u.Unwrap()
+	if sw := findStatusWriter(w); sw != nil {
+		sw.recordErrorCode(code)
 	}
 }
 

@@ -23,7 +23,7 @@ type Limits struct {
 	CPUWeight uint64 // 0 means the kernel default
 }
 
-// Stats are the numbers a leaf reports; later issues export them.
+// Stats are the numbers a leaf reports (the API's resources and /metrics).
 type Stats struct {
 	MemoryCurrent uint64
 	MemoryPeak    uint64

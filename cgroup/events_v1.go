@@ -86,7 +86,8 @@ func watchV1(ctx context.Context, id string, cg cgroup1.Cgroup, memDir string) (
 }
 
 // v1OOMKills reads the oom_kill line of memory.oom_control (kernel >= 4.13).
-// failcnt is not an OOM signal (anchors §1.6).
+// failcnt is not an OOM signal: it counts every allocation that hit the
+// limit and was satisfied by reclaim.
 func v1OOMKills(path string) (uint64, error) {
 	kv, err := readKV(path)
 	if err != nil {

@@ -23,7 +23,7 @@ import (
 // itself (/proc/self/exe) as a tiny shim that blocks on a pipe until the
 // parent has placed its pid in the leaf(s), then syscall.Exec's the worker:
 // same pid, and every instruction of the worker runs inside the leaf. This is
-// runc's "runc init" idea (supervision anchors §6.7).
+// runc's "runc init" idea.
 
 const (
 	// gateArg0 is argv[0] of a gate process; together with gateEnv it marks

@@ -20,7 +20,8 @@ const v1Mount = "/sys/fs/cgroup"
 // v1Manager is the cgroup v1 driver for hybrid and legacy hosts. It only
 // touches the memory, pids, cpu(acct) and freezer hierarchies: the library's
 // default hierarchy would create directories in every mounted controller
-// (devices, blkio, cpuset...) and require "devices" (anchors §1.3).
+// (devices, blkio, cpuset...) and require "devices", which hybrid hosts
+// may not delegate.
 type v1Manager struct {
 	roots   map[cgroup1.Name]string // root path relative to each hierarchy
 	subs    []cgroup1.Subsystem
@@ -218,7 +219,7 @@ type v1Leaf struct {
 func (l *v1Leaf) ID() string { return l.id }
 
 // Start always goes through the spawn gate: CLONE_INTO_CGROUP is cgroup2-only
-// (a v1 directory fd makes clone3 fail with EBADF, anchors §1.6).
+// (a v1 directory fd makes clone3 fail with EBADF).
 func (l *v1Leaf) Start(cmd *exec.Cmd, opts ...StartOption) error {
 	sc := applyStartOptions(opts)
 	if sc.iso != nil {

@@ -149,8 +149,7 @@ func (m *v2Manager) setup(moveSelf bool) error {
 		return fmt.Errorf("cgroup v2: %w", err)
 	}
 	// Swap accounting may be compiled out or disabled (swapaccount=0); then
-	// memory.swap.max does not exist and writing it would fail every spawn
-	// (anchors §1.7).
+	// memory.swap.max does not exist and writing it would fail every spawn.
 	if _, err := os.Stat(filepath.Join(workers, "memory.swap.max")); err == nil {
 		m.hasSwap = true
 	}

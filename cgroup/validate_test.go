@@ -213,7 +213,7 @@ func TestDefaultV2Root(t *testing.T) {
 
 // TestCloneIntoCgroupProbe: the probe accepts a cgroup2 directory and
 // rejects what CLONE_INTO_CGROUP refuses (a v1 directory fails clone3 with
-// EBADF, anchors §1.6; so does a seccomp-blocked clone3), so New picks the
+// EBADF; so does a seccomp-blocked clone3), so New picks the
 // gate instead of failing every Start.
 func TestCloneIntoCgroupProbe(t *testing.T) {
 	if os.Geteuid() != 0 {

@@ -7,10 +7,10 @@ import (
 	"testing"
 )
 
-// TestREADMEDocumentsEveryKey keeps the README's configuration table in step
-// with the struct: a new key without documentation fails here.
-func TestREADMEDocumentsEveryKey(t *testing.T) {
-	readme, err := os.ReadFile("../README.md")
+// TestDocsDocumentEveryKey keeps docs/configuration.md in step with the
+// struct: a new key without documentation fails here.
+func TestDocsDocumentEveryKey(t *testing.T) {
+	readme, err := os.ReadFile("../docs/configuration.md")
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -36,7 +36,7 @@ func TestREADMEDocumentsEveryKey(t *testing.T) {
 				continue
 			}
 			if !strings.Contains(string(readme), name+"`") {
-				t.Errorf("README.md does not document config key %s", key)
+				t.Errorf("docs/configuration.md does not document config key %s", key)
 			}
 		}
 	}

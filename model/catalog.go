@@ -6,10 +6,12 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"log/slog"
 	"net/url"
+	"os"
 	"time"
 
-	_ "modernc.org/sqlite" // registers the "sqlite" driver
+	"modernc.org/sqlite" // registers the "sqlite" driver
 )
 
 // Model is one catalog entry.
@@ -22,7 +24,7 @@ type Model struct {
 	LocalPath    string      `json:"local_path"`
 	SizeBytes    uint64      `json:"size_bytes"`
 	SHA256       string      `json:"sha256,omitempty"` // of the main file, when it is one file
-	DownloadedAt int64       `json:"downloaded_at"`    // unix seconds, as the original
+	DownloadedAt int64       `json:"downloaded_at"`    // unix seconds (docs/compat.md)
 	LastUsed     int64       `json:"last_used"`        // unix seconds
 	InUse        int         `json:"in_use"`           // workers holding it now
 
@@ -72,7 +74,59 @@ func openCatalog(path string) (*catalog, error) {
 		db.Close()
 		return nil, fmt.Errorf("model: init catalog %s: %w", path, err)
 	}
+	// A file whose header is intact can still have torn pages; the catalog
+	// is small, so check it whole before trusting it.
+	var res string
+	if err := db.QueryRow(`PRAGMA quick_check`).Scan(&res); err != nil || res != "ok" {
+		db.Close()
+		if err == nil {
+			err = errors.New(res)
+		}
+		return nil, fmt.Errorf("model: check catalog %s: %w: %w", path, errCatalogCorrupt, err)
+	}
 	return &catalog{db: db}, nil
+}
+
+var errCatalogCorrupt = errors.New("catalog is corrupt")
+
+// isCorrupt reports whether err says the catalog file itself is damaged
+// (SQLITE_CORRUPT, SQLITE_NOTADB), as opposed to e.g. a permission error,
+// which moving the file aside would not fix.
+func isCorrupt(err error) bool {
+	const sqliteCorrupt, sqliteNotADB = 11, 26
+	var se *sqlite.Error
+	if errors.As(err, &se) {
+		switch se.Code() & 0xff { // the low byte is the primary result code
+		case sqliteCorrupt, sqliteNotADB:
+			return true
+		}
+	}
+	return errors.Is(err, errCatalogCorrupt)
+}
+
+// openCatalogOrRecover opens the catalog. A corrupt one is moved aside
+// (with its WAL) and a new, empty one is opened, so a damaged cache cannot
+// keep the hive from starting; rebuild then tells the caller to refill it
+// from the model files on disk.
+func openCatalogOrRecover(path string, log *slog.Logger, met *metrics) (cat *catalog, rebuild bool, err error) {
+	cat, err = openCatalog(path)
+	if err == nil || !isCorrupt(err) {
+		return cat, false, err
+	}
+	aside := path + ".corrupt-" + time.Now().UTC().Format("20060102T150405.000Z")
+	for _, suffix := range []string{"", "-wal", "-shm"} {
+		if rerr := os.Rename(path+suffix, aside+suffix); rerr != nil && !errors.Is(rerr, os.ErrNotExist) {
+			return nil, false, fmt.Errorf("model: move corrupt catalog aside: %w (it failed with: %w)", rerr, err)
+		}
+	}
+	met.catalogRebuilds.Inc()
+	log.Error("model catalog is corrupt; moved it aside and rebuilding it from the model files on disk",
+		"catalog", path, "moved_to", aside, "error", err)
+	cat, err = openCatalog(path)
+	if err != nil {
+		return nil, false, err
+	}
+	return cat, true, nil
 }
 
 func (c *catalog) close() error { return c.db.Close() }

@@ -34,20 +34,8 @@ type DeleteResponse struct {
 	FreedBytes uint64 `json:"freed_bytes"`
 }
 
-// Routes registers the model routes on rt, all behind auth:
-//
-//	POST   /v1/models/download             {model_ref} → {download_id, local_path}
-//	GET    /v1/models/download/progress?id  SSE progress
-//	GET    /v1/models                       the catalog
-//	DELETE /v1/models/{ref...}              ref URL-escaped (or plain slashes)
-func (s *Store) Routes(rt *api.Router, auth api.AuthFunc) {
-	rt.HandleFunc("POST /v1/models/download", auth, s.handleDownload)
-	rt.HandleFunc("GET /v1/models/download/progress", auth, s.handleProgress)
-	rt.HandleFunc("GET /v1/models", auth, s.handleList)
-	rt.HandleFunc("DELETE /v1/models/{ref...}", auth, s.handleDelete)
-}
-
-func (s *Store) handleDownload(w http.ResponseWriter, r *http.Request) {
+// HandleDownload answers POST /v1/models/download {model_ref} → {download_id, local_path}.
+func (s *Store) HandleDownload(w http.ResponseWriter, r *http.Request) {
 	var req DownloadRequest
 	if err := api.DecodeJSON(w, r, &req); err != nil {
 		api.WriteError(w, err)
@@ -65,7 +53,8 @@ func (s *Store) handleDownload(w http.ResponseWriter, r *http.Request) {
 	api.WriteJSON(w, http.StatusOK, DownloadResponse{DownloadID: d.id})
 }
 
-func (s *Store) handleProgress(w http.ResponseWriter, r *http.Request) {
+// HandleProgress answers GET /v1/models/download/progress?id= with SSE progress.
+func (s *Store) HandleProgress(w http.ResponseWriter, r *http.Request) {
 	id := r.URL.Query().Get("id")
 	if id == "" {
 		api.WriteError(w, api.Validation("id", "missing query parameter id"))
@@ -121,7 +110,8 @@ func (s *Store) handleProgress(w http.ResponseWriter, r *http.Request) {
 	}
 }
 
-func (s *Store) handleList(w http.ResponseWriter, r *http.Request) {
+// HandleList answers GET /v1/models: the catalog.
+func (s *Store) HandleList(w http.ResponseWriter, r *http.Request) {
 	ms, err := s.List(r.Context())
 	if err != nil {
 		s.log.Error("model list failed", "error", err)
@@ -131,7 +121,8 @@ func (s *Store) handleList(w http.ResponseWriter, r *http.Request) {
 	api.WriteJSON(w, http.StatusOK, ListResponse{Models: ms})
 }
 
-func (s *Store) handleDelete(w http.ResponseWriter, r *http.Request) {
+// HandleDelete answers DELETE /v1/models/{ref...} (ref URL-escaped, or plain slashes).
+func (s *Store) HandleDelete(w http.ResponseWriter, r *http.Request) {
 	m, err := s.Delete(r.Context(), refFromPath(r))
 	if err != nil {
 		api.WriteError(w, err)

@@ -13,6 +13,9 @@ type metrics struct {
 	failures  *prometheus.CounterVec
 	diskBytes prometheus.Gauge
 	evictions prometheus.Counter
+	// catalogRebuilds counts corrupt catalogs moved aside and rebuilt.
+	catalogRebuilds prometheus.Counter
+	partialsRemoved *prometheus.CounterVec
 }
 
 func newMetrics(reg prometheus.Registerer) (*metrics, error) {
@@ -37,12 +40,23 @@ func newMetrics(reg prometheus.Registerer) (*metrics, error) {
 			Name: "rbee_hive_model_evictions_total",
 			Help: "Models deleted by the retention policy (least recently used, not in use) to stay under max_bytes.",
 		}),
+		catalogRebuilds: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "rbee_hive_model_catalog_rebuilds_total",
+			Help: "Times the model catalog was corrupt at start, moved aside and rebuilt from the model files on disk.",
+		}),
+		partialsRemoved: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "rbee_hive_model_partials_removed_total",
+			Help: "Orphaned partial downloads (*.incomplete, owned by no running download) removed, by reason (stale: older than the partial max age; max_bytes: to stay under models.max_bytes).",
+		}, []string{"reason"}),
 	}
 	// Every reason exists from the start so rate() sees the first failure.
 	for _, r := range failureReasons {
 		m.failures.WithLabelValues(r)
 	}
-	for _, c := range []prometheus.Collector{m.inFlight, m.bytes, m.failures, m.diskBytes, m.evictions} {
+	for _, r := range []string{partialStale, partialMaxBytes} {
+		m.partialsRemoved.WithLabelValues(r)
+	}
+	for _, c := range []prometheus.Collector{m.inFlight, m.bytes, m.failures, m.diskBytes, m.evictions, m.catalogRebuilds, m.partialsRemoved} {
 		if err := reg.Register(c); err != nil {
 			return nil, fmt.Errorf("model: register metrics: %w", err)
 		}

@@ -8,7 +8,7 @@ import (
 	"strings"
 )
 
-// Progress stages, as the original's DownloadEvent tags.
+// Progress stages, the event tags clients know (docs/compat.md).
 const (
 	StageDownloading = "downloading"
 	StageComplete    = "complete"
@@ -16,7 +16,7 @@ const (
 )
 
 // Progress is one event of GET /v1/models/download/progress. On the wire each
-// stage carries exactly the original's fields:
+// stage carries exactly these fields (docs/api.md#download-progress-sse):
 //
 //	{"stage":"downloading","bytes_downloaded":u64,"bytes_total":u64,"speed_mbps":f64}
 //	{"stage":"complete","local_path":"..."}

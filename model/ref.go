@@ -1,7 +1,7 @@
 // Package model resolves model references, downloads HuggingFace models with
 // resume and verification, keeps them in a SQLite catalog, evicts the least
-// recently used ones under a byte budget, and serves the original hive's
-// /v1/models routes (download + SSE progress) plus list and delete.
+// recently used ones under a byte budget, and serves the /v1/models routes
+// (download + SSE progress, list, delete; docs/api.md).
 package model
 
 import (
@@ -13,7 +13,8 @@ import (
 	"github.com/rbee/rbee-hive/api"
 )
 
-// MaxRefLen is the original's validate_model_ref limit.
+// MaxRefLen is the reference length limit clients already validate against
+// (docs/compat.md).
 const MaxRefLen = 512
 
 // Providers.
@@ -57,8 +58,8 @@ func (r Ref) String() string {
 	return ""
 }
 
-// refError is the 400 every bad reference gets; the message keeps the
-// original's "Invalid model_ref: <reason>" wording.
+// refError is the 400 every bad reference gets; the "Invalid model_ref:
+// <reason>" wording is the one clients know (docs/compat.md).
 func refError(format string, args ...any) *api.Error {
 	return &api.Error{
 		Status:  http.StatusBadRequest,
@@ -68,7 +69,8 @@ func refError(format string, args ...any) *api.Error {
 	}
 }
 
-// validateChars applies the original input-validation rules, in its order.
+// validateChars applies the reference input-validation rules in the order
+// clients know (docs/compat.md).
 // '@' is allowed in addition to [A-Za-z0-9-_/:.] for the revision.
 func validateChars(s string) error {
 	if s == "" {
@@ -100,8 +102,8 @@ func validateChars(s string) error {
 }
 
 // ParseRef validates and parses a model reference. Every failure is a 400
-// *api.Error naming the problem; nothing is defaulted silently (the original
-// mapped unknown repos to TinyLlama).
+// *api.Error naming the problem; nothing is defaulted silently: a typo must
+// not download some other model.
 func ParseRef(s string) (Ref, error) {
 	if err := validateChars(s); err != nil {
 		return Ref{}, err

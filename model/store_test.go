@@ -568,7 +568,14 @@ func TestStalledDownloadFails(t *testing.T) {
 func newAPIServer(t testing.TB, ts *testStore) *httptest.Server {
 	rt := api.NewRouter(testLogger(t))
 	auth := api.Authenticator{Token: "api-token"}
-	ts.Routes(rt, auth.Check)
+	err := rt.Register(auth.Check,
+		api.Route{Pattern: "POST /v1/models/download", Auth: api.AuthToken, Handler: api.Plain(http.HandlerFunc(ts.HandleDownload))},
+		api.Route{Pattern: "GET /v1/models/download/progress", Auth: api.AuthToken, Handler: api.Plain(http.HandlerFunc(ts.HandleProgress))},
+		api.Route{Pattern: "GET /v1/models", Auth: api.AuthToken, Handler: api.Plain(http.HandlerFunc(ts.HandleList))},
+		api.Route{Pattern: "DELETE /v1/models/{ref...}", Auth: api.AuthToken, Handler: api.Plain(http.HandlerFunc(ts.HandleDelete))})
+	if err != nil {
+		t.Fatal(err)
+	}
 	srv := httptest.NewServer(rt)
 	t.Cleanup(srv.Close)
 	return srv

@@ -11,6 +11,10 @@
 //
 //	data: {"type":"error","code":"WORKER_STREAM_ERROR","message":"..."}
 //	data: {"type":"error","code":"TIMEOUT","message":"..."}
+//	data: {"type":"error","code":"HIVE_SHUTTING_DOWN","message":"..."}
+//
+// The last one is sent to every stream still open when the hive, shutting
+// down, calls Drain.
 //
 // Failures before the first byte of the stream are JSON error envelopes
 // (api.WriteError) with the status the client should see.
@@ -29,6 +33,7 @@ import (
 	"net"
 	"net/http"
 	"net/url"
+	"os"
 	"strings"
 	"sync"
 	"time"
@@ -45,6 +50,8 @@ const (
 	CodeWorkerBadResponse = "WORKER_BAD_RESPONSE" // 502: 200 but not text/event-stream
 	CodeStreamError       = "WORKER_STREAM_ERROR" // SSE: the stream ended before the end event
 	CodeStreamTimeout     = "TIMEOUT"             // SSE: the worker's own code for a timeout
+	CodeRequestTimeout    = "REQUEST_TIMEOUT"     // 408: the client's body did not arrive in time
+	CodeShuttingDown      = "HIVE_SHUTTING_DOWN"  // SSE: Drain ended the stream
 )
 
 // Defaults for Options' zero values.
@@ -116,12 +123,17 @@ type Proxy struct {
 	log          *slog.Logger
 	m            *metrics
 	readers      sync.Pool // *bufio.Reader: a stream's line buffer, reused
+	// drained ends with Drain. It is not the client's context: a
+	// stream ended by Drain still gets its error event and [DONE].
+	drained context.Context
+	drain   context.CancelFunc
 }
 
 // Causes set on the upstream context, to tell a timeout from a client leaving.
 var (
 	errDeadline = errors.New("inference deadline exceeded")
 	errIdle     = errors.New("worker idle timeout")
+	errDrain    = errors.New("the hive is shutting down")
 )
 
 // New builds a Proxy whose metrics are registered in reg.
@@ -158,6 +170,7 @@ func New(reg prometheus.Registerer, opts Options) (*Proxy, error) {
 		log:          opts.Logger,
 		m:            m,
 	}
+	p.drained, p.drain = context.WithCancel(context.Background())
 	if p.maxBody <= 0 {
 		p.maxBody = api.MaxBodyBytes
 	}
@@ -166,6 +179,13 @@ func New(reg prometheus.Registerer, opts Options) (*Proxy, error) {
 	}
 	return p, nil
 }
+
+// Drain ends every open stream now: its worker request is cancelled and
+// the client gets a HIVE_SHUTTING_DOWN error event, then [DONE], so that a
+// stream longer than the hive's shutdown drain ends in a way the client can
+// tell from a broken connection. Requests that arrive later get 503.
+// Call it shortly before the HTTP server's shutdown deadline.
+func (p *Proxy) Drain() { p.drain() }
 
 func orDefault(d, def time.Duration) time.Duration {
 	switch {
@@ -210,6 +230,10 @@ func (p *Proxy) serve(w http.ResponseWriter, r *http.Request, upstream *url.URL,
 		api.WriteError(w, api.Errorf(http.StatusInternalServerError, api.CodeInternal, "no worker address"))
 		return outcome{status: StatusError, errorType: ErrorTypeUnreachable, err: errors.New("nil upstream URL")}
 	}
+	if p.drained.Err() != nil {
+		api.WriteError(w, api.Errorf(http.StatusServiceUnavailable, api.CodeUnavailable, "the hive is shutting down"))
+		return outcome{status: StatusError, errorType: ErrorTypeShutdown, err: errDrain}
+	}
 	body, err := io.ReadAll(http.MaxBytesReader(w, r.Body, p.maxBody))
 	if err != nil {
 		var mbe *http.MaxBytesError
@@ -217,11 +241,22 @@ func (p *Proxy) serve(w http.ResponseWriter, r *http.Request, upstream *url.URL,
 			api.WriteError(w, api.Errorf(http.StatusRequestEntityTooLarge, api.CodePayloadTooLarge, "request body exceeds %d bytes", p.maxBody))
 			return outcome{status: StatusRejected, err: fmt.Errorf("read request body: %w", err)}
 		}
-		return outcome{status: StatusCancelled, errorType: ErrorTypeClientCancel, err: fmt.Errorf("read request body: %w", err)}
+		// A body cut short (the client half-closed before Content-Length
+		// bytes) or too slow for the server's read timeout is the
+		// request's fault: answer it with an envelope, like every other
+		// bad body. A client that is really gone never reads the answer.
+		if isReadTimeout(err) {
+			api.WriteError(w, api.Errorf(http.StatusRequestTimeout, CodeRequestTimeout, "the request body did not arrive in time"))
+		} else {
+			api.WriteError(w, api.Errorf(http.StatusBadRequest, api.CodeInvalidJSON, "request body incomplete: %v", err))
+		}
+		return outcome{status: StatusRejected, err: fmt.Errorf("read request body: %w", err)}
 	}
 
 	ctx, cancel := context.WithCancelCause(r.Context())
 	defer cancel(nil)
+	stopDrain := context.AfterFunc(p.drained, func() { cancel(errDrain) })
+	defer stopDrain()
 	if p.timeout > 0 {
 		var cancelT context.CancelFunc
 		ctx, cancelT = context.WithTimeoutCause(ctx, p.timeout, errDeadline)
@@ -295,6 +330,9 @@ func (p *Proxy) serve(w http.ResponseWriter, r *http.Request, upstream *url.URL,
 		return outcome{status: StatusOK}
 	case cw.err != nil || r.Context().Err() != nil:
 		return outcome{status: StatusCancelled, errorType: ErrorTypeClientCancel, err: errors.Join(cw.err, r.Context().Err())}
+	case errors.Is(context.Cause(ctx), errDrain):
+		cw.finish(st, CodeShuttingDown, errDrain.Error())
+		return outcome{status: StatusError, errorType: ErrorTypeShutdown, err: errDrain}
 	case isTimeout(ctx):
 		cw.finish(st, CodeStreamTimeout, "the worker did not finish in time: "+context.Cause(ctx).Error())
 		return outcome{status: StatusError, errorType: ErrorTypeTimeout, err: context.Cause(ctx)}
@@ -307,6 +345,13 @@ func (p *Proxy) serve(w http.ResponseWriter, r *http.Request, upstream *url.URL,
 	}
 }
 
+// isReadTimeout reports whether a body read failed on the connection's
+// read deadline (http.Server.ReadTimeout).
+func isReadTimeout(err error) bool {
+	var ne net.Error
+	return errors.Is(err, os.ErrDeadlineExceeded) || (errors.As(err, &ne) && ne.Timeout())
+}
+
 func isTimeout(ctx context.Context) bool {
 	c := context.Cause(ctx)
 	return errors.Is(c, errDeadline) || errors.Is(c, errIdle)
@@ -317,6 +362,9 @@ func (p *Proxy) failBeforeStream(ctx context.Context, w http.ResponseWriter, r *
 	switch {
 	case r.Context().Err() != nil:
 		return outcome{status: StatusCancelled, errorType: ErrorTypeClientCancel, err: err}
+	case errors.Is(context.Cause(ctx), errDrain):
+		api.WriteError(w, api.Errorf(http.StatusServiceUnavailable, api.CodeUnavailable, "the hive is shutting down"))
+		return outcome{status: StatusError, errorType: ErrorTypeShutdown, err: fmt.Errorf("worker request: %w", err)}
 	case isTimeout(ctx):
 		api.WriteError(w, api.Errorf(http.StatusGatewayTimeout, CodeWorkerTimeout, "the worker did not answer in time"))
 		return outcome{status: StatusError, errorType: ErrorTypeTimeout, err: fmt.Errorf("worker request: %w", err)}

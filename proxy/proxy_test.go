@@ -167,7 +167,7 @@ func readAll(t *testing.T, r io.Reader) []string {
 	}
 }
 
-// worker is a real HTTP upstream speaking spec §6.1's stream.
+// worker is a real HTTP upstream speaking the worker's inference stream.
 type worker struct {
 	tokens   int
 	delay    time.Duration

@@ -11,7 +11,8 @@ import (
 
 // stream is what the proxy learns from the worker's SSE as it passes:
 // the SSE framing (data lines joined until a blank line, per the
-// EventSource rules) and the fields of spec §6.1 that feed the metrics.
+// EventSource rules) and the fields of the worker's inference events
+// (docs/api.md#inference-proxy) that feed the metrics.
 type stream struct {
 	ttft prometheus.Observer
 

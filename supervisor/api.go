@@ -2,21 +2,19 @@ package supervisor
 
 import (
 	"context"
-	"errors"
-	"log/slog"
 	"net/http"
 	"net/url"
-	"runtime/debug"
 	"sort"
 	"strconv"
 	"strings"
 	"time"
 
 	"github.com/rbee/rbee-hive/api"
+	"github.com/rbee/rbee-hive/config"
+	workerproto "github.com/rbee/rbee-hive/worker"
 )
 
-// WorkerInfo is a worker as the API shows it: the original fields (RFC 3339
-// timestamps instead of serde's SystemTime objects) plus the hive's own.
+// WorkerInfo is a worker as the API shows it (timestamps in RFC 3339).
 type WorkerInfo struct {
 	ID                 string     `json:"id"`
 	URL                string     `json:"url"`
@@ -36,8 +34,8 @@ type WorkerInfo struct {
 	StateReason      string            `json:"state_reason,omitempty"`
 	Health           string            `json:"health,omitempty"`
 	Status           string            `json:"status,omitempty"`
-	HealthMode       string            `json:"health_mode"`
-	RestartPolicy    string            `json:"restart_policy"`
+	HealthMode       config.HealthMode `json:"health_mode"`
+	RestartPolicy    RestartPolicy     `json:"restart_policy"`
 	MemoryLimitBytes int64             `json:"memory_limit_bytes"`
 	VRAMBytes        int64             `json:"vram_bytes,omitempty"`
 	GPUUUID          string            `json:"gpu_uuid,omitempty"`
@@ -45,9 +43,10 @@ type WorkerInfo struct {
 	CreatedAt        time.Time         `json:"created_at"`
 	StartedAt        *time.Time        `json:"started_at,omitempty"`
 	InFlight         int               `json:"in_flight"`
-	ExitReason       string            `json:"exit_reason,omitempty"`
+	ExitReason       ExitReason        `json:"exit_reason,omitempty"`
 	ExitCode         *int              `json:"exit_code,omitempty"`
 	ExitSignal       *int              `json:"exit_signal,omitempty"`
+	ContextSize      int               `json:"context_size,omitempty"` // what an OpenAI engine reports (engine.go)
 	Figures          map[string]string `json:"figures,omitempty"`
 	Resources        *Resources        `json:"resources,omitempty"`
 }
@@ -77,10 +76,10 @@ type Resources struct {
 // info snapshots w. Caller holds s.mu.
 func (s *Supervisor) info(w *worker) WorkerInfo {
 	wi := WorkerInfo{ID: w.id, URL: w.url, ModelRef: w.modelRef, Backend: w.backend, Device: w.device,
-		State: w.state, LastActivity: w.lastActivity, SlotsTotal: 1, FailedHealthChecks: w.healthFails,
-		RestartCount: w.restartCount, StateReason: w.reason, Health: w.health, Status: w.status,
-		HealthMode: string(w.be.Health), RestartPolicy: w.policy, MemoryLimitBytes: w.memLimit, VRAMBytes: w.vram,
-		GPUUUID: w.gpuUUID, Port: w.port, CreatedAt: w.created, InFlight: w.inflight, ExitReason: w.exitReason}
+		State: w.state, LastActivity: w.lastActivity, SlotsTotal: 1, FailedHealthChecks: w.failedHealthChecks,
+		RestartCount: w.restartCount, StateReason: w.stateReason, Health: w.reportedHealth, Status: w.statusLine,
+		HealthMode: w.backendCfg.Health, RestartPolicy: w.restartPolicy, MemoryLimitBytes: w.memoryLimit, VRAMBytes: int64(w.vramRequested),
+		GPUUUID: w.gpuUUID, Port: w.port, CreatedAt: w.createdAt, InFlight: w.inFlight, ExitReason: w.exitReason}
 	if w.state == StateIdle {
 		wi.SlotsAvailable = 1
 	}
@@ -142,7 +141,7 @@ func (s *Supervisor) Get(id string) (WorkerInfo, error) {
 	}
 	wi := s.info(w)
 	r := w.run
-	vram := w.figures["RBEE_VRAM_BYTES"]
+	vram := w.figures[workerproto.KeyVRAMBytes]
 	s.mu.Unlock()
 	if r != nil && wi.Resources == nil {
 		if st, err := r.leaf.Stats(); err == nil {
@@ -157,140 +156,99 @@ func (s *Supervisor) Get(id string) (WorkerInfo, error) {
 	return wi, nil
 }
 
-// Routes registers the worker API. auth guards every route; the ready and
-// heartbeat routes also accept the worker's own RBEE_WORKER_TOKEN, for that
-// worker only.
-func (s *Supervisor) Routes(rt *api.Router, auth api.AuthFunc) {
-	rt.HandleFunc("POST /v1/workers/spawn", auth, s.safe(s.handleSpawn))
-	rt.HandleFunc("GET /v1/workers/list", auth, s.safe(s.handleList))
-	rt.HandleFunc("GET /v1/workers/{id}", auth, s.safe(s.handleGet))
-	rt.HandleFunc("DELETE /v1/workers/{id}", auth, s.safe(s.handleDelete))
-	rt.HandleFunc("GET /v1/workers/{id}/logs", auth, s.safe(s.handleLogs))
-	rt.HandleFunc("POST /v1/workers/{id}/inference", auth, s.safe(s.handleInference))
-	rt.HandleFunc("POST /v1/workers/ready", nil, s.safe(func(w http.ResponseWriter, r *http.Request) { s.handleReady(w, r, auth) }))
-	rt.HandleFunc("POST /v1/heartbeat", nil, s.safe(func(w http.ResponseWriter, r *http.Request) { s.handleHeartbeat(w, r, auth) }))
-}
-
-// safe turns a panic in a handler into a 500 envelope instead of a dropped
-// connection; a bug must not take a request path down with it. The panic
-// goes to the supervisor's logger (journald), not the process default.
-func (s *Supervisor) safe(h http.HandlerFunc) http.HandlerFunc {
-	return func(w http.ResponseWriter, r *http.Request) {
-		defer func() {
-			if v := recover(); v != nil {
-				if v == http.ErrAbortHandler {
-					panic(v)
-				}
-				s.log.Error("panic in worker API handler", slog.Any("panic", v), slog.String("method", r.Method),
-					slog.String("path", r.URL.Path), slog.String("stack", string(debug.Stack())))
-				api.WriteError(w, api.Errorf(http.StatusInternalServerError, api.CodeInternal, "internal error"))
-			}
-		}()
-		h(w, r)
-	}
-}
-
-// writeError answers err as the JSON envelope. An error that is no
-// *api.Error goes out as a bare "internal error", so its text is logged
-// here: otherwise nobody would ever see it.
-func (s *Supervisor) writeError(w http.ResponseWriter, r *http.Request, err error) {
-	var ae *api.Error
-	if !errors.As(err, &ae) {
-		s.log.Error("worker API request failed", slog.String("method", r.Method), slog.String("path", r.URL.Path), slog.Any("err", err))
-	}
-	api.WriteError(w, err)
-}
-
-func (s *Supervisor) handleSpawn(w http.ResponseWriter, r *http.Request) {
+// HandleSpawn answers POST /v1/workers/spawn.
+func (s *Supervisor) HandleSpawn(w http.ResponseWriter, r *http.Request) error {
 	var req SpawnRequest
 	if err := api.DecodeJSON(w, r, &req); err != nil {
-		s.writeError(w, r, err)
-		return
+		return err
 	}
 	res, err := s.Spawn(r.Context(), req)
 	if err != nil {
-		s.writeError(w, r, err)
-		return
+		return err
 	}
 	api.WriteJSON(w, http.StatusOK, res)
+	return nil
 }
 
-func (s *Supervisor) handleList(w http.ResponseWriter, r *http.Request) {
+// HandleList answers GET /v1/workers/list.
+func (s *Supervisor) HandleList(w http.ResponseWriter, r *http.Request) error {
 	api.WriteJSON(w, http.StatusOK, map[string]any{"workers": s.List()})
+	return nil
 }
 
-func (s *Supervisor) handleGet(w http.ResponseWriter, r *http.Request) {
+// HandleGet answers GET /v1/workers/{id}.
+func (s *Supervisor) HandleGet(w http.ResponseWriter, r *http.Request) error {
 	wi, err := s.Get(pathID(r))
 	if err != nil {
-		s.writeError(w, r, err)
-		return
+		return err
 	}
+	s.engineDetails(r.Context(), &wi)
 	api.WriteJSON(w, http.StatusOK, wi)
+	return nil
 }
 
-func (s *Supervisor) handleDelete(w http.ResponseWriter, r *http.Request) {
+// HandleDelete answers DELETE /v1/workers/{id}.
+func (s *Supervisor) HandleDelete(w http.ResponseWriter, r *http.Request) error {
 	// A client that hangs up must not cut the worker's grace period short:
 	// the stop was accepted and runs to its end either way.
 	ctx, cancel := context.WithTimeout(context.WithoutCancel(r.Context()), s.cfg.Workers.GracePeriod.D()+30*time.Second)
 	defer cancel()
 	wi, err := s.Stop(ctx, pathID(r))
 	if err != nil {
-		s.writeError(w, r, err)
-		return
+		return err
 	}
 	api.WriteJSON(w, http.StatusOK, wi)
+	return nil
 }
 
-func (s *Supervisor) handleLogs(w http.ResponseWriter, r *http.Request) {
+// HandleLogs answers GET /v1/workers/{id}/logs.
+func (s *Supervisor) HandleLogs(w http.ResponseWriter, r *http.Request) error {
 	stream := r.URL.Query().Get("stream")
-	if stream != "" && stream != "stdout" && stream != "stderr" {
-		api.WriteError(w, badField("stream", "must be stdout or stderr, got %q", stream))
-		return
+	if stream != "" && stream != streamStdout && stream != streamStderr {
+		return badField("stream", "must be stdout or stderr, got %q", stream)
 	}
 	id := pathID(r)
 	s.mu.Lock()
 	wk := s.workers[id]
 	s.mu.Unlock()
 	if wk == nil {
-		api.WriteError(w, workerNotFound(id))
-		return
+		return workerNotFound(id)
 	}
 	w.Header().Set("Content-Type", "text/plain; charset=utf-8")
 	w.Header().Set("X-Content-Type-Options", "nosniff")
 	w.WriteHeader(http.StatusOK)
 	_, _ = w.Write(wk.logs.tail(stream))
+	return nil
 }
 
-func (s *Supervisor) handleInference(w http.ResponseWriter, r *http.Request) {
+// HandleInference answers POST /v1/workers/{id}/inference.
+func (s *Supervisor) HandleInference(w http.ResponseWriter, r *http.Request) error {
 	id := pathID(r)
 	s.mu.Lock()
 	wk := s.workers[id]
 	if wk == nil {
 		s.mu.Unlock()
-		api.WriteError(w, workerNotFound(id))
-		return
+		return workerNotFound(id)
 	}
 	if wk.state != StateIdle && wk.state != StateBusy {
 		st := wk.state
 		s.mu.Unlock()
-		api.WriteError(w, api.Errorf(http.StatusConflict, api.CodeConflict, "worker %s is %s, not ready for inference", id, st).
-			WithDetails(map[string]any{"worker_id": id, "state": string(st)}))
-		return
+		return api.Errorf(http.StatusConflict, api.CodeConflict, "worker %s is %s, not ready for inference", id, st).
+			WithDetails(map[string]any{"worker_id": id, "state": string(st)})
 	}
 	r0 := wk.run
-	target := ProxyTarget{WorkerID: id, Backend: wk.backend, Model: wk.modelRef, Token: wk.token}
+	target := ProxyTarget{WorkerID: id, Backend: wk.backend, Model: wk.modelRef, Token: wk.token,
+		API: string(wk.backendCfg.API), Route: engineRoute(r, id)}
 	s.mu.Unlock()
 	if s.deps.Proxy == nil {
-		api.WriteError(w, api.Errorf(http.StatusServiceUnavailable, api.CodeUnavailable, "no inference proxy configured"))
-		return
+		return api.Errorf(http.StatusServiceUnavailable, api.CodeUnavailable, "no inference proxy configured")
 	}
 	u, err := url.Parse(wk.url)
 	if err != nil {
-		s.writeError(w, r, err)
-		return
+		return err
 	}
 	target.URL = u
-	// counted says this request holds one of wk.inflight (guarded by s.mu):
+	// counted says this request holds one of wk.inFlight (guarded by s.mu):
 	// a second OnEnd must not end another request's count, and a proxy that
 	// panics or forgets OnEnd must not leave the worker busy for good.
 	counted := false
@@ -301,7 +259,7 @@ func (s *Supervisor) handleInference(w http.ResponseWriter, r *http.Request) {
 			return
 		}
 		counted = true
-		wk.inflight++
+		wk.inFlight++
 		if wk.state == StateIdle {
 			s.setState(wk, StateBusy, "inference")
 		}
@@ -313,16 +271,17 @@ func (s *Supervisor) handleInference(w http.ResponseWriter, r *http.Request) {
 			return
 		}
 		counted = false
-		if wk.run != r0 || wk.inflight == 0 {
+		if wk.run != r0 || wk.inFlight == 0 {
 			return
 		}
-		wk.inflight--
-		if wk.inflight == 0 && wk.state == StateBusy {
+		wk.inFlight--
+		if wk.inFlight == 0 && wk.state == StateBusy {
 			s.setState(wk, StateIdle, "inference done")
 		}
 	}
 	defer target.OnEnd()
 	s.deps.Proxy.Forward(w, r, target)
+	return nil
 }
 
 // pathID is the {id} of /v1/workers/{id}[/...]. It falls back to parsing
@@ -365,7 +324,7 @@ func forbiddenFor(self, other string) *api.Error {
 		WithDetails(map[string]any{"worker_id": other})
 }
 
-// ReadyRequest is the original ready callback body.
+// ReadyRequest is the body of POST /v1/workers/ready.
 type ReadyRequest struct {
 	WorkerID string `json:"worker_id"`
 	URL      string `json:"url"`
@@ -374,108 +333,108 @@ type ReadyRequest struct {
 	Device   *int64 `json:"device"`
 }
 
-// handleReady is POST /v1/workers/ready. Unlike the original, an unknown
-// worker id is a 404, not a silent 200.
-func (s *Supervisor) handleReady(w http.ResponseWriter, r *http.Request, auth api.AuthFunc) {
+// HandleReady answers POST /v1/workers/ready (auth class worker-token):
+// apiAuth accepts the API token, and a worker's own token is accepted for
+// that worker. An unknown worker id is a 404: a silent 200 would hide a
+// worker that talks to the wrong hive.
+func (s *Supervisor) HandleReady(apiAuth api.AuthFunc) api.HandlerFunc {
+	return func(w http.ResponseWriter, r *http.Request) error { return s.ready(w, r, apiAuth) }
+}
+
+func (s *Supervisor) ready(w http.ResponseWriter, r *http.Request, auth api.AuthFunc) error {
 	self, aerr := s.workerAuth(r, auth)
 	if aerr != nil {
-		api.WriteError(w, aerr)
-		return
+		return aerr
 	}
 	var req ReadyRequest
 	if err := api.DecodeJSON(w, r, &req); err != nil {
-		s.writeError(w, r, err)
-		return
+		return err
 	}
 	if msg := checkIdentifier(req.WorkerID, 256); msg != "" {
-		api.WriteError(w, badField("worker_id", "%s", msg))
-		return
+		return badField("worker_id", "%s", msg)
 	}
 	if msg := checkModelRef(req.ModelRef); msg != "" {
-		api.WriteError(w, badField("model_ref", "%s", msg))
-		return
+		return badField("model_ref", "%s", msg)
 	}
 	if msg := checkIdentifier(req.Backend, 64); msg != "" {
-		api.WriteError(w, badField("backend", "%s", msg))
-		return
+		return badField("backend", "%s", msg)
 	}
 	if req.Device == nil {
-		api.WriteError(w, api.Errorf(http.StatusUnprocessableEntity, api.CodeValidation, "missing field `device`").
-			WithDetails(map[string]any{"field": "device"}))
-		return
+		return api.Errorf(http.StatusUnprocessableEntity, api.CodeValidation, "missing field `device`").
+			WithDetails(map[string]any{"field": "device"})
 	}
 	if self != "" && self != req.WorkerID {
-		api.WriteError(w, forbiddenFor(self, req.WorkerID))
-		return
+		return forbiddenFor(self, req.WorkerID)
 	}
 	s.mu.Lock()
 	wk := s.workers[req.WorkerID]
-	if wk == nil || (wk.run == nil && !wk.starting) {
+	if wk == nil || (wk.run == nil && !wk.startInFlight) {
 		s.mu.Unlock()
-		api.WriteError(w, workerNotFound(req.WorkerID))
-		return
+		return workerNotFound(req.WorkerID)
 	}
 	if wk.run == nil {
 		// Called back before its start was registered: apply it then.
-		if wk.early == nil {
-			wk.early = make(map[string]string)
+		if wk.earlyFields == nil {
+			wk.earlyFields = make(map[string]string)
 		}
-		wk.early["READY"] = "1"
-		wk.earlyVia = "POST /v1/workers/ready"
+		wk.earlyFields[workerproto.KeyReady] = "1"
+		wk.earlyReadyVia = "POST /v1/workers/ready"
 	} else {
 		s.markReady(wk, "POST /v1/workers/ready")
 	}
 	s.mu.Unlock()
 	api.WriteJSON(w, http.StatusOK, map[string]string{"message": "Worker registered as ready"})
+	return nil
 }
 
-// HeartbeatRequest is the original heartbeat body.
+// HeartbeatRequest is the body of POST /v1/heartbeat.
 type HeartbeatRequest struct {
 	WorkerID     string `json:"worker_id"`
 	Timestamp    string `json:"timestamp"`
 	HealthStatus string `json:"health_status"`
 }
 
-func (s *Supervisor) handleHeartbeat(w http.ResponseWriter, r *http.Request, auth api.AuthFunc) {
+// HandleHeartbeat answers POST /v1/heartbeat (auth class worker-token),
+// authenticated as HandleReady is.
+func (s *Supervisor) HandleHeartbeat(apiAuth api.AuthFunc) api.HandlerFunc {
+	return func(w http.ResponseWriter, r *http.Request) error { return s.heartbeatCallback(w, r, apiAuth) }
+}
+
+func (s *Supervisor) heartbeatCallback(w http.ResponseWriter, r *http.Request, auth api.AuthFunc) error {
 	self, aerr := s.workerAuth(r, auth)
 	if aerr != nil {
 		s.m.heartbeatsRejected.WithLabelValues(rejectUnauthorized).Inc()
-		api.WriteError(w, aerr)
-		return
+		return aerr
 	}
 	var req HeartbeatRequest
 	if err := api.DecodeJSON(w, r, &req); err != nil {
 		s.m.heartbeatsRejected.WithLabelValues(rejectInvalid).Inc()
-		s.writeError(w, r, err)
-		return
+		return err
 	}
 	if req.WorkerID == "" || len(req.WorkerID) > 256 {
 		s.m.heartbeatsRejected.WithLabelValues(rejectInvalid).Inc()
-		api.WriteError(w, api.Errorf(http.StatusUnprocessableEntity, api.CodeValidation, "worker_id must be 1 to 256 characters").
-			WithDetails(map[string]any{"field": "worker_id"}))
-		return
+		return api.Errorf(http.StatusUnprocessableEntity, api.CodeValidation, "worker_id must be 1 to 256 characters").
+			WithDetails(map[string]any{"field": "worker_id"})
 	}
-	if req.HealthStatus != "healthy" && req.HealthStatus != "degraded" {
+	if h := workerproto.HealthStatus(req.HealthStatus); h != workerproto.Healthy && h != workerproto.Degraded {
 		s.m.heartbeatsRejected.WithLabelValues(rejectInvalid).Inc()
-		api.WriteError(w, api.Errorf(http.StatusUnprocessableEntity, api.CodeValidation,
-			"health_status must be \"healthy\" or \"degraded\", got %q", req.HealthStatus).WithDetails(map[string]any{"field": "health_status"}))
-		return
+		return api.Errorf(http.StatusUnprocessableEntity, api.CodeValidation,
+			"health_status must be \"healthy\" or \"degraded\", got %q", req.HealthStatus).WithDetails(map[string]any{"field": "health_status"})
 	}
 	if self != "" && self != req.WorkerID {
 		s.m.heartbeatsRejected.WithLabelValues(rejectUnauthorized).Inc()
-		api.WriteError(w, forbiddenFor(self, req.WorkerID))
-		return
+		return forbiddenFor(self, req.WorkerID)
 	}
 	s.mu.Lock()
 	wk := s.workers[req.WorkerID]
 	if wk == nil || wk.state.terminal() {
 		s.mu.Unlock()
 		s.m.heartbeatsRejected.WithLabelValues(rejectUnknownWorker).Inc()
-		api.WriteError(w, workerNotFound(req.WorkerID))
-		return
+		return workerNotFound(req.WorkerID)
 	}
-	wk.health = req.HealthStatus
+	wk.reportedHealth = req.HealthStatus
 	s.heartbeat(wk)
 	s.mu.Unlock()
 	api.WriteJSON(w, http.StatusOK, map[string]string{"message": "Heartbeat received"})
+	return nil
 }

@@ -146,7 +146,7 @@ func TestCallbackMode(t *testing.T) {
 	if strings.Contains(string(env), "NOTIFY_SOCKET=") {
 		t.Error("callback worker got a notify socket")
 	}
-	// The original body; an unknown id is a JSON 404 (the original said 200).
+	// The documented body; an unknown id is a JSON 404.
 	ready := map[string]any{"worker_id": "w-nosuchworker9", "url": "http://localhost:1", "model_ref": "hf:a/b", "backend": "cpu", "device": 0}
 	if code, out := h.do("POST", "/v1/workers/ready", ready); code != 404 || !strings.Contains(string(out), "NOT_FOUND") {
 		t.Errorf("unknown ready: %d %s", code, out)
@@ -385,13 +385,13 @@ func TestInferenceBusyAccountingSurvivesProxyBugs(t *testing.T) {
 	if wi := h.get(res.WorkerID); wi.State != StateIdle || wi.InFlight != 0 {
 		t.Errorf("after a proxy panic: %s, %d in flight", wi.State, wi.InFlight)
 	}
-	if !strings.Contains(h.logs.String(), `msg="panic in worker API handler" component=supervisor`) {
-		t.Error("the panic is not in the supervisor's log")
+	if !strings.Contains(h.logs.String(), `msg="panic in HTTP handler"`) || !strings.Contains(h.logs.String(), "goroutine") {
+		t.Error("the panic and its stack are not in the hive's log")
 	}
 	// Another request is in flight while a buggy one ends twice.
 	h.s.mu.Lock()
 	w := h.s.workers[res.WorkerID]
-	w.inflight++
+	w.inFlight++
 	h.s.setState(w, StateBusy, "test")
 	h.s.mu.Unlock()
 	h.s.deps.Proxy = brokenProxy{}

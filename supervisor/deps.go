@@ -46,11 +46,12 @@ type AdmitRequest struct {
 	Device      int
 	GPUUUID     string // empty for non-cuda backends
 	CUDA        bool
-	MemoryBytes int64 // the worker's memory limit
-	VRAMBytes   int64 // 0: the admitter estimates from the model
+	MemoryBytes int64  // the worker's memory limit
+	VRAMBytes   uint64 // 0: the admitter estimates from the model
 	ModelRef    string
 	ModelPath   string // empty while the model still has to be downloaded
 	ContextSize int
+	Parallel    int // the backend's parallel slots, for the estimate
 }
 
 // Claim is an admitted reservation. Loaded is called once the worker is
@@ -113,13 +114,15 @@ type ProxyTarget struct {
 	Backend  string
 	Model    string
 	Token    string // the worker's own token, for the outbound Authorization header
+	API      string // the backend's api: "rbee" or "openai"
+	Route    string // the engine path, e.g. /v1/chat/completions (engine.go)
 	// OnStart and OnEnd must be called exactly once each; they keep the
 	// worker busy while requests are in flight.
 	OnStart func()
 	OnEnd   func()
 }
 
-// Proxy streams an inference request to a worker (the lead adapts
+// Proxy streams an inference request to a worker (cmd/rbee-hive adapts
 // proxy.Proxy.Serve).
 type Proxy interface {
 	Forward(w http.ResponseWriter, r *http.Request, t ProxyTarget)

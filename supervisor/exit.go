@@ -121,7 +121,7 @@ func (s *Supervisor) oomEvidence(r *run, oom *oomWatch) bool {
 }
 
 // classify turns a wait status into an exit reason and code.
-func classify(st *os.ProcessState, oomed bool) (string, *int) {
+func classify(st *os.ProcessState, oomed bool) (ExitReason, *int) {
 	if oomed {
 		return ReasonOOM, nil
 	}
@@ -144,9 +144,9 @@ func (s *Supervisor) onExit(w *worker, r *run, st *os.ProcessState, oomed bool) 
 	s.mu.Lock()
 	defer s.unlock()
 	w.run = nil
-	w.inflight = 0
+	w.inFlight = 0
 	s.clearDeadline(w)
-	attrs := []slog.Attr{slog.String("exit_reason", reason), slog.Int("pid", r.pid),
+	attrs := []slog.Attr{slog.String("exit_reason", string(reason)), slog.Int("pid", r.pid),
 		slog.Duration("ran", now.Sub(r.started))}
 	if code != nil {
 		if reason == ReasonSignaled {
@@ -155,8 +155,8 @@ func (s *Supervisor) onExit(w *worker, r *run, st *os.ProcessState, oomed bool) 
 			attrs = append(attrs, slog.Int("exit_code", *code))
 		}
 	}
-	if w.pending != "" {
-		attrs = append(attrs, slog.String("ordered", w.pending))
+	if w.killReason != "" {
+		attrs = append(attrs, slog.String("ordered", string(w.killReason)))
 	}
 	// Priorities for `journalctl -p warning`: an exit we ordered is routine,
 	// a crash is a warning, the OOM killer is an error.
@@ -164,33 +164,32 @@ func (s *Supervisor) onExit(w *worker, r *run, st *os.ProcessState, oomed bool) 
 	switch {
 	case reason == ReasonOOM:
 		level, msg = slog.LevelError, "worker killed by the OOM killer"
-	case w.pending == ReasonStopped:
+	case w.killReason == ReasonStopped:
 		level = slog.LevelInfo
 	}
 	w.log.LogAttrs(context.Background(), level, msg, attrs...)
 	// A kill we ordered names the reason (stale, load_timeout, stopped), but
 	// an OOM that beat it is still an OOM.
-	if w.pending != "" && reason != ReasonOOM {
-		reason = w.pending
+	if w.killReason != "" && reason != ReasonOOM {
+		reason = w.killReason
 	}
-	s.m.exits.WithLabelValues(reason).Inc()
+	s.m.exits.WithLabelValues(string(reason)).Inc()
 	w.exitReason, w.exitCode = reason, code
 	w.exitSignaled = code != nil && sigOrCode(st)
-	if w.pending == ReasonStopped || w.noRestart || s.closing {
-		s.finish(w, StateStopped, reason)
+	if w.killReason == ReasonStopped || w.noRestart || s.closing {
+		s.finish(w, StateStopped, string(reason))
 		return
 	}
 	failure := !(reason == ReasonExited && code != nil && *code == 0)
-	restart := w.policy == RestartAlways || (w.policy == RestartOnFailure && failure)
-	if !restart {
+	if !w.restartPolicy.restartsAfter(failure) {
 		if failure {
-			s.finish(w, StateFailed, reason)
+			s.finish(w, StateFailed, string(reason))
 		} else {
-			s.finish(w, StateStopped, reason)
+			s.finish(w, StateStopped, string(reason))
 		}
 		return
 	}
-	s.afterFailure(w, reason, r.started, now, reason)
+	s.afterFailure(w, reason, r.started, now, string(reason))
 }
 
 // finish makes w terminal: resources released, port freed, kept for
@@ -200,19 +199,19 @@ func (s *Supervisor) finish(w *worker, to State, why string) {
 	s.clearDeadline(w)
 	s.setState(w, to, why)
 	releaseClaim(w.claim)
-	if w.modelRel != nil {
-		s.afterUnlock = append(s.afterUnlock, w.modelRel)
-		w.modelRel = nil
+	if w.releaseModel != nil {
+		s.afterUnlock = append(s.afterUnlock, w.releaseModel)
+		w.releaseModel = nil
 	}
 	if s.ports[w.port] == w.id {
 		delete(s.ports, w.port)
 	}
 	delete(s.tokens, tokenKey(w.token))
-	if w.cancelPre != nil {
-		w.cancelPre()
-		w.cancelPre = nil
+	if w.cancelDownload != nil {
+		w.cancelDownload()
+		w.cancelDownload = nil
 	}
-	if w.removeAfter {
+	if w.removeWhenStopped {
 		s.removeLocked(w)
 		return
 	}

@@ -15,7 +15,7 @@ const loadingPoll = 200 * time.Millisecond
 // interval, where each 200 counts as a heartbeat and anything else as a
 // failed health check. The stale deadline does the rest.
 func (s *Supervisor) pollHealth(ctx context.Context, w *worker, r *run) {
-	target := w.url + w.be.HealthPath
+	target := w.url + w.backendCfg.HealthPath
 	every := loadingPoll
 	t := time.NewTimer(every)
 	defer t.Stop()
@@ -33,12 +33,12 @@ func (s *Supervisor) pollHealth(ctx context.Context, w *worker, r *run) {
 		}
 		switch {
 		case ok && !r.ready:
-			s.markReady(w, "GET "+w.be.HealthPath)
+			s.markReady(w, "GET "+w.backendCfg.HealthPath)
 		case ok:
-			w.healthFails = 0
+			w.failedHealthChecks = 0
 			s.heartbeat(w)
 		case r.ready:
-			w.healthFails++
+			w.failedHealthChecks++
 			s.m.healthFails.Inc()
 		}
 		if r.ready {

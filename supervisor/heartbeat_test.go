@@ -258,7 +258,7 @@ func TestEarlyFieldsBounded(t *testing.T) {
 	h.s.mu.Lock()
 	w := h.s.workers[res.WorkerID]
 	r := w.run
-	w.run, w.starting = nil, true // as between Start and the run's registration
+	w.run, w.startInFlight = nil, true // as between Start and the run's registration
 	h.s.mu.Unlock()
 	for i := 0; i < 50; i++ {
 		fields := map[string]string{}
@@ -268,8 +268,8 @@ func TestEarlyFieldsBounded(t *testing.T) {
 		h.s.HandleDatagram(int32(*wi.PID), fields)
 	}
 	h.s.mu.Lock()
-	n := len(w.early)
-	w.run, w.starting, w.early = r, false, nil
+	n := len(w.earlyFields)
+	w.run, w.startInFlight, w.earlyFields = r, false, nil
 	h.s.mu.Unlock()
 	if n > maxEarly {
 		t.Errorf("%d early fields kept, want at most %d", n, maxEarly)

@@ -200,7 +200,9 @@ func newHarnessWrapped(t testing.TB, wrap func(cgroup.Manager) cgroup.Manager, m
 	h.s = s
 	rt := api.NewRouter(logger)
 	auth := func(r *http.Request) *api.Error { return api.Authenticator{Token: h.token}.Check(r) }
-	s.Routes(rt, auth)
+	if err := rt.Register(auth, workerRoutes(s, auth)...); err != nil {
+		t.Fatal(err)
+	}
 	handler = rt
 
 	ln, err := notify.Listen(cfg.Heartbeat.NotifySocket)

@@ -6,6 +6,8 @@ import (
 
 	"github.com/prometheus/client_golang/prometheus"
 	dto "github.com/prometheus/client_model/go"
+
+	workerproto "github.com/rbee/rbee-hive/worker"
 )
 
 // metrics holds the supervisor's counters and reads its gauges at scrape
@@ -22,6 +24,8 @@ type metrics struct {
 	heartbeats         prometheus.Counter
 	healthFails        prometheus.Counter
 	vramExceeded       *prometheus.CounterVec
+	logLinesDropped    prometheus.Counter
+	illegalTransitions *prometheus.CounterVec
 
 	rejectedDesc *prometheus.Desc // heartbeatsRejected plus the socket's drops
 	workersDesc  *prometheus.Desc
@@ -30,8 +34,11 @@ type metrics struct {
 	vramDesc     *prometheus.Desc
 }
 
-// reported health values; "unknown" until a worker says.
-var healthValues = []string{"healthy", "degraded", "unknown"}
+// healthUnknown is a running worker's health until it reports one.
+const healthUnknown = "unknown"
+
+// reported health values, for the rbee_hive_workers_by_health series.
+var healthValues = []string{string(workerproto.Healthy), string(workerproto.Degraded), healthUnknown}
 
 func newMetrics(s *Supervisor, reg *prometheus.Registry) (*metrics, error) {
 	m := &metrics{
@@ -55,6 +62,11 @@ func newMetrics(s *Supervisor, reg *prometheus.Registry) (*metrics, error) {
 		vramExceeded: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "rbee_hive_worker_vram_limit_exceeded_total",
 			Help: "Times a cuda worker's sampled VRAM crossed its expected VRAM × resources.vram_limit_factor, by backend and device."},
 			[]string{"backend", "device"}),
+		logLinesDropped: prometheus.NewCounter(prometheus.CounterOpts{Name: "rbee_hive_worker_log_lines_dropped_total",
+			Help: "Worker output lines not written to the worker's log file (disk full, I/O error); still in the in-memory tail and the journal."}),
+		illegalTransitions: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "rbee_hive_worker_illegal_transitions_total",
+			Help: "Worker state transitions refused because the state machine does not allow them (a bug), by from and to state."},
+			[]string{"from", "to"}),
 		rejectedDesc: prometheus.NewDesc("rbee_hive_heartbeats_rejected_total", "Heartbeats and notify datagrams rejected, by reason.",
 			[]string{"reason"}, nil),
 		workersDesc: prometheus.NewDesc("rbee_hive_workers", "Registered workers by state, backend and device.",
@@ -71,9 +83,9 @@ func newMetrics(s *Supervisor, reg *prometheus.Registry) (*metrics, error) {
 		m.spawnFailures.WithLabelValues(r)
 	}
 	for _, r := range exitReasons {
-		m.exits.WithLabelValues(r)
+		m.exits.WithLabelValues(string(r))
 		if r != ReasonStopped {
-			m.restarts.WithLabelValues(r)
+			m.restarts.WithLabelValues(string(r))
 		}
 	}
 	for _, r := range rejectReasons {
@@ -92,7 +104,7 @@ func newMetrics(s *Supervisor, reg *prometheus.Registry) (*metrics, error) {
 	// heartbeatsRejected is not registered itself: Collect merges it with
 	// the notify socket's drops into one family.
 	for _, c := range []prometheus.Collector{m.spawnFailures, m.restarts, m.exits,
-		m.oomKills, m.stale, m.heartbeats, m.healthFails, m.vramExceeded, m} {
+		m.oomKills, m.stale, m.heartbeats, m.healthFails, m.vramExceeded, m.logLinesDropped, m.illegalTransitions, m} {
 		if err := reg.Register(c); err != nil {
 			return nil, fmt.Errorf("supervisor: registering metrics: %w", err)
 		}
@@ -146,9 +158,9 @@ func (m *metrics) Collect(ch chan<- prometheus.Metric) {
 			if health[k] == nil {
 				health[k] = make(map[string]int)
 			}
-			hv := w.health
+			hv := w.reportedHealth
 			if hv == "" {
-				hv = "unknown"
+				hv = healthUnknown
 			}
 			health[k][hv]++
 			// The monitor's last sample keeps a scrape cheap: a v1 stats read

@@ -8,6 +8,8 @@ import (
 	"time"
 
 	"github.com/rbee/rbee-hive/cgroup"
+	"github.com/rbee/rbee-hive/config"
+	workerproto "github.com/rbee/rbee-hive/worker"
 )
 
 // gpuQueryTimeout bounds one GPU process query, so a hung driver delays a
@@ -67,7 +69,7 @@ func (m *monitor) pass(ctx context.Context) {
 	targets := make([]sampleTarget, 0, len(s.workers))
 	for _, w := range s.workers {
 		if w.run != nil {
-			targets = append(targets, sampleTarget{w: w, r: w.run, cuda: w.be.CUDA, device: w.device, prev: w.run.sample})
+			targets = append(targets, sampleTarget{w: w, r: w.run, cuda: w.backendCfg.CUDA, device: w.device, prev: w.run.sample})
 		}
 	}
 	s.mu.Unlock()
@@ -184,15 +186,15 @@ func (s *Supervisor) checkVRAM(w *worker, r *run) {
 	}
 	r.overVRAM = true
 	s.m.vramExceeded.WithLabelValues(w.backend, strconv.Itoa(w.device)).Inc()
-	action := string(s.cfg.Resources.VRAMLimitAction)
+	action := s.cfg.Resources.VRAMLimitAction
 	w.log.Warn("worker over its VRAM limit", slog.Uint64("vram_bytes", smp.vram), slog.Uint64("expected_bytes", w.vramExpected),
-		slog.Uint64("limit_bytes", limit), slog.Float64("factor", s.cfg.Resources.VRAMLimitFactor), slog.String("action", action))
-	if action != "kill" || w.pending != "" || w.state == StateStopping {
+		slog.Uint64("limit_bytes", limit), slog.Float64("factor", s.cfg.Resources.VRAMLimitFactor), slog.String("action", string(action)))
+	if action != config.ActionKill || w.killReason != "" || w.state == StateStopping {
 		return
 	}
-	w.pending = ReasonVRAMLimit
+	w.killReason = ReasonVRAMLimit
 	s.clearDeadline(w)
-	s.setState(w, StateStopping, ReasonVRAMLimit)
+	s.setState(w, StateStopping, string(ReasonVRAMLimit))
 	s.stopRunAsync(w, r)
 }
 
@@ -214,7 +216,7 @@ func (s *Supervisor) resources(w *worker, r *run) *Resources {
 			res.VRAMLimitBytes = &lim
 			res.VRAMOverLimit = r.overVRAM
 		}
-	} else if v, err := strconv.ParseUint(w.figures["RBEE_VRAM_BYTES"], 10, 64); err == nil {
+	} else if v, err := strconv.ParseUint(w.figures[workerproto.KeyVRAMBytes], 10, 64); err == nil {
 		res.VRAMBytes = &v
 	}
 	return res

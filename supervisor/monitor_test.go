@@ -82,7 +82,7 @@ func TestMonitorVRAM(t *testing.T) {
 	tests := []struct {
 		name    string
 		action  string
-		restart string
+		restart RestartPolicy
 	}{
 		{"log keeps it running", "log", "on-failure"},
 		{"kill restarts on-failure", "kill", "on-failure"},
@@ -143,7 +143,7 @@ func TestMonitorVRAM(t *testing.T) {
 				want = StateFailed
 			}
 			h.waitFor("the vram_limit exit", 10*time.Second, func() bool {
-				return counter(t, h.reg, "rbee_hive_worker_exits_total", map[string]string{"reason": ReasonVRAMLimit}) == 1
+				return counter(t, h.reg, "rbee_hive_worker_exits_total", map[string]string{"reason": string(ReasonVRAMLimit)}) == 1
 			})
 			_ = h.gpu.ExitProcess(0, pid) // the driver frees a dead process's memory
 			wi = h.waitState(res.WorkerID, want, 10*time.Second)
@@ -153,7 +153,7 @@ func TestMonitorVRAM(t *testing.T) {
 			if alive(pid) {
 				t.Errorf("pid %d still alive", pid)
 			}
-			restarts := counter(t, h.reg, "rbee_hive_worker_restarts_total", map[string]string{"reason": ReasonVRAMLimit})
+			restarts := counter(t, h.reg, "rbee_hive_worker_restarts_total", map[string]string{"reason": string(ReasonVRAMLimit)})
 			if tc.restart == RestartNever {
 				if restarts != 0 || wi.RestartCount != 0 {
 					t.Errorf("restarted %v/%d times with restart=never", restarts, wi.RestartCount)

@@ -8,6 +8,22 @@ import (
 	"time"
 )
 
+// RestartPolicy says which exits a worker is restarted after.
+type RestartPolicy string
+
+// Restart policies.
+const (
+	RestartNever     RestartPolicy = "never"
+	RestartOnFailure RestartPolicy = "on-failure"
+	RestartAlways    RestartPolicy = "always"
+)
+
+// restartsAfter reports whether the policy restarts a run that ended as a
+// failure (or, with failure false, cleanly).
+func (p RestartPolicy) restartsAfter(failure bool) bool {
+	return p == RestartAlways || (p == RestartOnFailure && failure)
+}
+
 // backoff is min(base·2^(n-1), max) with ±jitter, for the n-th consecutive
 // failure (n ≥ 1).
 func backoff(base, max time.Duration, jitter float64, n int) time.Duration {
@@ -31,27 +47,27 @@ func backoff(base, max time.Duration, jitter float64, n int) time.Duration {
 // failed to start) and should be restarted: reset after a stable run,
 // circuit breaker, then a backoff. OOM exits go through the same backoff,
 // so a worker whose limit is too small never hot-loops. Caller holds s.mu.
-func (s *Supervisor) afterFailure(w *worker, reason string, started, now time.Time, why string) {
+func (s *Supervisor) afterFailure(w *worker, reason ExitReason, started, now time.Time, why string) {
 	rc := s.cfg.Workers.Restart
 	if now.Sub(started) >= rc.StableAfter.D() {
-		w.consecutive = 0
-		w.failures = w.failures[:0]
+		w.consecutiveFailures = 0
+		w.recentFailures = w.recentFailures[:0]
 	}
-	w.consecutive++
-	keep := w.failures[:0]
-	for _, t := range w.failures {
+	w.consecutiveFailures++
+	keep := w.recentFailures[:0]
+	for _, t := range w.recentFailures {
 		if now.Sub(t) < rc.FailureWindow.D() {
 			keep = append(keep, t)
 		}
 	}
-	w.failures = append(keep, now)
-	if len(w.failures) >= rc.MaxFailures {
+	w.recentFailures = append(keep, now)
+	if len(w.recentFailures) >= rc.MaxFailures {
 		// finish logs the move to failed at error level, with this reason.
-		s.finish(w, StateFailed, fmt.Sprintf("circuit breaker: %d failures within %s (last: %s)", len(w.failures), rc.FailureWindow.D(), why))
+		s.finish(w, StateFailed, fmt.Sprintf("circuit breaker: %d failures within %s (last: %s)", len(w.recentFailures), rc.FailureWindow.D(), why))
 		return
 	}
-	delay := backoff(rc.BackoffBase.D(), rc.BackoffMax.D(), rc.Jitter, w.consecutive)
-	w.pending = reason // the restart's reason, for the metric
+	delay := backoff(rc.BackoffBase.D(), rc.BackoffMax.D(), rc.Jitter, w.consecutiveFailures)
+	w.killReason = reason // the restart's reason, for the metric
 	s.setState(w, StateRestarting, fmt.Sprintf("%s; restart in %s", why, delay.Round(time.Millisecond)))
 	s.setDeadline(w, dlRestart, now.Add(delay))
 }
@@ -64,13 +80,13 @@ func (s *Supervisor) restartWorker(w *worker) {
 		s.mu.Unlock()
 		return
 	}
-	reason := w.pending
+	reason := w.killReason
 	w.restartCount++
 	w.lastRestart = time.Now()
 	n := w.restartCount
 	s.mu.Unlock()
-	s.m.restarts.WithLabelValues(reason).Inc()
-	w.log.Info("restarting worker", slog.Int("restart_count", n), slog.String("reason", reason))
+	s.m.restarts.WithLabelValues(string(reason)).Inc()
+	w.log.Info("restarting worker", slog.Int("restart_count", n), slog.String("reason", string(reason)))
 	if s.deps.Admitter != nil {
 		// Bounded: the ledger may wait for VRAM freed by the dead run to show.
 		ctx, cancel := context.WithTimeout(context.Background(), restartAdmitTimeout)
@@ -82,7 +98,7 @@ func (s *Supervisor) restartWorker(w *worker) {
 			return
 		}
 	}
-	if err := s.startRun(w, "restart after "+reason); err != nil {
+	if err := s.startRun(w, "restart after "+string(reason)); err != nil {
 		s.startFailed(w, err)
 	}
 }

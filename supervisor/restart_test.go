@@ -81,8 +81,9 @@ func TestCrashLoopFails(t *testing.T) {
 // simworker exit 0 (a clean exit that nobody asked the hive for).
 func TestRestartPolicies(t *testing.T) {
 	for _, tc := range []struct {
-		policy, how string
-		want        State
+		policy RestartPolicy
+		how    string
+		want   State
 	}{
 		{RestartNever, "crash", StateFailed},
 		{RestartNever, "sigterm", StateStopped},
@@ -91,7 +92,7 @@ func TestRestartPolicies(t *testing.T) {
 		{RestartAlways, "sigterm", StateRestarting},
 		{RestartAlways, "delete", ""}, // a deliberate stop is never restarted
 	} {
-		t.Run(tc.policy+"/"+tc.how, func(t *testing.T) {
+		t.Run(string(tc.policy)+"/"+tc.how, func(t *testing.T) {
 			h := newHarness(t, func(c *config.Config) { c.Workers.Restart.BackoffBase = config.Duration(2 * time.Second) })
 			req := map[string]any{"backend": "sim", "restart": tc.policy}
 			if tc.how == "crash" {
@@ -157,7 +158,7 @@ func TestAfterFailureBackoffResetAndBreaker(t *testing.T) {
 			t.Fatalf("step %d: state %s, want %s", i, w.state, st.wantState)
 		}
 		if st.wantState == StateRestarting {
-			if d := w.deadline.Sub(now); d != st.wantDelay || w.dlKind != dlRestart {
+			if d := w.deadlineAt.Sub(now); d != st.wantDelay || w.deadlineFor != dlRestart {
 				t.Errorf("step %d: restart in %s, want %s", i, d, st.wantDelay)
 			}
 		}

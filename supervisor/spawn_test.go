@@ -316,7 +316,7 @@ func TestInternalSpawnErrorIsLogged(t *testing.T) {
 	if code != 500 || strings.Contains(string(out), "database") {
 		t.Fatalf("spawn: %d %s", code, out)
 	}
-	if !regexp.MustCompile(`level=ERROR msg="worker API request failed".*path=/v1/workers/spawn.*model hf:org/model: catalog: database is locked`).MatchString(h.logs.String()) {
+	if !regexp.MustCompile(`level=ERROR msg="request failed".*path=/v1/workers/spawn.*model hf:org/model: catalog: database is locked`).MatchString(h.logs.String()) {
 		t.Error("the internal error is not logged with its context")
 	}
 }

@@ -61,7 +61,7 @@ func (s *Supervisor) Stop(ctx context.Context, id string) (WorkerInfo, error) {
 		s.mu.Unlock()
 		return WorkerInfo{}, workerNotFound(id)
 	}
-	w.removeAfter = true
+	w.removeWhenStopped = true
 	r := w.run
 	if r == nil {
 		if !w.state.terminal() {
@@ -74,7 +74,7 @@ func (s *Supervisor) Stop(ctx context.Context, id string) (WorkerInfo, error) {
 		s.unlock()
 		return info, nil
 	}
-	w.pending, w.noRestart = ReasonStopped, true
+	w.killReason, w.noRestart = ReasonStopped, true
 	s.clearDeadline(w)
 	s.setState(w, StateStopping, "stop requested")
 	s.mu.Unlock()
@@ -123,7 +123,7 @@ func (s *Supervisor) Shutdown(ctx context.Context) ShutdownReport {
 	s.mu.Lock()
 	for _, w := range s.workers {
 		if w.run != nil {
-			w.pending, w.noRestart = ReasonStopped, true
+			w.killReason, w.noRestart = ReasonStopped, true
 			s.clearDeadline(w)
 			s.setState(w, StateStopping, "hive shutdown")
 			victims = append(victims, victim{w, w.run})

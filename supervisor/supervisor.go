@@ -2,7 +2,6 @@ package supervisor
 
 import (
 	"context"
-	"crypto/sha256"
 	"errors"
 	"fmt"
 	"io"
@@ -80,6 +79,11 @@ func New(cfg *config.Config, deps Deps) (*Supervisor, error) {
 	if err := os.MkdirAll(s.logDir, 0o750); err != nil {
 		return nil, fmt.Errorf("supervisor: worker log dir: %w", err)
 	}
+	if n, err := removeStaleLogs(s.logDir); err != nil {
+		s.log.Warn("removing earlier workers' log files", slog.Any("err", err))
+	} else if n > 0 {
+		s.log.Info("removed earlier workers' log files", slog.Int("files", n), slog.String("dir", s.logDir))
+	}
 	if deps.GPUs != nil {
 		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 		devs, err := deps.GPUs.GPUDevices(ctx)
@@ -154,17 +158,6 @@ func (s *Supervisor) Alive(ctx context.Context) error {
 	}
 }
 
-// WedgeLoop is a test hook: the Run loop blocks until release is closed, so
-// Alive fails as it would with a real bug. It returns once the loop is stuck.
-func (s *Supervisor) WedgeLoop(ctx context.Context, release <-chan struct{}) error {
-	select {
-	case s.wedge <- release:
-		return nil
-	case <-ctx.Done():
-		return fmt.Errorf("wedge: %w", ctx.Err())
-	}
-}
-
 // Summary is one line for systemd's STATUS=, e.g. "3 workers: 2 idle, 1 loading".
 func (s *Supervisor) Summary() string {
 	s.mu.Lock()
@@ -201,5 +194,3 @@ func (s *Supervisor) unlock() {
 		f()
 	}
 }
-
-func tokenKey(tok string) [32]byte { return sha256.Sum256([]byte(tok)) }

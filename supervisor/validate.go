@@ -11,32 +11,32 @@ import (
 	"github.com/rbee/rbee-hive/config"
 )
 
-// SpawnRequest is the body of POST /v1/workers/spawn: the original four
-// fields plus optional ones.
+// SpawnRequest is the body of POST /v1/workers/spawn: model_ref, backend,
+// device and model_path, plus optional ones.
 type SpawnRequest struct {
 	ModelRef string `json:"model_ref"`
 	Backend  string `json:"backend"`
 	Device   *int64 `json:"device"`
-	// ModelPath is accepted for compatibility and ignored, as in the
-	// original: the path comes from the model store (or a file: reference).
+	// ModelPath is accepted for compatibility and ignored: the path comes
+	// from the model store (or a file: reference).
 	ModelPath        string            `json:"model_path"`
 	MemoryLimitBytes *int64            `json:"memory_limit_bytes,omitempty"`
-	Restart          string            `json:"restart,omitempty"`
+	Restart          RestartPolicy     `json:"restart,omitempty"`
 	Env              map[string]string `json:"env,omitempty"`
 	VRAMBytes        *int64            `json:"vram_bytes,omitempty"`
 }
 
-// maxModelRef is the original validate_model_ref limit.
+// maxModelRef bounds a model reference, in bytes.
 const maxModelRef = 512
 
-// badField is a 400 naming the field, with the original's message text.
+// badField is a 400 naming the field; clients match on the message text.
 func badField(field, format string, args ...any) *api.Error {
 	return api.Errorf(http.StatusBadRequest, api.CodeValidation, "Invalid %s: %s", field, fmt.Sprintf(format, args...)).
 		WithDetails(map[string]any{"field": field})
 }
 
-// checkString is the checks the original's validators start with: not
-// empty, at most max bytes, no NUL.
+// checkString is the checks every field validator starts with: not empty,
+// at most max bytes, no NUL.
 func checkString(s string, max int) string {
 	switch {
 	case s == "":
@@ -49,7 +49,7 @@ func checkString(s string, max int) string {
 	return ""
 }
 
-// checkModelRef is the original input-validation crate's validate_model_ref.
+// checkModelRef validates a model reference (provider:name).
 func checkModelRef(s string) string {
 	if msg := checkString(s, maxModelRef); msg != "" {
 		return msg
@@ -70,7 +70,7 @@ func checkModelRef(s string) string {
 	return ""
 }
 
-// checkIdentifier is the original's validate_identifier: [A-Za-z0-9_-].
+// checkIdentifier accepts [A-Za-z0-9_-].
 func checkIdentifier(s string, max int) string {
 	if msg := checkString(s, max); msg != "" {
 		return msg
@@ -87,17 +87,17 @@ func checkIdentifier(s string, max int) string {
 type spawnPlan struct {
 	modelRef, provider, reference string
 	backend                       string
-	be                            config.Backend
+	backendCfg                    config.Backend
 	device                        int
 	gpuUUID                       string
-	memLimit                      int64
-	vram                          int64
-	policy                        string
+	memoryLimit                   int64  // bytes
+	vramRequested                 uint64 // 0: let the admitter estimate
+	policy                        RestartPolicy
 	env                           map[string]string
 }
 
-// validateSpawn checks a request in the original's order, then the hive's
-// own rules. Nothing is changed by a failed validation.
+// validateSpawn checks a request field by field (the first bad field
+// answers), then the hive's own rules. Nothing is changed by a failed validation.
 func (s *Supervisor) validateSpawn(ctx context.Context, req *SpawnRequest) (*spawnPlan, error) {
 	if msg := checkModelRef(req.ModelRef); msg != "" {
 		return nil, badField("model_ref", "%s", msg)
@@ -117,8 +117,8 @@ func (s *Supervisor) validateSpawn(ctx context.Context, req *SpawnRequest) (*spa
 		return nil, api.Errorf(http.StatusUnprocessableEntity, api.CodeValidation, "missing field `device`").
 			WithDetails(map[string]any{"field": "device"})
 	}
-	p := &spawnPlan{modelRef: req.ModelRef, provider: provider, reference: reference, backend: req.Backend, be: be,
-		memLimit: int64(s.cfg.MemoryLimit(req.Backend)), policy: RestartOnFailure}
+	p := &spawnPlan{modelRef: req.ModelRef, provider: provider, reference: reference, backend: req.Backend, backendCfg: be,
+		memoryLimit: int64(s.cfg.MemoryLimit(req.Backend)), policy: RestartOnFailure}
 	dev := *req.Device
 	if dev < 0 {
 		return nil, badField("device", "must not be negative, got %d", dev)
@@ -139,13 +139,13 @@ func (s *Supervisor) validateSpawn(ctx context.Context, req *SpawnRequest) (*spa
 		if *req.MemoryLimitBytes < 1<<20 {
 			return nil, badField("memory_limit_bytes", "must be at least 1MiB, got %d", *req.MemoryLimitBytes)
 		}
-		p.memLimit = *req.MemoryLimitBytes
+		p.memoryLimit = *req.MemoryLimitBytes
 	}
 	if req.VRAMBytes != nil {
 		if *req.VRAMBytes < 0 {
 			return nil, badField("vram_bytes", "must not be negative, got %d", *req.VRAMBytes)
 		}
-		p.vram = *req.VRAMBytes
+		p.vramRequested = uint64(*req.VRAMBytes)
 	}
 	switch req.Restart {
 	case "":

@@ -112,9 +112,9 @@ func TestJournalHandlerLevelFilter(t *testing.T) {
 	log.Info("below threshold", "worker_id", "w-lvl")
 	log.Warn("at threshold", "worker_id", "w-lvl")
 	h.Close()
-	es := j.WaitFor(t, 1, 5*time.Second, "WORKER_ID=w-lvl", "SYSLOG_IDENTIFIER=rbee-test")
+	j.WaitFor(t, 1, 5*time.Second, "WORKER_ID=w-lvl", "SYSLOG_IDENTIFIER=rbee-test")
 	time.Sleep(200 * time.Millisecond) // a second entry would have arrived with the first
-	if es = j.Entries(t, "WORKER_ID=w-lvl"); len(es) != 1 || es[0]["MESSAGE"] != "at threshold" {
+	if es := j.Entries(t, "WORKER_ID=w-lvl"); len(es) != 1 || es[0]["MESSAGE"] != "at threshold" {
 		t.Fatalf("entries %v, want only the warning", es)
 	}
 	log.Warn("after close", "worker_id", "w-lvl")
@@ -205,7 +205,9 @@ func TestWorkerJournalEntries(t *testing.T) {
 		wantPri      string
 	}{
 		{"stdout", "loading model\n", "loading model", "6"},
-		{"stderr", "slow tokenizer\r\n", "slow tokenizer", "4"},
+		// stderr is where llama-server writes its INFO lines: info, not warning.
+		{"stderr", "slow tokenizer\r\n", "slow tokenizer", "6"},
+		{"stderr", "<4>context shift", "context shift", "4"},
 		{"stderr", "<3>CUDA error: out of memory", "CUDA error: out of memory", "3"},
 		{"stdout", "<7>debug detail", "debug detail", "7"},
 		{"stdout", "<9>not a level", "<9>not a level", "6"},
@@ -235,7 +237,16 @@ func TestWorkerJournalEntries(t *testing.T) {
 			}
 		}
 	}
-	// journalctl -t rbee-worker (as in the README) sees both workers.
+	// journalctl -p warning shows the lines that say they are warnings or
+	// worse, not every stderr line.
+	var warned []string
+	for _, e := range j.Entries(t, "RBEE_WORKER_ID=w-a1", "-p", "warning") {
+		warned = append(warned, e["MESSAGE"])
+	}
+	if got, want := strings.Join(warned, "|"), "context shift|CUDA error: out of memory"; got != want {
+		t.Errorf("journalctl -p warning: %q, want %q", got, want)
+	}
+	// journalctl -t rbee-worker (as in docs/operations.md) sees both workers.
 	j.WaitFor(t, len(lines)+2, 5*time.Second, "-t", "rbee-worker")
 	if es := j.Entries(t, "RBEE_WORKER_ID=w-b2"); len(es) != 1 || es[0]["MESSAGE"] != "other worker" || es[0]["BACKEND"] != "" {
 		t.Fatalf("w-b2 entries %v", es)

@@ -43,8 +43,13 @@ type WorkerJournalOptions struct {
 
 // WorkerJournal files worker output lines as native journal entries:
 // MESSAGE=<line>, SYSLOG_IDENTIFIER=rbee-worker, RBEE_WORKER_ID=<id>,
-// RBEE_STREAM=stdout|stderr, PRIORITY 6 for stdout and 4 for stderr (or the
-// line's <N> prefix), plus the worker's fixed fields (BACKEND, MODEL, ...).
+// RBEE_STREAM=stdout|stderr, PRIORITY 6 (info) for both streams unless the
+// line starts with a <N> prefix, plus the worker's fixed fields (BACKEND,
+// MODEL, ...). stderr is not a severity: llama-server and the simworker
+// write every ordinary INFO line there, and filing them at warning drowned
+// `journalctl -p warning` in noise. A worker that means a warning says so
+// with <4>, as journald's stream protocol reads it; RBEE_STREAM keeps the
+// stream for `journalctl RBEE_STREAM=stderr`.
 //
 // WriteLine never blocks: lines go through a bounded queue (entries and
 // bytes) to one sender goroutine, separate from the hive's own log queue so
@@ -127,10 +132,7 @@ func (j *WorkerJournal) WriteLine(workerID, stream string, line []byte) {
 // copied, so the caller may reuse its buffer (bufio.Scanner does).
 func (w *WorkerLog) WriteLine(stream string, line []byte) {
 	line = bytes.TrimRight(line, "\r\n")
-	pri := journal.PriInfo
-	if stream == "stderr" {
-		pri = journal.PriWarning
-	}
+	pri := journal.PriInfo // both streams; see WorkerJournal
 	if w.j.prefixes && len(line) >= 3 && line[0] == '<' && line[1] >= '0' && line[1] <= '7' && line[2] == '>' {
 		pri = journal.Priority(line[1] - '0')
 		line = line[3:]

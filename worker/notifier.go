@@ -50,7 +50,7 @@ type Health struct {
 // HealthFunc is called before every heartbeat.
 type HealthFunc func(ctx context.Context) Health
 
-// ReadyInfo is the body of the HTTP ready callback (spec §3.3). Over the
+// ReadyInfo is the body of the HTTP ready callback (POST /v1/workers/ready). Over the
 // socket only READY=1 is sent: the hive already knows who the sender is.
 type ReadyInfo struct {
 	URL      string `json:"url"`
@@ -102,13 +102,13 @@ func (n *Notifier) Mode() Mode { return n.env.Mode() }
 func (n *Notifier) Ready(ctx context.Context, info ReadyInfo) error {
 	switch n.Mode() {
 	case ModeSocket:
-		return n.Notify(ctx, "READY=1")
+		return n.Notify(ctx, KeyReady+"=1")
 	case ModeHTTP:
 		body := struct {
 			WorkerID string `json:"worker_id"`
 			ReadyInfo
 		}{n.env.WorkerID, info}
-		return n.post(ctx, "/v1/workers/ready", body)
+		return n.post(ctx, PathReady, body)
 	}
 	return nil
 }
@@ -120,7 +120,7 @@ func (n *Notifier) Status(ctx context.Context, s string) error {
 	if n.Mode() != ModeSocket {
 		return nil
 	}
-	s = "STATUS=" + strings.ToValidUTF8(strings.NewReplacer("\n", " ", "\r", " ", "\x00", " ").Replace(s), "\uFFFD")
+	s = KeyStatus + "=" + strings.ToValidUTF8(strings.NewReplacer("\n", " ", "\r", " ", "\x00", " ").Replace(s), "\uFFFD")
 	if len(s) > MaxDatagram {
 		s = strings.ToValidUTF8(s[:MaxDatagram], "")
 	}
@@ -133,7 +133,7 @@ func (n *Notifier) Stopping(ctx context.Context) error {
 	if n.Mode() != ModeSocket {
 		return nil
 	}
-	return n.Notify(ctx, "STOPPING=1")
+	return n.Notify(ctx, KeyStopping+"=1")
 }
 
 // Heartbeat sends one heartbeat with h. Socket: WATCHDOG=1, RBEE_HEALTH and
@@ -152,7 +152,7 @@ func (n *Notifier) Heartbeat(ctx context.Context, h Health) error {
 			Timestamp    string       `json:"timestamp"`
 			HealthStatus HealthStatus `json:"health_status"`
 		}{n.env.WorkerID, n.now().UTC().Format(time.RFC3339), status}
-		return n.post(ctx, "/v1/heartbeat", body)
+		return n.post(ctx, PathHeartbeat, body)
 	}
 	return nil
 }
@@ -161,7 +161,7 @@ func (n *Notifier) Heartbeat(ctx context.Context, h Health) error {
 // the valid figures in key order, stopping before MaxDatagram is exceeded.
 func HeartbeatMessage(status HealthStatus, figures map[string]string) string {
 	var b strings.Builder
-	b.WriteString("WATCHDOG=1\nRBEE_HEALTH=")
+	b.WriteString(KeyWatchdog + "=1\n" + KeyHealth + "=")
 	b.WriteString(string(status))
 	keys := make([]string, 0, len(figures))
 	for k := range figures {
@@ -171,7 +171,7 @@ func HeartbeatMessage(status HealthStatus, figures map[string]string) string {
 	for _, k := range keys {
 		v := figures[k]
 		key, ok := figureKey(k)
-		if !ok || strings.ContainsAny(v, "\n\x00") || !utf8.ValidString(v) || key == "RBEE_HEALTH" {
+		if !ok || strings.ContainsAny(v, "\n\x00") || !utf8.ValidString(v) || key == KeyHealth {
 			continue
 		}
 		if b.Len()+1+len(key)+1+len(v) > MaxDatagram {
@@ -187,10 +187,10 @@ func HeartbeatMessage(status HealthStatus, figures map[string]string) string {
 
 func figureKey(k string) (string, bool) {
 	k = strings.ToUpper(k)
-	if !strings.HasPrefix(k, "RBEE_") {
-		k = "RBEE_" + k
+	if !strings.HasPrefix(k, FigurePrefix) {
+		k = FigurePrefix + k
 	}
-	if len(k) == len("RBEE_") || len(k) > maxKeyLen {
+	if len(k) == len(FigurePrefix) || len(k) > maxKeyLen {
 		return "", false
 	}
 	for i := 0; i < len(k); i++ {

@@ -49,7 +49,7 @@ func runModels(ctx context.Context, args []string, stdout, stderr io.Writer) err
 		if fs.NArg() != 1 {
 			return fmt.Errorf("%w: models rm needs one model reference", errUsage)
 		}
-		var out map[string]any
+		var out model.DeleteResponse
 		if err := c.do(ctx, "DELETE", "/v1/models/"+url.PathEscape(fs.Arg(0)), nil, &out); err != nil {
 			return err
 		}
@@ -81,7 +81,7 @@ func modelsPull(ctx context.Context, c *client, ref string, stdout, stderr io.Wr
 	var final model.Progress
 	err = model.ReadProgress(resp.Body, func(p model.Progress) {
 		final = p
-		if p.Stage == "downloading" && !c.json {
+		if p.Stage == model.StageDownloading && !c.json {
 			fmt.Fprintf(stderr, "\r%s", progressBar(p.BytesDownloaded, p.BytesTotal, p.SpeedMbps))
 		}
 	})
@@ -95,10 +95,10 @@ func modelsPull(ctx context.Context, c *client, ref string, stdout, stderr io.Wr
 		return printJSON(stdout, final)
 	}
 	switch final.Stage {
-	case "complete":
+	case model.StageComplete:
 		fmt.Fprintf(stdout, "%s downloaded to %s\n", ref, final.LocalPath)
 		return nil
-	case "error":
+	case model.StageError:
 		return fmt.Errorf("download failed: %s", final.Message)
 	default:
 		return fmt.Errorf("progress stream ended in stage %q", final.Stage)

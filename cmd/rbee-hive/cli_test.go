@@ -10,10 +10,13 @@ import (
 	"net/http"
 	"net/http/httptest"
 	"path/filepath"
+	"regexp"
 	"slices"
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/rbee/rbee-hive/supervisor"
 )
 
 // miniHub serves the part of the HuggingFace API a one-file GGUF pull
@@ -82,7 +85,11 @@ func TestCLIWorkersAndModels(t *testing.T) {
 		_, out := cli(t, d, "workers", "ls")
 		return strings.Contains(out, id) && strings.Contains(out, " idle ")
 	})
-	if code, out = cli(t, d, "workers", "show", id); code != 0 || !strings.Contains(out, `"state": "idle"`) {
+	if code, out = cli(t, d, "workers", "show", "--json", id); code != 0 || !strings.Contains(out, `"state": "idle"`) {
+		t.Errorf("workers show --json: %d\n%s", code, out)
+	}
+	if code, out = cli(t, d, "workers", "show", id); code != 0 || !regexp.MustCompile(`(?m)^state:\s+idle`).MatchString(out) ||
+		!regexp.MustCompile(`(?m)^id:\s+`+id+`$`).MatchString(out) {
 		t.Errorf("workers show: %d\n%s", code, out)
 	}
 	if code, out = cli(t, d, "workers", "logs", id); code != 0 || !strings.Contains(out, "ready") {
@@ -146,5 +153,44 @@ func TestCLIDetect(t *testing.T) {
 	// No NVIDIA driver on CI: no GPUs, a reason, and no crash.
 	if d.GPU.Backend != "none" && len(d.GPU.Devices) == 0 {
 		t.Errorf("gpu %+v", d.GPU)
+	}
+}
+
+// TestPrintWorker: the human view of `workers show` names each field once,
+// shows only those with a value, and durations relative to now.
+func TestPrintWorker(t *testing.T) {
+	now := time.Date(2026, 1, 2, 3, 4, 5, 0, time.UTC)
+	pid, code := 4242, 1
+	started, beat := now.Add(-90*time.Second), now.Add(-1500*time.Millisecond)
+	cpu, vram := 12.5, uint64(3<<30)
+	wi := supervisor.WorkerInfo{ID: "w-abc", URL: "http://127.0.0.1:9300", ModelRef: "hf:acme/tiny", Backend: "sim",
+		State: supervisor.StateIdle, StateReason: "ready (READY=1)", PID: &pid, StartedAt: &started, LastHeartbeat: &beat,
+		Health: "healthy", HealthMode: "notify", RestartPolicy: supervisor.RestartOnFailure, RestartCount: 2,
+		ExitReason: supervisor.ReasonExited, ExitCode: &code, MemoryLimitBytes: 4 << 30,
+		Resources: &supervisor.Resources{MemoryCurrentBytes: 1 << 30, MemoryPeakBytes: 2 << 30, CPUPercent: &cpu, VRAMBytes: &vram},
+		Figures:   map[string]string{"RBEE_TOKENS_PER_SEC": "41.5"}}
+	var b strings.Builder
+	if err := printWorker(&b, wi, now); err != nil {
+		t.Fatal(err)
+	}
+	out := b.String()
+	for _, want := range []string{
+		`(?m)^id:\s+w-abc$`,
+		`(?m)^state:\s+idle \(ready \(READY=1\)\)$`,
+		`(?m)^backend:\s+sim \(device 0, health mode notify\)$`,
+		`(?m)^pid:\s+4242$`,
+		`(?m)^uptime:\s+1m30s$`,
+		`(?m)^last heartbeat:\s+1\.5s ago$`,
+		`(?m)^restarts:\s+2 \(policy on-failure\)$`,
+		`(?m)^last exit:\s+exited, code 1$`,
+		`(?m)^cpu:\s+12\.5%$`,
+		`(?m)^RBEE_TOKENS_PER_SEC:\s+41\.5$`,
+	} {
+		if !regexp.MustCompile(want).MatchString(out) {
+			t.Errorf("human view lacks %s:\n%s", want, out)
+		}
+	}
+	if strings.Contains(out, "{") || strings.Contains(out, "status:") {
+		t.Errorf("human view has JSON or an empty field:\n%s", out)
 	}
 }

@@ -17,7 +17,6 @@ import (
 
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/collectors"
-	"github.com/prometheus/client_golang/prometheus/promhttp"
 
 	"github.com/rbee/rbee-hive/api"
 	"github.com/rbee/rbee-hive/config"
@@ -147,15 +146,9 @@ func serveDaemon(ctx context.Context, cfg *config.Config, log *slog.Logger, demo
 	}
 	defer h.close()
 
-	rt.HandleFunc("GET /v1/health", nil, func(w http.ResponseWriter, r *http.Request) {
-		api.WriteJSON(w, http.StatusOK, map[string]string{"status": "alive", "version": version, "api_version": "v1"})
-	})
-	rt.Handle("GET /metrics", nil, promhttp.HandlerFor(reg, promhttp.HandlerOpts{
-		Registry:          reg,
-		ErrorLog:          slog.NewLogLogger(log.Handler(), slog.LevelError),
-		EnableOpenMetrics: false,
-	}))
-	h.routes(rt, apiAuth)
+	if err := rt.Register(apiAuth, h.routeTable(reg, log, apiAuth)...); err != nil {
+		return err
+	}
 
 	srv := &http.Server{
 		Handler:           rt,
@@ -179,21 +172,32 @@ func serveDaemon(ctx context.Context, cfg *config.Config, log *slog.Logger, demo
 		}
 	}
 
-	return serveUntil(ctx, log, srv, serveErr, h.shutdown)
+	return serveUntil(ctx, log, srv, serveErr, h.shutdown, h.px.Drain)
 }
+
+// httpDrainTimeout bounds how long in-flight API requests may run after a
+// stop signal before the server closes their connections.
+const httpDrainTimeout = 10 * time.Second
 
 // serveUntil waits until ctx ends or the HTTP server fails. Either way the
 // workers are stopped (stopWorkers: the ordered drain) before it returns:
 // a hive whose API died must not leave its workers running unsupervised.
 // On ctx's end the server first stops taking requests, so in-flight API
 // calls finish against a live supervisor.
-func serveUntil(ctx context.Context, log *slog.Logger, srv *http.Server, serveErr <-chan error, stopWorkers func()) error {
+//
+// drainStreams, when set, runs a second before the HTTP drain deadline:
+// inference streams still open then end with an error event and [DONE], not
+// a cut connection.
+func serveUntil(ctx context.Context, log *slog.Logger, srv *http.Server, serveErr <-chan error, stopWorkers, drainStreams func()) error {
 	var failed error
 	select {
 	case <-ctx.Done():
 		log.Info("shutting down")
-		drain, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		drain, cancel := context.WithTimeout(context.Background(), httpDrainTimeout)
 		defer cancel()
+		if drainStreams != nil {
+			defer time.AfterFunc(httpDrainTimeout-time.Second, drainStreams).Stop()
+		}
 		if err := srv.Shutdown(drain); err != nil {
 			log.Warn("http drain incomplete", "err", err)
 			_ = srv.Close()
@@ -201,6 +205,9 @@ func serveUntil(ctx context.Context, log *slog.Logger, srv *http.Server, serveEr
 	case err := <-serveErr:
 		failed = fmt.Errorf("http server: %w", err)
 		log.Error("http server failed; stopping the workers", "err", err)
+		if drainStreams != nil {
+			drainStreams()
+		}
 		_ = srv.Close()
 	}
 	stopWorkers()

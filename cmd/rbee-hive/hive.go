@@ -5,7 +5,6 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
-	"net/http"
 	"os"
 	"path/filepath"
 	"sync"
@@ -15,7 +14,6 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 
 	"github.com/rbee/rbee-hive/admission"
-	"github.com/rbee/rbee-hive/api"
 	"github.com/rbee/rbee-hive/cgroup"
 	"github.com/rbee/rbee-hive/config"
 	"github.com/rbee/rbee-hive/gpu"
@@ -39,6 +37,7 @@ type hive struct {
 	listener *notify.Listener
 	journal  *systemd.WorkerJournal // nil without journald
 	sup      *supervisor.Supervisor
+	px       *proxy.Proxy
 
 	ctx       context.Context // background loops; cancelled after the workers are stopped
 	cancel    context.CancelFunc
@@ -105,6 +104,7 @@ func newHive(ctx context.Context, cfg *config.Config, log *slog.Logger, reg *pro
 	if err != nil {
 		return nil, err
 	}
+	h.px = px
 
 	// A socket handed over by rbee-hive-notify.socket keeps datagrams queued
 	// while the hive restarts; otherwise the hive binds its own.
@@ -137,7 +137,7 @@ func newHive(ctx context.Context, cfg *config.Config, log *slog.Logger, reg *pro
 			return h.listener.Stats().Dropped()
 		},
 	}
-	if h.gpus.Backend() != "none" {
+	if h.gpus.Backend() != gpu.DriverNone {
 		deps.GPUs = gpuList{h.gpus}
 	}
 	if journal.Enabled() {
@@ -175,14 +175,6 @@ func (h *hive) goLoop(name string, fn func(context.Context) error) {
 			h.log.Error("background loop stopped", "loop", name, "err", err)
 		}
 	}()
-}
-
-func (h *hive) routes(rt *api.Router, auth api.AuthFunc) {
-	h.sup.Routes(rt, auth)
-	h.models.Routes(rt, auth)
-	rt.HandleFunc("GET /v1/resources", auth, func(w http.ResponseWriter, r *http.Request) {
-		api.WriteJSON(w, http.StatusOK, h.ledger.Resources(r.Context()))
-	})
 }
 
 // ready tells systemd the hive serves: the socket is bound, the cgroup tree

@@ -47,7 +47,7 @@ func TestServeErrorStopsWorkers(t *testing.T) {
 			}
 			stopped := 0
 			var logs bytes.Buffer
-			err = serveUntil(ctx, slog.New(slog.NewTextHandler(&logs, nil)), srv, serveErr, func() { stopped++ })
+			err = serveUntil(ctx, slog.New(slog.NewTextHandler(&logs, nil)), srv, serveErr, func() { stopped++ }, nil)
 			if (err != nil) != tc.wantErr {
 				t.Fatalf("err = %v, want error %v", err, tc.wantErr)
 			}

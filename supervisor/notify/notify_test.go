@@ -13,7 +13,6 @@ import (
 	"path/filepath"
 	"runtime"
 	"strings"
-	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -23,9 +22,7 @@ import (
 
 // serve runs l.Serve in the background, collecting messages.
 type collector struct {
-	mu   sync.Mutex
-	msgs []Message
-	ch   chan Message
+	ch chan Message
 }
 
 func serve(t *testing.T, l *Listener) *collector {
@@ -177,7 +174,6 @@ func FuzzParse(f *testing.F) {
 // TestSenders: every kind of sd_notify client reaches the socket, and the
 // kernel-attested pid is the sending process.
 func TestSenders(t *testing.T) {
-	type want struct{ fields map[string]string }
 	shell := func(script string) func(sock string) *exec.Cmd {
 		return func(sock string) *exec.Cmd {
 			c := exec.Command("/bin/sh", "-c", script)
@@ -484,14 +480,14 @@ func TestFlood(t *testing.T) {
 		t.Fatalf("%q: %v", out, err)
 	}
 	expect := uint64(res.SentTotal - res.RefusedTotal)
-	s := waitStats(t, l, func(s Stats) bool { return s.Received >= expect })
+	waitStats(t, l, func(s Stats) bool { return s.Received >= expect })
 	close(stopSample)
 	<-sampled
 	cancel()
 	if err := <-done; err != nil {
 		t.Fatal(err)
 	}
-	s = l.Stats()
+	s := l.Stats()
 	t.Logf("sent %d, refused at sender %d (%v), receiver %+v, heap in use %d KiB -> peak %d KiB",
 		res.SentTotal, res.RefusedTotal, res.Refused, s, heap0>>10, peak.Load()>>10)
 	if res.SentTotal != n {

@@ -1,5 +1,5 @@
 // Package sim is rbee-simworker: a synthetic LLM worker that speaks the
-// llm-worker-rbee HTTP API (spec §6) and the rbee worker protocol (package
+// llm-worker-rbee HTTP API and the rbee worker protocol (package
 // worker), and can be told to misbehave so the hive's supervision paths
 // can be exercised without a GPU or a model.
 package sim
@@ -12,6 +12,8 @@ import (
 	"strconv"
 	"strings"
 	"time"
+
+	"github.com/rbee/rbee-hive/worker"
 )
 
 // Exit codes, chosen so a test can tell a crash from a usage error.
@@ -88,7 +90,7 @@ func Parse(args []string, lookup func(string) (string, bool), out io.Writer) (Co
 		return c, fmt.Errorf("unexpected arguments: %q", fs.Args())
 	}
 	if c.WorkerID == "" {
-		c.WorkerID, _ = lookup("RBEE_WORKER_ID")
+		c.WorkerID, _ = lookup(worker.EnvWorkerID)
 	}
 	if c.APIToken == "" {
 		c.APIToken, _ = lookup("LLORCH_API_TOKEN")

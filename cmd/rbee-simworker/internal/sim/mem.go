@@ -3,6 +3,7 @@ package sim
 import (
 	"context"
 	"os"
+	"runtime"
 	"strconv"
 	"strings"
 	"time"
@@ -42,6 +43,7 @@ func leak(ctx context.Context, rate float64, grown func(total int64)) {
 	for {
 		select {
 		case <-ctx.Done():
+			runtime.KeepAlive(held)
 			return
 		case <-t.C:
 		}

@@ -69,8 +69,9 @@ func correlation(next http.Handler) http.Handler {
 	})
 }
 
-// auth follows spec §1.3 when a token is configured; without one the
-// routes are open (the original's reject-everything default is a defect).
+// auth requires "Authorization: Bearer <token>" when a token is
+// configured; without one the routes are open (rejecting everything would
+// make an unconfigured simworker useless).
 func (s *state) auth(next http.Handler) http.Handler {
 	if s.cfg.APIToken == "" {
 		return next
@@ -115,7 +116,7 @@ func writeJSON(w http.ResponseWriter, code int, v any) {
 	_ = json.NewEncoder(w).Encode(v)
 }
 
-// InferenceRequest is ExecuteRequest (spec §6.1). Pointers tell "absent"
+// InferenceRequest is the body of POST /v1/inference. Pointers tell "absent"
 // from zero for the required fields and the defaults.
 type InferenceRequest struct {
 	JobID             *string  `json:"job_id"`
@@ -197,7 +198,7 @@ func tokenText(seed uint64, i int) string {
 }
 
 func (s *state) inference(w http.ResponseWriter, r *http.Request) {
-	// axum-style rejections, plain text (spec §1.4).
+	// Rejections are plain text, as llm-worker-rbee answers them.
 	if mt, _, _ := mime.ParseMediaType(r.Header.Get("Content-Type")); mt != "application/json" {
 		http.Error(w, "Expected request with `Content-Type: application/json`", http.StatusUnsupportedMediaType)
 		return
@@ -249,7 +250,7 @@ func (s *state) inference(w http.ResponseWriter, r *http.Request) {
 	s.stream(r.Context(), w, *q.JobID, int(*q.MaxTokens), seed, q.Stop)
 }
 
-// Event shapes of the SSE stream (spec §6.1), field for field.
+// Event shapes of the SSE stream, field for field as llm-worker-rbee sends them.
 type startedEvent struct {
 	Type      string `json:"type"`
 	JobID     string `json:"job_id"`

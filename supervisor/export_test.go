@@ -1,0 +1,43 @@
+package supervisor
+
+import (
+	"context"
+	"fmt"
+
+	"github.com/rbee/rbee-hive/api"
+)
+
+// WedgeLoop blocks the Run loop until release is closed, so
+// Alive fails as it would with a real bug. It returns once the loop is stuck.
+func (s *Supervisor) WedgeLoop(ctx context.Context, release <-chan struct{}) error {
+	select {
+	case s.wedge <- release:
+		return nil
+	case <-ctx.Done():
+		return fmt.Errorf("wedge: %w", ctx.Err())
+	}
+}
+
+// HandleDatagram feeds one datagram to the notify intake as if the kernel
+// had vouched for pid.
+func (s *Supervisor) HandleDatagram(pid int32, fields map[string]string) {
+	s.handleDatagram(pid, fields)
+}
+
+// workerRoutes mounts the worker API the way cmd/rbee-hive's route table
+// does, for this package's HTTP tests.
+func workerRoutes(s *Supervisor, auth api.AuthFunc) []api.Route {
+	return []api.Route{
+		{Pattern: "POST /v1/workers/spawn", Auth: api.AuthToken, Handler: s.HandleSpawn},
+		{Pattern: "GET /v1/workers/list", Auth: api.AuthToken, Handler: s.HandleList},
+		{Pattern: "GET /v1/workers/{id}", Auth: api.AuthToken, Handler: s.HandleGet},
+		{Pattern: "DELETE /v1/workers/{id}", Auth: api.AuthToken, Handler: s.HandleDelete},
+		{Pattern: "GET /v1/workers/{id}/logs", Auth: api.AuthToken, Handler: s.HandleLogs},
+		{Pattern: "POST /v1/workers/{id}" + RouteRbee, Auth: api.AuthToken, Handler: s.HandleWorkerRoute(RouteRbee)},
+		{Pattern: "POST /v1/workers/{id}" + RouteChat, Auth: api.AuthToken, Handler: s.HandleWorkerRoute(RouteChat)},
+		{Pattern: "POST /v1/workers/{id}" + RouteCompletion, Auth: api.AuthToken, Handler: s.HandleWorkerRoute(RouteCompletion)},
+		{Pattern: "POST /v1/workers/{id}" + RouteNative, Auth: api.AuthToken, Handler: s.HandleWorkerRoute(RouteNative)},
+		{Pattern: "POST /v1/workers/ready", Auth: api.AuthWorkerToken, Handler: s.HandleReady(auth)},
+		{Pattern: "POST /v1/heartbeat", Auth: api.AuthWorkerToken, Handler: s.HandleHeartbeat(auth)},
+	}
+}

@@ -1,0 +1,230 @@
+package supervisor
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"os/exec"
+	"sort"
+	"strconv"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"syscall"
+	"time"
+
+	"github.com/rbee/rbee-hive/cgroup"
+	"github.com/rbee/rbee-hive/config"
+	workerproto "github.com/rbee/rbee-hive/worker"
+)
+
+// expandArgs substitutes the backend template's placeholders; never a shell.
+func (s *Supervisor) expandArgs(w *worker) []string {
+	r := strings.NewReplacer("{port}", strconv.Itoa(w.port), "{model_path}", w.modelPath, "{model_ref}", w.modelRef,
+		"{worker_id}", w.id, "{device}", strconv.Itoa(w.device), "{self_dir}", s.deps.SelfDir)
+	out := make([]string, len(w.backendCfg.Command))
+	for i, a := range w.backendCfg.Command {
+		out[i] = r.Replace(a)
+	}
+	return out
+}
+
+// workerEnv builds the environment from an allow-list: a fixed safe base,
+// the backend's env, the request's env, then the hive's contract variables,
+// which nothing overrides.
+func (s *Supervisor) workerEnv(w *worker) []string {
+	env := map[string]string{"PATH": safePath, "HOME": "/", "LANG": "C.UTF-8"}
+	for k, v := range w.backendCfg.Env {
+		env[k] = v
+	}
+	for k, v := range w.requestEnv {
+		env[k] = v
+	}
+	env[workerproto.EnvWorkerID] = w.id
+	env[workerproto.EnvWatchdogUSec] = strconv.FormatInt(s.cfg.Heartbeat.StaleThreshold.D().Microseconds(), 10)
+	env[workerproto.EnvWorkerToken] = w.token
+	delete(env, workerproto.EnvNotifySocket)
+	delete(env, workerproto.EnvWatchdogPID)
+	if w.backendCfg.Health != config.HealthCallback {
+		// callback workers get no socket, so they use the HTTP fallback.
+		env[workerproto.EnvNotifySocket] = s.cfg.Heartbeat.NotifySocket
+	}
+	delete(env, workerproto.EnvHiveURL)
+	if s.deps.HiveURL != "" {
+		env[workerproto.EnvHiveURL] = s.deps.HiveURL
+	}
+	delete(env, "CUDA_VISIBLE_DEVICES")
+	delete(env, "CUDA_DEVICE_ORDER")
+	if w.backendCfg.CUDA {
+		env["CUDA_VISIBLE_DEVICES"] = w.gpuUUID
+		env["CUDA_DEVICE_ORDER"] = "PCI_BUS_ID"
+	}
+	out := make([]string, 0, len(env))
+	for k, v := range env {
+		out = append(out, k+"="+v)
+	}
+	sort.Strings(out)
+	return out
+}
+
+// createLeaf makes the worker's leaf; a leaf left by an earlier run of the
+// same worker (a failed delete) is emptied and replaced.
+func (s *Supervisor) createLeaf(w *worker) (cgroup.Leaf, error) {
+	lim := cgroup.Limits{MemoryMax: w.memoryLimit, PidsMax: s.cfg.Workers.PidsMax}
+	leaf, err := s.deps.Cgroups.Create(w.id, lim)
+	if err == nil {
+		return leaf, nil
+	}
+	old, lerr := s.deps.Cgroups.Load(w.id)
+	if lerr != nil {
+		return nil, fmt.Errorf("create cgroup leaf: %w", err)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	if kerr := old.Kill(ctx); kerr != nil {
+		return nil, fmt.Errorf("create cgroup leaf: %w (emptying the old one: %v)", err, kerr)
+	}
+	if derr := old.Delete(); derr != nil {
+		return nil, fmt.Errorf("create cgroup leaf: %w (deleting the old one: %v)", err, derr)
+	}
+	leaf, err = s.deps.Cgroups.Create(w.id, lim)
+	if err != nil {
+		return nil, fmt.Errorf("create cgroup leaf: %w", err)
+	}
+	return leaf, nil
+}
+
+// startRun starts one process of w inside a fresh leaf. Callers check the
+// worker's state before they let go of s.mu, so it is checked again here: a
+// worker stopped in between gets no process (errNotStarted).
+func (s *Supervisor) startRun(w *worker, why string) error {
+	s.mu.Lock()
+	if s.closing || w.state.terminal() || w.state == StateStopping {
+		s.mu.Unlock()
+		return errNotStarted
+	}
+	s.starting.Add(1)
+	w.startInFlight, w.earlyFields = true, nil
+	argv := s.expandArgs(w)
+	env := s.workerEnv(w)
+	s.mu.Unlock()
+	defer s.starting.Done()
+	defer func() {
+		s.mu.Lock()
+		w.startInFlight, w.earlyFields = false, nil
+		s.mu.Unlock()
+	}()
+
+	leaf, err := s.createLeaf(w)
+	if err != nil {
+		return &spawnError{reason: failCgroup, err: err}
+	}
+	cmd := exec.Command(argv[0], argv[1:]...)
+	cmd.Env = env
+	cmd.Dir = "/"
+	// A session of its own: Ctrl-C in the hive's terminal (make run) must
+	// reach the hive alone, which then drains its workers in order.
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setsid: true}
+	pipes, err := openOutputPipes(cmd)
+	if err != nil {
+		_ = leaf.Delete()
+		return &spawnError{reason: failExec, err: err}
+	}
+	rctx, cancel := context.WithCancel(context.Background())
+	r := &run{leaf: leaf, cmd: cmd, cancel: cancel, done: make(chan struct{})}
+	oom := &oomWatch{seen: make(chan struct{})}
+	if ch, err := leaf.OOMEvents(rctx); err != nil {
+		w.log.Warn("OOM events unavailable; relying on the leaf's counters", slog.Any("err", err))
+	} else {
+		go oom.drain(ch)
+	}
+	if err := leaf.Start(cmd); err != nil {
+		cancel()
+		pipes.close()
+		_ = leaf.Delete()
+		return &spawnError{reason: failExec, err: fmt.Errorf("start %s: %w", argv[0], err)}
+	}
+	pipes.closeWriteEnds()
+	r.pid = cmd.Process.Pid
+	r.started = time.Now()
+	var readers sync.WaitGroup
+	pipes.pump(w.logs, &readers)
+
+	s.mu.Lock()
+	w.run = r
+	s.mainPID[r.pid] = w
+	if w.state.terminal() || w.state == StateStopping {
+		// Stopped while we were starting: this run must not live.
+		w.killReason, w.noRestart = ReasonStopped, true
+		s.mu.Unlock()
+		s.killRun(r)
+		s.wg.Add(1)
+		go s.wait(w, r, oom, &readers)
+		return nil
+	}
+	w.killReason, w.noRestart = "", false
+	w.failedHealthChecks = 0
+	w.exitCode = nil
+	// What a run reported dies with it: a restarted worker must not show
+	// its predecessor's health, status or figures (RBEE_VRAM_BYTES feeds
+	// resources), and its own STOPPING=1 is logged again.
+	w.reportedHealth, w.statusLine, w.figures, w.stoppingLogged = "", "", nil, false
+	s.setState(w, StateLoading, why)
+	s.setDeadline(w, dlLoad, r.started.Add(w.backendCfg.LoadTimeout.D()))
+	if w.earlyFields != nil {
+		s.applyFields(w, w.earlyFields)
+	}
+	w.startInFlight, w.earlyFields = false, nil
+	s.mu.Unlock()
+	w.log.Info("worker started", slog.Int("pid", r.pid), slog.Int("port", w.port))
+
+	if w.backendCfg.Health == config.HealthHTTP {
+		go s.pollHealth(rctx, w, r)
+	}
+	s.wg.Add(1)
+	go s.wait(w, r, oom, &readers)
+	return nil
+}
+
+// oomWatch collects the leaf's OOM events for one run.
+type oomWatch struct {
+	once sync.Once
+	seen chan struct{} // closed at the first OOM event
+	n    atomic.Uint64
+}
+
+func (o *oomWatch) drain(ch <-chan cgroup.OOMEvent) {
+	for range ch {
+		o.n.Add(1)
+		o.once.Do(func() { close(o.seen) })
+	}
+}
+
+// startFailed handles a start that failed after the spawn request returned
+// (after a download, or at a restart): it counts as a failed run.
+func (s *Supervisor) startFailed(w *worker, err error) {
+	if errors.Is(err, errNotStarted) {
+		s.mu.Lock()
+		defer s.unlock()
+		if !w.state.terminal() { // the hive is closing
+			s.finish(w, StateStopped, string(ReasonStopped))
+		}
+		return
+	}
+	s.m.spawnFailures.WithLabelValues(spawnReason(err)).Inc()
+	s.m.exits.WithLabelValues(string(ReasonSpawnFailed)).Inc()
+	s.mu.Lock()
+	defer s.unlock()
+	w.log.Error("worker start failed", slog.Any("err", err))
+	if w.state.terminal() {
+		return // stopped while we were starting it
+	}
+	w.exitReason = ReasonSpawnFailed
+	w.exitCode = nil
+	if s.closing || w.noRestart || w.state == StateStopping {
+		s.finish(w, StateStopped, string(ReasonStopped))
+		return
+	}
+	s.afterFailure(w, ReasonSpawnFailed, time.Now(), time.Now(), err.Error())
+}
