@@ -118,6 +118,10 @@ func runHelper(mode string) int {
 		return 0
 	case "isolated":
 		return runIsolatedHelper()
+	case "capped":
+		return runCappedExec()
+	case "capped-hive":
+		return runCappedHive()
 	case "burn":
 		end := time.Now().Add(50 * time.Millisecond)
 		x := 0
