@@ -503,7 +503,7 @@ func TestQueueBoundDropsAndCounts(t *testing.T) {
 	}
 	s.Put(sample("w-a"))
 	s.Put(sample("w-b"))
-	s.Put(sample("w-c"))          // a third pending worker: dropped
+	s.Put(sample("w-c"))         // a third pending worker: dropped
 	s.SetState("w-a", StateBusy) // a pending worker still coalesces
 	tx.Rollback()
 	flush(t, s)
