@@ -197,3 +197,22 @@ func TestNotifyWithoutSocket(t *testing.T) {
 		t.Errorf("Notify without NOTIFY_SOCKET: %v", err)
 	}
 }
+
+// TestNotifyAbstractSocket: NOTIFY_SOCKET may name an abstract socket
+// ("@..."), as systemd uses for some units.
+func TestNotifyAbstractSocket(t *testing.T) {
+	name := fmt.Sprintf("@rbee-fdhandover-test-%d", os.Getpid())
+	conn, err := net.ListenUnixgram("unixgram", &net.UnixAddr{Name: name, Net: "unixgram"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	t.Setenv("NOTIFY_SOCKET", name)
+	if err := Notify("", "READY=1\n"); err != nil {
+		t.Fatal(err)
+	}
+	sd := &fakeSystemd{path: name, conn: conn}
+	if msg, files := sd.recv(t); msg != "READY=1\n" || len(files) != 0 {
+		t.Errorf("got %q with %d fds", msg, len(files))
+	}
+}
