@@ -56,6 +56,9 @@ type Worker struct {
 	// running hive started it.
 	AdoptedAt time.Time
 	CreatedAt time.Time
+	// StdoutOffset and StderrOffset are how far the hive has shipped the
+	// worker's output files (docs/adoption.md); a restarted hive resumes there.
+	StdoutOffset, StderrOffset int64
 }
 
 // HashToken returns the digest stored in Worker.TokenHash. Tokens are random
@@ -124,6 +127,8 @@ func (w *Worker) validate(cgroupRoot string) error {
 		return bad("negative memory limit or VRAM claim")
 	case w.RestartCount < 0:
 		return bad("negative restart count")
+	case w.StdoutOffset < 0 || w.StderrOffset < 0:
+		return bad("negative output offset")
 	case len(w.TokenHash) != 0 && len(w.TokenHash) != sha256.Size:
 		return bad("token hash of %d bytes", len(w.TokenHash))
 	case !ValidState(w.State):

@@ -36,6 +36,9 @@ var migrations = []string{
 		created_at_ms  INTEGER NOT NULL,
 		updated_at_ms  INTEGER NOT NULL
 	)`,
+	// How far the hive has shipped each worker's output files.
+	`ALTER TABLE workers ADD COLUMN stdout_offset INTEGER NOT NULL DEFAULT 0;
+	 ALTER TABLE workers ADD COLUMN stderr_offset INTEGER NOT NULL DEFAULT 0`,
 }
 
 // migrate brings db to len(steps). A version newer than this binary knows
@@ -135,7 +138,7 @@ func (s *Store) Load(ctx context.Context) (workers []Worker, dropped []Dropped, 
 	}
 	var bad []int64
 	for rows.Next() {
-		vals := make([]any, 22)
+		vals := make([]any, 24)
 		ptrs := make([]any, len(vals))
 		for i := range vals {
 			ptrs[i] = &vals[i]
@@ -224,6 +227,7 @@ func decode(v []any) (Worker, error) {
 	w.State = str(17)
 	w.AdoptedAt, w.CreatedAt = fromMilli(num(18)), fromMilli(num(19))
 	_ = num(20)
+	w.StdoutOffset, w.StderrOffset = num(21), num(22)
 	if len(errs) > 0 {
 		return w, fmt.Errorf("%w: worker %q: %w", ErrInvalid, w.ID, errors.Join(errs...))
 	}

@@ -45,16 +45,19 @@ type Stats struct {
 type opKind uint8
 
 const (
-	opPut opKind = iota + 1
-	opState
+	opPut    opKind = iota + 1
+	opUpdate        // state and/or output offsets of an existing row
 	opDelete
 )
 
 type op struct {
 	kind  opKind
 	w     Worker // opPut
-	state string // opState
-	at    int64  // unix ms of the change
+	state string // opUpdate: "" = unchanged
+	// opUpdate: output offsets, when hasOff
+	hasOff         bool
+	outOff, errOff int64
+	at             int64 // unix ms of the change
 }
 
 // Store is the durable worker registry. Its methods are safe for concurrent use.
@@ -213,7 +216,17 @@ func (s *Store) SetState(id, state string) error {
 	if !ValidState(state) {
 		return fmt.Errorf("%w: worker %q: unknown state %q", ErrInvalid, id, state)
 	}
-	return s.enqueue(id, op{kind: opState, state: state, at: time.Now().UnixMilli()})
+	return s.enqueue(id, op{kind: opUpdate, state: state, at: time.Now().UnixMilli()})
+}
+
+// SetOutputOffsets records how far the hive has shipped the worker's stdout
+// and stderr files, so that a restarted hive resumes there. Like SetState it
+// only enqueues.
+func (s *Store) SetOutputOffsets(id string, stdout, stderr int64) error {
+	if stdout < 0 || stderr < 0 {
+		return fmt.Errorf("%w: worker %q: negative output offset", ErrInvalid, id)
+	}
+	return s.enqueue(id, op{kind: opUpdate, hasOff: true, outOff: stdout, errOff: stderr, at: time.Now().UnixMilli()})
 }
 
 // Delete removes the worker's row.
@@ -252,19 +265,31 @@ func (s *Store) enqueue(id string, o op) error {
 	return nil
 }
 
-// merge folds next into an unwritten prev: a state change applies to a
-// pending full record; a delete or a full record replaces everything.
+// merge folds next into an unwritten prev: an update applies to a pending
+// full record or combines with a pending update; a delete or a full record
+// replaces everything.
 func merge(prev, next op) op {
-	if next.kind != opState {
+	if next.kind != opUpdate {
 		return next
 	}
 	switch prev.kind {
 	case opPut:
-		prev.w.State = next.state
+		if next.state != "" {
+			prev.w.State = next.state
+		}
+		if next.hasOff {
+			prev.w.StdoutOffset, prev.w.StderrOffset = next.outOff, next.errOff
+		}
 		prev.at = next.at
 		return prev
 	case opDelete:
 		return prev
+	}
+	if next.state == "" {
+		next.state = prev.state
+	}
+	if !next.hasOff {
+		next.hasOff, next.outOff, next.errOff = prev.hasOff, prev.outOff, prev.errOff
 	}
 	return next
 }
@@ -367,7 +392,7 @@ func (s *Store) requeue(batch map[string]op) {
 
 const cols = `id, backend, model, argv, uid, port, url, cgroup_path, pid, pid_start,
 	restart_policy, restart_count, failures, memory_limit, vram_claim, gpu, token_hash,
-	state, adopted_at_ms, created_at_ms, updated_at_ms`
+	state, adopted_at_ms, created_at_ms, updated_at_ms, stdout_offset, stderr_offset`
 
 func (s *Store) write(batch map[string]op) error {
 	if len(batch) == 0 {
@@ -396,16 +421,25 @@ func (s *Store) write(batch map[string]op) error {
 				return fmt.Errorf("workerstore: worker %s failures: %w", id, err)
 			}
 			_, err = tx.ExecContext(ctx, `INSERT OR REPLACE INTO workers (`+cols+`)
-				VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)`,
+				VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)`,
 				w.ID, w.Backend, w.Model, string(argv), w.UID, w.Port, w.URL, w.CgroupPath, w.PID, int64(w.PIDStart),
 				w.RestartPolicy, w.RestartCount, string(failures), w.MemoryLimit, w.VRAMClaim, w.GPU, w.TokenHash,
-				w.State, unixMilli(w.AdoptedAt), unixMilli(w.CreatedAt), o.at)
+				w.State, unixMilli(w.AdoptedAt), unixMilli(w.CreatedAt), o.at, w.StdoutOffset, w.StderrOffset)
 			if err != nil {
 				return fmt.Errorf("workerstore: put %s: %w", id, err)
 			}
-		case opState:
-			if _, err := tx.ExecContext(ctx, `UPDATE workers SET state = ?, updated_at_ms = ? WHERE id = ?`, o.state, o.at, id); err != nil {
-				return fmt.Errorf("workerstore: state %s: %w", id, err)
+		case opUpdate:
+			var state, outOff, errOff any // nil keeps the column
+			if o.state != "" {
+				state = o.state
+			}
+			if o.hasOff {
+				outOff, errOff = o.outOff, o.errOff
+			}
+			if _, err := tx.ExecContext(ctx, `UPDATE workers SET state = COALESCE(?, state),
+				stdout_offset = COALESCE(?, stdout_offset), stderr_offset = COALESCE(?, stderr_offset),
+				updated_at_ms = ? WHERE id = ?`, state, outOff, errOff, o.at, id); err != nil {
+				return fmt.Errorf("workerstore: update %s: %w", id, err)
 			}
 		case opDelete:
 			if _, err := tx.ExecContext(ctx, `DELETE FROM workers WHERE id = ?`, id); err != nil {

@@ -29,7 +29,7 @@ func sample(id string) Worker {
 		RestartPolicy: "on-failure", RestartCount: 2,
 		Failures:    []time.Time{time.UnixMilli(1_700_000_000_123), time.UnixMilli(1_700_000_100_456)},
 		MemoryLimit: 8 << 30, VRAMClaim: 6 << 30, GPU: "GPU-0e3f",
-		TokenHash: HashToken("secret-token"), State: StateIdle,
+		TokenHash: HashToken("secret-token"), State: StateIdle, StdoutOffset: 1 << 33, StderrOffset: 77,
 		AdoptedAt: time.UnixMilli(1_700_000_200_000), CreatedAt: time.UnixMilli(1_699_999_999_000),
 	}
 }
@@ -123,37 +123,57 @@ func TestFileModes(t *testing.T) {
 }
 
 func TestCoalescingLatestWins(t *testing.T) {
+	sampleOff := [2]int64{1 << 33, 77}
 	tests := []struct {
 		name  string
 		ops   func(s *Store)
 		state string // "" = row absent
+		off   [2]int64
 	}{
 		{"put then states", func(s *Store) {
 			s.Put(sample("w-x"))
 			s.SetState("w-x", StateBusy)
 			s.SetState("w-x", StateStale)
-		}, StateStale},
+		}, StateStale, sampleOff},
 		{"put then delete", func(s *Store) {
 			s.Put(sample("w-x"))
 			s.Delete("w-x")
-		}, ""},
+		}, "", [2]int64{}},
 		{"delete then state stays deleted", func(s *Store) {
 			s.Put(sample("w-x"))
 			flushNoT(s)
 			s.Delete("w-x")
 			s.SetState("w-x", StateBusy)
-		}, ""},
+		}, "", [2]int64{}},
 		{"delete then put", func(s *Store) {
 			s.Delete("w-x")
 			w := sample("w-x")
 			w.State = StateLoading
 			s.Put(w)
-		}, StateLoading},
+		}, StateLoading, sampleOff},
 		{"state after a written put", func(s *Store) {
 			s.Put(sample("w-x"))
 			flushNoT(s)
 			s.SetState("w-x", StateRestarting)
-		}, StateRestarting},
+		}, StateRestarting, sampleOff},
+		{"offsets fold into a pending put", func(s *Store) {
+			s.Put(sample("w-x"))
+			s.SetOutputOffsets("w-x", 10, 20)
+			s.SetState("w-x", StateBusy)
+		}, StateBusy, [2]int64{10, 20}},
+		{"offsets and state combine after a written put", func(s *Store) {
+			s.Put(sample("w-x"))
+			flushNoT(s)
+			s.SetOutputOffsets("w-x", 1, 2)
+			s.SetState("w-x", StateBusy)
+			s.SetOutputOffsets("w-x", 300, 400)
+		}, StateBusy, [2]int64{300, 400}},
+		{"an offset update keeps the written state", func(s *Store) {
+			s.Put(sample("w-x"))
+			s.SetState("w-x", StateStale)
+			flushNoT(s)
+			s.SetOutputOffsets("w-x", 5, 6)
+		}, StateStale, [2]int64{5, 6}},
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
@@ -166,6 +186,8 @@ func TestCoalescingLatestWins(t *testing.T) {
 				t.Errorf("row present in state %s, want none", ws[0].State)
 			case tc.state != "" && (len(ws) != 1 || ws[0].State != tc.state):
 				t.Errorf("rows %+v, want one in state %s", ws, tc.state)
+			case tc.state != "" && [2]int64{ws[0].StdoutOffset, ws[0].StderrOffset} != tc.off:
+				t.Errorf("offsets %d/%d, want %v", ws[0].StdoutOffset, ws[0].StderrOffset, tc.off)
 			}
 		})
 	}
@@ -222,6 +244,7 @@ func TestTamperedRowsDropped(t *testing.T) {
 		{"argv not json", `UPDATE workers SET argv = '{' WHERE id = 'w-bad'`, "argv"},
 		{"token hash as text", `UPDATE workers SET token_hash = 'plain' WHERE id = 'w-bad'`, "token_hash"},
 		{"null id", `UPDATE workers SET id = NULL WHERE id = 'w-bad'`, "want text"},
+		{"negative output offset", `UPDATE workers SET stderr_offset = -1 WHERE id = 'w-bad'`, "negative output offset"},
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
@@ -358,6 +381,38 @@ func execRaw(t *testing.T, path, stmt string) {
 
 func checkpoint(t *testing.T, path string) {
 	execRaw(t, path, `PRAGMA wal_checkpoint(TRUNCATE)`)
+}
+
+// TestOpenMigratesVersion1File: a registry written by a hive at schema 1
+// (before output offsets) opens, keeps its rows and gains the columns.
+func TestOpenMigratesVersion1File(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "w.db")
+	db, err := sql.Open("sqlite", path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := migrate(db, migrations[:1]); err != nil {
+		t.Fatal(err)
+	}
+	_, err = db.Exec(`INSERT INTO workers VALUES ('w-old','b','m','["/bin/w"]',1000,9000,'http://127.0.0.1:9000',
+		'` + root + `/workers/w-old',42,4242,'on-failure',0,'[]',0,0,'',NULL,'idle',0,1700000000000,1700000000000)`)
+	db.Close()
+	if err != nil {
+		t.Fatal(err)
+	}
+	s := open(t, path, nil)
+	if s.MovedAside() != "" {
+		t.Fatalf("a version-1 file was moved aside")
+	}
+	ws, dropped := load(t, s)
+	if len(dropped) != 0 || len(ws) != 1 || ws[0].ID != "w-old" || ws[0].PIDStart != 4242 || ws[0].StdoutOffset != 0 {
+		t.Fatalf("loaded %+v, dropped %v", ws, dropped)
+	}
+	s.SetOutputOffsets("w-old", 100, 200)
+	flush(t, s)
+	if ws, _ := load(t, s); ws[0].StdoutOffset != 100 || ws[0].StderrOffset != 200 {
+		t.Errorf("offsets after migration: %d %d", ws[0].StdoutOffset, ws[0].StderrOffset)
+	}
 }
 
 // TestMigrationsStepByStep runs a two-step history over a file at version 1.
