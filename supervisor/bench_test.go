@@ -9,6 +9,7 @@ import (
 	"time"
 
 	"github.com/rbee/rbee-hive/config"
+	"github.com/rbee/rbee-hive/supervisor/notify"
 )
 
 // report adds median and p99 of samples to the benchmark's output.
@@ -106,17 +107,22 @@ func BenchmarkHandleDatagram(b *testing.B) {
 	h := newHarness(b)
 	res := h.spawn(map[string]any{"backend": "sim"})
 	wi := h.waitState(res.WorkerID, StateIdle, 10*time.Second)
-	fields := map[string]string{"WATCHDOG": "1", "RBEE_HEALTH": "healthy"}
+	var fields notify.Fields
+	if err := fields.Parse([]byte("WATCHDOG=1\nRBEE_HEALTH=healthy")); err != nil {
+		b.Fatal(err)
+	}
 	b.Run("worker", func(b *testing.B) {
+		b.ReportAllocs()
 		pid := int32(*wi.PID)
 		for i := 0; i < b.N; i++ {
-			h.s.HandleDatagram(pid, fields)
+			h.s.handleDatagram(pid, &fields)
 		}
 	})
 	b.Run("unknown_sender", func(b *testing.B) {
+		b.ReportAllocs()
 		pid := int32(syscall.Getpid())
 		for i := 0; i < b.N; i++ {
-			h.s.HandleDatagram(pid, fields)
+			h.s.handleDatagram(pid, &fields)
 		}
 	})
 }

@@ -173,7 +173,7 @@ func (s *Supervisor) startRun(w *worker, why string) error {
 	s.setState(w, StateLoading, why)
 	s.setDeadline(w, dlLoad, r.started.Add(w.backendCfg.LoadTimeout.D()))
 	if w.earlyFields != nil {
-		s.applyFields(w, w.earlyFields)
+		s.applyEarly(w)
 	}
 	w.startInFlight, w.earlyFields = false, nil
 	s.mu.Unlock()

@@ -64,12 +64,21 @@ const (
 type Message struct {
 	PID      int32 // sender's pid, as attested by the kernel (never 0)
 	UID, GID uint32
-	Fields   map[string]string
+	// Fields views the receive buffer: valid only during the Handler call
+	// (Clone keeps a message).
+	Fields   Fields
 	Received time.Time
 }
 
+// Clone returns a copy of m that stays valid after the Handler returns.
+func (m Message) Clone() Message {
+	m.Fields = m.Fields.Clone()
+	return m
+}
+
 // Handler is called in the receive loop, one message at a time; it must
-// not block (hand off to a channel if it has work to do).
+// not block (hand off to a channel if it has work to do) nor keep
+// m.Fields past its return.
 type Handler func(Message)
 
 // Stats is a snapshot of the counters. Received == Delivered + Oversize +
@@ -303,16 +312,17 @@ func (l *Listener) Close() error {
 // in the hive (it sets MSG_CTRUNC and closes them).
 var oobSize = unix.CmsgSpace(unix.SizeofUcred)
 
-// receiver holds everything recvmsg needs, allocated once per Serve: the
-// loop itself does not allocate until a message is parsed.
+// receiver holds everything recvmsg and the parser need, allocated once
+// per Serve: the loop itself does not allocate.
 type receiver struct {
-	buf   [MaxDatagram]byte
-	oob   [64]byte
-	iov   unix.Iovec
-	msg   unix.Msghdr
-	n     int
-	errno syscall.Errno
-	read  func(fd uintptr) bool
+	buf    [MaxDatagram]byte
+	fields Fields
+	oob    [64]byte
+	iov    unix.Iovec
+	msg    unix.Msghdr
+	n      int
+	errno  syscall.Errno
+	read   func(fd uintptr) bool
 }
 
 func newReceiver() *receiver {
@@ -406,12 +416,11 @@ func (l *Listener) Serve(ctx context.Context, h Handler) error {
 			l.c.noCreds.Add(1)
 			continue
 		}
-		fields, err := Parse(r.buf[:r.n])
-		if err != nil {
+		if err := r.fields.Parse(r.buf[:r.n]); err != nil {
 			l.c.malformed.Add(1)
 			continue
 		}
 		l.c.delivered.Add(1)
-		h(Message{PID: pid, UID: uid, GID: gid, Fields: fields, Received: time.Now()})
+		h(Message{PID: pid, UID: uid, GID: gid, Fields: r.fields, Received: time.Now()})
 	}
 }
