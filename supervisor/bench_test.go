@@ -177,6 +177,7 @@ func BenchmarkMonitorPass(b *testing.B) {
 			ctx := context.Background()
 			m.pass(ctx) // the first pass has no CPU rate to compute
 			b.Run("pass", func(b *testing.B) {
+				b.ReportAllocs()
 				cpu0 := cpuTime(b)
 				for i := 0; i < b.N; i++ {
 					m.pass(ctx)
