@@ -2,8 +2,14 @@ package supervisor
 
 import (
 	"context"
+	"fmt"
+	"os"
 	"os/exec"
+	"runtime"
+	"runtime/debug"
 	"sort"
+	"strconv"
+	"strings"
 	"syscall"
 	"testing"
 	"time"
@@ -217,4 +223,68 @@ func cpuTime(b *testing.B) time.Duration {
 		b.Fatal(err)
 	}
 	return time.Duration(ru.Utime.Nano() + ru.Stime.Nano())
+}
+
+// BenchmarkIdleWorkers: what each idle worker costs the hive: n sleeping
+// /bin/sleep workers (no notify socket, no health probe, nothing written)
+// are spawned, and goroutines, OS threads and anonymous memory are compared
+// with the same hive before the spawns (after a GC each time). Run it with
+// -benchtime 1x: one iteration spawns the workers.
+func BenchmarkIdleWorkers(b *testing.B) {
+	for _, n := range []int{100, 1000} {
+		b.Run(fmt.Sprintf("n=%d", n), func(b *testing.B) {
+			h := newHarness(b, func(c *config.Config) {
+				c.Resources.SampleInterval = config.Duration(time.Hour)
+				c.Workers.ShutdownBudget = config.Duration(time.Minute)
+				c.Backends["sleeper"] = config.Backend{Command: []string{"/bin/sleep", "3600"}, Health: "callback",
+					LoadTimeout: config.Duration(time.Hour), MemoryLimit: 16 << 20}
+			})
+			for range b.N {
+				b.StopTimer()
+				g0, th0, anon0 := idleFigures(b)
+				var ms0, ms1 runtime.MemStats
+				runtime.ReadMemStats(&ms0)
+				b.StartTimer()
+				for range n {
+					h.spawn(map[string]any{"backend": "sleeper"})
+				}
+				b.StopTimer()
+				g1, th1, anon1 := idleFigures(b)
+				runtime.ReadMemStats(&ms1)
+				b.ReportMetric(float64(int64(ms1.HeapInuse)-int64(ms0.HeapInuse))/1024/float64(n), "heap-KiB/worker")
+				b.ReportMetric(float64(int64(ms1.StackInuse)-int64(ms0.StackInuse))/1024/float64(n), "stack-KiB/worker")
+				b.ReportMetric(float64(g1-g0)/float64(n), "goroutines/worker")
+				b.ReportMetric(float64(th1-th0)/float64(n), "threads/worker")
+				b.ReportMetric(float64(anon1-anon0)/float64(n), "anon-KiB/worker")
+				b.ReportMetric(float64(th1), "threads")
+				b.ReportMetric(float64(g1), "goroutines")
+			}
+		})
+	}
+}
+
+// idleFigures settles the heap, then reads the goroutine count and this
+// process's thread count and anonymous resident memory (KiB).
+func idleFigures(b *testing.B) (goroutines, threads, anonKiB int) {
+	time.Sleep(200 * time.Millisecond) // let starts and pumps settle
+	runtime.GC()
+	debug.FreeOSMemory()
+	st, err := os.ReadFile("/proc/self/status")
+	if err != nil {
+		b.Fatal(err)
+	}
+	for _, line := range strings.Split(string(st), "\n") {
+		k, v, _ := strings.Cut(line, ":")
+		f := strings.Fields(v)
+		if len(f) == 0 {
+			continue
+		}
+		switch k {
+		case "Threads":
+			threads, _ = strconv.Atoi(f[0])
+		case "RssAnon":
+			anonKiB, _ = strconv.Atoi(f[0])
+		}
+	}
+	return runtime.NumGoroutine(), threads, anonKiB
 }

@@ -42,6 +42,8 @@ type Supervisor struct {
 	// files, disk I/O that must not stall everything else behind s.mu.
 	afterUnlock []func()
 
+	out outputPoller // every run's stdout and stderr
+
 	kick  chan struct{}
 	probe chan chan struct{}
 	wedge chan (<-chan struct{})
