@@ -237,7 +237,7 @@ func BenchmarkIdleWorkers(b *testing.B) {
 				c.Resources.SampleInterval = config.Duration(time.Hour)
 				c.Workers.ShutdownBudget = config.Duration(time.Minute)
 				c.Backends["sleeper"] = config.Backend{Command: []string{"/bin/sleep", "3600"}, Health: "callback",
-					LoadTimeout: config.Duration(time.Hour), MemoryLimit: 16 << 20}
+					LoadTimeout: config.Duration(time.Hour), MemoryLimit: 64 << 20}
 			})
 			for range b.N {
 				b.StopTimer()

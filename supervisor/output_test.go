@@ -155,7 +155,7 @@ func TestIdleWorkerGoroutines(t *testing.T) {
 	const n = 20
 	h := newHarness(t, func(c *config.Config) {
 		c.Backends["sleeper"] = config.Backend{Command: []string{"/bin/sleep", "3600"}, Health: "callback",
-			LoadTimeout: config.Duration(time.Hour), MemoryLimit: 16 << 20}
+			LoadTimeout: config.Duration(time.Hour), MemoryLimit: 64 << 20}
 	})
 	settle := func() int { time.Sleep(50 * time.Millisecond); return runtime.NumGoroutine() }
 	before := settle()
