@@ -8,6 +8,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"runtime"
 	"strconv"
 	"strings"
 	"sync/atomic"
@@ -136,8 +137,9 @@ func rawReceiver(b *testing.B, path string, got *atomic.Uint64) {
 // attributed, its fields applied and the worker's stale deadline re-armed.
 // allocs/op is the hive's path alone. In the same run, alternating rounds
 // of the same count go to rawReceiver; raw-cpu-ns/dgram and
-// hive-cpu-ns/dgram are this process's CPU (getrusage) per datagram, and
-// hive/raw their ratio.
+// hive-cpu-ns/dgram are this process's CPU (getrusage) per datagram, each
+// round ending with a GC so that each side pays for its own garbage, and
+// hive/raw is their ratio.
 func BenchmarkHeartbeatIntake(b *testing.B) {
 	h := newHarness(b, func(c *config.Config) {
 		c.Resources.SampleInterval = config.Duration(time.Hour)
@@ -168,14 +170,14 @@ func BenchmarkHeartbeatIntake(b *testing.B) {
 	waitFor(hiveGot, 100)
 	waitFor(rawGot.Load, 100)
 
-	const rounds = 4
+	const rounds = 8
 	var rawCPU, hiveCPU time.Duration
 	var rawN, hiveN int
 	b.ResetTimer()
 	for r := range rounds {
 		n := b.N / rounds
 		if r == rounds-1 {
-			n = b.N - 3*(b.N/rounds)
+			n = b.N - (rounds-1)*(b.N/rounds)
 		}
 		if n == 0 {
 			continue
@@ -185,6 +187,7 @@ func BenchmarkHeartbeatIntake(b *testing.B) {
 		c0 := cpuTime(b)
 		snd.send(b, rawPath, n, benchHeartbeat)
 		waitFor(rawGot.Load, want)
+		runtime.GC() // each side pays for its own garbage
 		rawCPU += cpuTime(b) - c0
 		rawN += n
 		b.StartTimer()
@@ -192,6 +195,7 @@ func BenchmarkHeartbeatIntake(b *testing.B) {
 		c0 = cpuTime(b)
 		snd.send(b, hivePath, n, benchHeartbeat)
 		waitFor(hiveGot, want)
+		runtime.GC()
 		hiveCPU += cpuTime(b) - c0
 		hiveN += n
 	}

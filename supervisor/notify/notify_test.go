@@ -12,6 +12,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"runtime"
+	"strconv"
 	"strings"
 	"sync/atomic"
 	"testing"
@@ -444,6 +445,48 @@ func TestDropped(t *testing.T) {
 // TestNoCredentials: a receiver in its own pid namespace cannot name a
 // sender outside it; the kernel attests pid 0 and the datagram is dropped
 // as no_credentials, while one from inside the namespace is delivered.
+// TestQueuedBatch: datagrams queued before Serve starts are read several
+// per recvmmsg call; each is still judged on its own (a malformed and an
+// oversize one among them are dropped and counted) and the rest arrive in
+// order with their own fields.
+func TestQueuedBatch(t *testing.T) {
+	l, path := tempListener(t)
+	conn, err := net.Dial("unixgram", path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	// The kernel queues at most net.unix.max_dgram_qlen (default 10)
+	// datagrams for a socket nobody reads; 10 span two batches.
+	const n = 10
+	want := []string{}
+	for i := range n {
+		msg := fmt.Sprintf("RBEE_SEQ=%d", i)
+		switch i {
+		case 3:
+			msg = "not an assignment"
+		case recvBatch + 1: // in the second batch
+			msg = "STATUS=" + strings.Repeat("x", MaxDatagram)
+		default:
+			want = append(want, strconv.Itoa(i))
+		}
+		if _, err := conn.Write([]byte(msg)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	c := serve(t, l)
+	for _, w := range want {
+		m := c.next(t)
+		if got := m.Fields.Map()["RBEE_SEQ"]; got != w || m.PID != int32(os.Getpid()) {
+			t.Fatalf("got seq %q from %d, want %s", got, m.PID, w)
+		}
+	}
+	st := waitStats(t, l, func(s Stats) bool { return s.Received == n })
+	if want := (Stats{Received: n, Delivered: n - 2, Malformed: 1, Oversize: 1}); st != want {
+		t.Fatalf("stats %+v, want %+v", st, want)
+	}
+}
+
 func TestNoCredentials(t *testing.T) {
 	if _, err := exec.LookPath("unshare"); err != nil {
 		t.Skip("no unshare")
