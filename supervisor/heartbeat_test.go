@@ -269,11 +269,18 @@ func TestEarlyFieldsBounded(t *testing.T) {
 		h.s.HandleDatagram(int32(*wi.PID), fields)
 	}
 	h.s.mu.Lock()
-	n := len(w.earlyFields)
+	// The worker's own heartbeat may land meanwhile: its WATCHDOG (like
+	// READY, STATUS and STOPPING) is kept outside the bound.
+	n := 0
+	for k := range w.earlyFields {
+		if strings.HasPrefix(k, "RBEE_") {
+			n++
+		}
+	}
 	w.run, w.startInFlight, w.earlyFields = r, false, nil
 	h.s.mu.Unlock()
 	if n > maxEarly {
-		t.Errorf("%d early fields kept, want at most %d", n, maxEarly)
+		t.Errorf("%d early RBEE_ fields kept, want at most %d", n, maxEarly)
 	}
 }
 
