@@ -6,7 +6,7 @@ PKGS     := ./...
 # Installed (pinned) by scripts/install-deps.sh test.
 STATICCHECK ?= $(or $(shell $(GO) env GOBIN),$(shell $(GO) env GOPATH)/bin)/staticcheck
 
-.PHONY: all build run test unit lint vmtest bench dashboards deps deps-run clean
+.PHONY: all build run test unit lint vmtest systemdtest enginetest bench bench-peers dashboards deps deps-run clean
 
 all: build
 
@@ -27,22 +27,41 @@ run: deps-run build
 	$(BIN)/rbee-hive daemon --demo
 
 # Everything CI runs: lint, unit/integration tests on this host (real cgroups
-# v1, journald, Prometheus), then the cgroup v2 suite inside a VM.
-test: deps lint unit vmtest
+# v1, journald, Prometheus), then the cgroup v2 suite inside a VM, then the
+# shipped units under systemd as PID 1 inside a VM.
+test: deps lint unit vmtest systemdtest enginetest
 
 lint:
 	@out=$$(gofmt -l $$(git ls-files '*.go')); if [ -n "$$out" ]; then echo "gofmt needed:"; echo "$$out"; exit 1; fi
 	$(GO) vet $(PKGS)
 	$(STATICCHECK) $(PKGS)
 
+# test/engine needs the llama-server that `enginetest` builds; it runs there.
 unit: build
-	$(GO) test -count=1 -timeout 15m $(PKGS)
+	$(GO) test -count=1 -timeout 15m $$($(GO) list $(PKGS) | grep -v '/test/engine$$')
 
 vmtest:
 	bash test/vm/run.sh ./cgroup ./supervisor
 
+# The genuine llama.cpp llama-server behind the hive (test/engine): built once
+# from node-llama-cpp's source bundle into a cache keyed by its commit
+# (~25 min on 2 cores the first time), then reused.
+enginetest:
+	@bin=$$(bash scripts/build-llama-server.sh | tail -n 1) && \
+	  RBEE_LLAMA_SERVER="$$bin" $(GO) test -count=1 -timeout 15m -v -run . ./test/engine
+
+# Boots this host's systemd in qemu, installs the hive with `make install`
+# and checks it as an operator would (test/systemd-vm/run.sh).
+systemdtest:
+	bash test/systemd-vm/run.sh
+
 bench: build
 	$(GO) test -run '^$$' -bench . -benchtime 2s ./...
+
+# The hive against supervisord and a raw notify receiver, one ratio per line
+# (bench/peers.sh; root; installs Debian's supervisor package if missing).
+bench-peers:
+	sh bench/peers.sh
 
 dashboards:
 	$(GO) run ./dashboards/gen

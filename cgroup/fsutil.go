@@ -57,23 +57,6 @@ func readKV(path string) (map[string]uint64, error) {
 	return out, sc.Err()
 }
 
-// readUint reads a single-number file; "max" reads as 0 with max=true.
-func readUint(path string) (v uint64, max bool, err error) {
-	b, err := os.ReadFile(path)
-	if err != nil {
-		return 0, false, err
-	}
-	s := strings.TrimSpace(string(b))
-	if s == "max" {
-		return 0, true, nil
-	}
-	v, err = strconv.ParseUint(s, 10, 64)
-	if err != nil {
-		return 0, false, fmt.Errorf("parse %s: %w", path, err)
-	}
-	return v, false, nil
-}
-
 // readPids lists cgroup.procs of one directory (not recursive: leaves have no
 // children of ours).
 func readPids(dir string) ([]int, error) {

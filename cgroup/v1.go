@@ -170,7 +170,7 @@ func (m *v1Manager) Create(id string, l Limits) (Leaf, error) {
 		removeDirs(dirs)
 		return nil, fmt.Errorf("cgroup v1: create leaf %s: %w", id, err)
 	}
-	return &v1Leaf{id: id, cg: cg, dirs: dirs}, nil
+	return newV1Leaf(id, cg, dirs), nil
 }
 
 func removeDirs(dirs map[cgroup1.Name]string) {
@@ -197,7 +197,7 @@ func (m *v1Manager) Load(id string) (Leaf, error) {
 		}
 		return nil, fmt.Errorf("cgroup v1: load leaf %s: %w", id, err)
 	}
-	return &v1Leaf{id: id, cg: cg, dirs: dirs}, nil
+	return newV1Leaf(id, cg, dirs), nil
 }
 
 func (m *v1Manager) List() ([]string, error) {
@@ -211,9 +211,10 @@ func (m *v1Manager) LeafOf(pid int) (string, error) {
 
 // v1Leaf is one worker's cgroup in each v1 hierarchy.
 type v1Leaf struct {
-	id   string
-	cg   cgroup1.Cgroup
-	dirs map[cgroup1.Name]string // absolute directories
+	id    string
+	cg    cgroup1.Cgroup
+	dirs  map[cgroup1.Name]string // absolute directories
+	stats *statReader
 }
 
 func (l *v1Leaf) ID() string { return l.id }
@@ -230,26 +231,23 @@ func (l *v1Leaf) OOMEvents(ctx context.Context) (<-chan OOMEvent, error) {
 	return watchV1(ctx, l.id, l.cg, l.dirs[cgroup1.Memory])
 }
 
-func (l *v1Leaf) Stats() (Stats, error) { return readStats("v1", l.id, l.statFiles()) }
+func (l *v1Leaf) Stats() (Stats, error) { return l.stats.stats() }
 
-func (l *v1Leaf) statFiles() statFiles {
-	mem := l.dirs[cgroup1.Memory]
-	f := statFiles{
-		current: filepath.Join(mem, "memory.usage_in_bytes"),
-		peak:    filepath.Join(mem, "memory.max_usage_in_bytes"),
-		cpu:     func() (time.Duration, error) { return 0, nil },
-		oom:     func() (uint64, error) { return v1OOMKills(filepath.Join(mem, "memory.oom_control")) },
+func newV1Leaf(id string, cg cgroup1.Cgroup, dirs map[cgroup1.Name]string) *v1Leaf {
+	mem := dirs[cgroup1.Memory]
+	var p [nStat]string
+	p[statCurrent] = filepath.Join(mem, "memory.usage_in_bytes")
+	p[statPeak] = filepath.Join(mem, "memory.max_usage_in_bytes")
+	p[statOOM] = filepath.Join(mem, "memory.oom_control")
+	if d, ok := dirs[cgroup1.Pids]; ok {
+		p[statPids] = filepath.Join(d, "pids.current")
 	}
-	if d, ok := l.dirs[cgroup1.Pids]; ok {
-		f.pids = filepath.Join(d, "pids.current")
+	if d, ok := dirs[cgroup1.Cpuacct]; ok {
+		p[statCPU] = filepath.Join(d, "cpuacct.usage") // ns
 	}
-	if d, ok := l.dirs[cgroup1.Cpuacct]; ok {
-		f.cpu = func() (time.Duration, error) {
-			ns, err := optionalUint(filepath.Join(d, "cpuacct.usage")) // ns
-			return time.Duration(ns), err
-		}
-	}
-	return f
+	l := &v1Leaf{id: id, cg: cg, dirs: dirs, stats: newStatReader("v1", id, p, "", time.Nanosecond, "oom_kill")}
+	closeWhenDropped(l, l.stats)
+	return l
 }
 
 func (l *v1Leaf) Pids() ([]int, error) {
@@ -280,6 +278,9 @@ func (l *v1Leaf) Kill(ctx context.Context) error {
 // Delete removes the leaf from every hierarchy; a leaf already gone
 // everywhere counts as deleted, so callers can retry.
 func (l *v1Leaf) Delete() error {
+	// Before and after the removal: a Stats racing with Delete may reopen.
+	l.stats.close()
+	defer l.stats.close()
 	gone := true
 	for _, d := range l.dirs {
 		if !dirGone(d) {

@@ -10,6 +10,7 @@ import (
 	"strconv"
 	"strings"
 	"syscall"
+	"time"
 
 	"github.com/containerd/cgroups/v3/cgroup2"
 	"golang.org/x/sys/unix"
@@ -207,7 +208,17 @@ func (m *v2Manager) leaf(id string) (*v2Leaf, error) {
 	if err != nil {
 		return nil, fmt.Errorf("cgroup v2: load leaf %s: %w", id, err)
 	}
-	return &v2Leaf{id: id, dir: m.leafDir(id), cg: cg, forceGate: m.forceGate}, nil
+	dir := m.leafDir(id)
+	var p [nStat]string
+	for slot, name := range [nStat]string{statCurrent: "memory.current", statOOM: "memory.events",
+		statPeak: "memory.peak", statPids: "pids.current", statCPU: "cpu.stat"} {
+		p[slot] = filepath.Join(dir, name)
+	}
+	l := &v2Leaf{id: id, dir: dir, cg: cg, forceGate: m.forceGate,
+		// memory.events: oom_group_kill, or oom_kill on kernels < 5.17.
+		stats: newStatReader("v2", id, p, "usage_usec", time.Microsecond, "oom_group_kill", "oom_kill")}
+	closeWhenDropped(l, l.stats)
+	return l, nil
 }
 
 func (m *v2Manager) Load(id string) (Leaf, error) {
@@ -235,6 +246,7 @@ type v2Leaf struct {
 	dir       string
 	cg        *cgroup2.Manager
 	forceGate bool
+	stats     *statReader
 }
 
 func (l *v2Leaf) ID() string { return l.id }
@@ -279,7 +291,7 @@ func (l *v2Leaf) OOMEvents(ctx context.Context) (<-chan OOMEvent, error) {
 	return watchV2(ctx, l.id, l.dir)
 }
 
-func (l *v2Leaf) Stats() (Stats, error) { return readStats("v2", l.id, l.statFiles()) }
+func (l *v2Leaf) Stats() (Stats, error) { return l.stats.stats() }
 
 func (l *v2Leaf) Pids() ([]int, error) {
 	ps, err := l.cg.Procs(true)
@@ -332,6 +344,9 @@ func (l *v2Leaf) listPids() ([]int, error) { return readPids(l.dir) }
 // Delete removes the leaf; deleting a leaf that is already gone succeeds, so
 // callers can retry.
 func (l *v2Leaf) Delete() error {
+	// Before and after the removal: a Stats racing with Delete may reopen.
+	l.stats.close()
+	defer l.stats.close()
 	if dirGone(l.dir) {
 		return nil
 	}

@@ -119,6 +119,11 @@ type Backend struct {
 	ContextSize int               `toml:"context_size" comment:"context length used for VRAM estimates"`
 	Env         map[string]string `toml:"env" comment:"fixed environment for this backend"`
 	EnvAllow    []string          `toml:"env_allow" comment:"environment keys a spawn request may set"`
+
+	// The engine's protocol and shape (docs/engines.md).
+	API              API  `toml:"api" comment:"rbee (POST /v1/inference) or openai (/v1/chat/completions, /v1/completions)"`
+	NativeCompletion bool `toml:"native_completion" comment:"api = openai: also proxy llama.cpp's native POST /completion"`
+	Parallel         int  `toml:"parallel" comment:"parallel sequences (slots) the engine serves, for memory estimates; 0: 1"`
 }
 
 // Placeholders a backend command may use.
@@ -533,6 +538,18 @@ func (c *Config) finishBackend(name string) error {
 	}
 	if b.ContextSize < 0 {
 		return bad(key+".context_size", "must not be negative")
+	}
+	if b.API == "" {
+		b.API = APIRbee
+	}
+	if err := new(API).UnmarshalText([]byte(b.API)); err != nil {
+		return bad(key+".api", "%v", err)
+	}
+	if b.Parallel < 0 {
+		return bad(key+".parallel", "must not be negative")
+	}
+	if b.NativeCompletion && b.API != APIOpenAI {
+		return bad(key+".native_completion", "needs api = \"openai\"")
 	}
 	for k := range b.Env {
 		if !envKey.MatchString(k) {

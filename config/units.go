@@ -144,6 +144,24 @@ func (h *HealthMode) UnmarshalText(b []byte) error {
 	return nil
 }
 
+// API is the inference protocol a backend's workers speak.
+type API string
+
+// The inference protocols.
+const (
+	APIRbee   API = "rbee"   // POST /v1/inference, rbee's SSE events
+	APIOpenAI API = "openai" // POST /v1/chat/completions and /v1/completions
+)
+
+// UnmarshalText implements encoding.TextUnmarshaler.
+func (a *API) UnmarshalText(b []byte) error {
+	if err := oneOf("api", string(b), string(APIRbee), string(APIOpenAI)); err != nil {
+		return err
+	}
+	*a = API(b)
+	return nil
+}
+
 // LogFormat selects the log handler.
 type LogFormat string
 

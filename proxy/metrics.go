@@ -47,6 +47,9 @@ type metrics struct {
 	requests *prometheus.CounterVec
 	errors   *prometheus.CounterVec
 	inFlight *prometheus.GaugeVec
+	// OpenAI-compatible engines report these (proxy/openai.go).
+	promptTokens *prometheus.CounterVec
+	finish       *prometheus.CounterVec
 
 	// seen holds the Labels whose every status and error type series has
 	// been created at zero, so rate() and the dashboard have data before
@@ -102,8 +105,16 @@ func newMetrics(reg prometheus.Registerer) (*metrics, error) {
 			Name: "rbee_hive_inference_requests_in_flight",
 			Help: "Inference requests currently being proxied.",
 		}, []string{"backend", "model"}),
+		promptTokens: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "rbee_hive_inference_prompt_tokens_total",
+			Help: "Prompt tokens engines reported evaluating for requests through the proxy (OpenAI-compatible engines).",
+		}, []string{"backend", "model"}),
+		finish: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "rbee_hive_inference_finish_reasons_total",
+			Help: "Finish reasons engines reported (stop, length, tool_calls, content_filter, other).",
+		}, []string{"backend", "model", "reason"}),
 	}
-	for _, c := range []prometheus.Collector{m.duration, m.ttft, m.tps, m.tokens, m.requests, m.errors, m.inFlight} {
+	for _, c := range []prometheus.Collector{m.duration, m.ttft, m.tps, m.tokens, m.requests, m.errors, m.inFlight, m.promptTokens, m.finish} {
 		if err := reg.Register(c); err != nil {
 			return nil, fmt.Errorf("proxy: register metrics: %w", err)
 		}
@@ -139,6 +150,7 @@ func (m *metrics) labels(l Labels) Labels {
 		m.errors.WithLabelValues(l.Backend, l.Model, t)
 	}
 	m.tokens.WithLabelValues(l.Backend, l.Model)
+	m.promptTokens.WithLabelValues(l.Backend, l.Model)
 	m.duration.WithLabelValues(l.Backend, l.Model)
 	m.ttft.WithLabelValues(l.Backend, l.Model)
 	m.tps.WithLabelValues(l.Backend, l.Model)

@@ -34,6 +34,8 @@ if [ "$set_name" = test ]; then
     [perl]=perl-base
     [curl]=curl
     [cpio]=cpio
+    [jq]=jq
+    [xz]=xz-utils
     [gcc]=gcc
   )
   missing=()

@@ -46,6 +46,7 @@ type WorkerInfo struct {
 	ExitReason       ExitReason        `json:"exit_reason,omitempty"`
 	ExitCode         *int              `json:"exit_code,omitempty"`
 	ExitSignal       *int              `json:"exit_signal,omitempty"`
+	ContextSize      int               `json:"context_size,omitempty"` // what an OpenAI engine reports (engine.go)
 	Figures          map[string]string `json:"figures,omitempty"`
 	Resources        *Resources        `json:"resources,omitempty"`
 }
@@ -181,6 +182,7 @@ func (s *Supervisor) HandleGet(w http.ResponseWriter, r *http.Request) error {
 	if err != nil {
 		return err
 	}
+	s.engineDetails(r.Context(), &wi)
 	api.WriteJSON(w, http.StatusOK, wi)
 	return nil
 }
@@ -235,7 +237,8 @@ func (s *Supervisor) HandleInference(w http.ResponseWriter, r *http.Request) err
 			WithDetails(map[string]any{"worker_id": id, "state": string(st)})
 	}
 	r0 := wk.run
-	target := ProxyTarget{WorkerID: id, Backend: wk.backend, Model: wk.modelRef, Token: wk.token}
+	target := ProxyTarget{WorkerID: id, Backend: wk.backend, Model: wk.modelRef, Token: wk.token,
+		API: string(wk.backendCfg.API), Route: engineRoute(r, id)}
 	s.mu.Unlock()
 	if s.deps.Proxy == nil {
 		return api.Errorf(http.StatusServiceUnavailable, api.CodeUnavailable, "no inference proxy configured")

@@ -51,6 +51,7 @@ type AdmitRequest struct {
 	ModelRef    string
 	ModelPath   string // empty while the model still has to be downloaded
 	ContextSize int
+	Parallel    int // the backend's parallel slots, for the estimate
 }
 
 // Claim is an admitted reservation. Loaded is called once the worker is
@@ -113,6 +114,8 @@ type ProxyTarget struct {
 	Backend  string
 	Model    string
 	Token    string // the worker's own token, for the outbound Authorization header
+	API      string // the backend's api: "rbee" or "openai"
+	Route    string // the engine path, e.g. /v1/chat/completions (engine.go)
 	// OnStart and OnEnd must be called exactly once each; they keep the
 	// worker busy while requests are in flight.
 	OnStart func()

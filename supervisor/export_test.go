@@ -45,7 +45,10 @@ func workerRoutes(s *Supervisor, auth api.AuthFunc) []api.Route {
 		{Pattern: "GET /v1/workers/{id}", Auth: api.AuthToken, Handler: s.HandleGet},
 		{Pattern: "DELETE /v1/workers/{id}", Auth: api.AuthToken, Handler: s.HandleDelete},
 		{Pattern: "GET /v1/workers/{id}/logs", Auth: api.AuthToken, Handler: s.HandleLogs},
-		{Pattern: "POST /v1/workers/{id}/inference", Auth: api.AuthToken, Handler: s.HandleInference},
+		{Pattern: "POST /v1/workers/{id}" + RouteRbee, Auth: api.AuthToken, Handler: s.HandleWorkerRoute(RouteRbee)},
+		{Pattern: "POST /v1/workers/{id}" + RouteChat, Auth: api.AuthToken, Handler: s.HandleWorkerRoute(RouteChat)},
+		{Pattern: "POST /v1/workers/{id}" + RouteCompletion, Auth: api.AuthToken, Handler: s.HandleWorkerRoute(RouteCompletion)},
+		{Pattern: "POST /v1/workers/{id}" + RouteNative, Auth: api.AuthToken, Handler: s.HandleWorkerRoute(RouteNative)},
 		{Pattern: "POST /v1/workers/ready", Auth: api.AuthWorkerToken, Handler: s.HandleReady(auth)},
 		{Pattern: "POST /v1/heartbeat", Auth: api.AuthWorkerToken, Handler: s.HandleHeartbeat(auth)},
 	}

@@ -131,7 +131,7 @@ func (s *Supervisor) admit(ctx context.Context, id string, p *spawnPlan, modelPa
 	}
 	c, err := s.deps.Admitter.Admit(ctx, AdmitRequest{WorkerID: id, Backend: p.backend, Device: p.device,
 		GPUUUID: p.gpuUUID, CUDA: p.backendCfg.CUDA, MemoryBytes: p.memoryLimit, VRAMBytes: p.vramRequested,
-		ModelRef: p.modelRef, ModelPath: modelPath, ContextSize: p.backendCfg.ContextSize})
+		ModelRef: p.modelRef, ModelPath: modelPath, ContextSize: p.backendCfg.ContextSize, Parallel: p.backendCfg.Parallel})
 	if err != nil {
 		return nil, fmt.Errorf("admission: %w", err) // a 507 *api.Error keeps its status and code
 	}
@@ -292,7 +292,7 @@ func (s *Supervisor) admitAgain(ctx context.Context, w *worker) error {
 	old := w.claim
 	w.claim = nil
 	req := AdmitRequest{WorkerID: w.id, Backend: w.backend, Device: w.device, GPUUUID: w.gpuUUID, CUDA: w.backendCfg.CUDA,
-		MemoryBytes: w.memoryLimit, VRAMBytes: w.vramRequested, ModelRef: w.modelRef, ModelPath: w.modelPath, ContextSize: w.backendCfg.ContextSize}
+		MemoryBytes: w.memoryLimit, VRAMBytes: w.vramRequested, ModelRef: w.modelRef, ModelPath: w.modelPath, ContextSize: w.backendCfg.ContextSize, Parallel: w.backendCfg.Parallel}
 	s.mu.Unlock()
 	releaseClaim(old)
 	c, err := s.deps.Admitter.Admit(ctx, req)

@@ -67,6 +67,10 @@ type Options struct {
 	Parallel int
 	// FlashAttention shrinks llama.cpp's compute buffer.
 	FlashAttention bool
+	// CPU estimates a run with no layer offloaded (a CPU-only engine such
+	// as llama-server without -ngl): the figures are host memory, weights
+	// included, in RAMBytes; VRAMBytes is 0. GGUF only.
+	CPU bool
 }
 
 // Explicit wraps a figure given by the operator or the caller.
@@ -79,7 +83,13 @@ func Explicit(vramBytes uint64) Estimate {
 // model.safetensors.index.json, or a directory holding safetensors shards and
 // config.json.
 func EstimateVRAM(path string, ctx int) (Estimate, error) {
-	o := Options{ContextSize: ctx}
+	return EstimateWith(path, Options{ContextSize: ctx})
+}
+
+// EstimateWith is EstimateVRAM with every option: the backend's context
+// size and parallel slots (the KV cache holds ContextSize tokens shared by
+// the slots, as llama.cpp's -c and -np do).
+func EstimateWith(path string, o Options) (Estimate, error) {
 	fi, err := os.Stat(path)
 	if err != nil {
 		return Estimate{}, fmt.Errorf("estimate: %w", err)

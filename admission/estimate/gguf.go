@@ -34,6 +34,9 @@ func GGUF(path string, o Options) (e Estimate, err error) {
 	if o.FlashAttention {
 		opts = append(opts, gguf.WithFlashAttention())
 	}
+	if o.CPU {
+		return ggufCPU(gf, append(opts, gguf.WithLLaMACppOffloadLayers(0)))
+	}
 	run := gf.EstimateLLaMACppRun(opts...)
 	if len(run.Devices) < 2 {
 		return Estimate{}, fmt.Errorf("estimate: gguf %s: no GPU device in estimate", path)
@@ -58,4 +61,31 @@ func GGUF(path string, o Options) (e Estimate, err error) {
 		EmbeddingOnly: run.EmbeddingOnly || run.Reranking,
 	}
 	return e, nil
+}
+
+// ggufCPU is the host-memory estimate of a run with every layer on the CPU.
+// Weights count in full: llama.cpp maps them, and the pages it reads are the
+// process's resident memory like any other.
+func ggufCPU(gf *gguf.GGUFFile, opts []gguf.GGUFRunEstimateOption) (Estimate, error) {
+	run := gf.EstimateLLaMACppRun(opts...)
+	if len(run.Devices) == 0 {
+		return Estimate{}, fmt.Errorf("estimate: gguf: no host device in estimate")
+	}
+	sum := run.Summarize(false, 0, 0)
+	if len(sum.Items) == 0 {
+		return Estimate{}, fmt.Errorf("estimate: gguf: empty summary")
+	}
+	host := run.Devices[0]
+	return Estimate{
+		Source:        SourceGGUF,
+		Architecture:  run.Architecture,
+		ContextSize:   int(run.ContextSize),
+		Parameters:    uint64(gf.ModelParameters),
+		WeightsBytes:  uint64(host.Weight.Sum()),
+		KVCacheBytes:  uint64(host.KVCache.Sum()),
+		ComputeBytes:  uint64(host.Computation.Sum()),
+		OverheadBytes: uint64(host.Footprint),
+		RAMBytes:      uint64(sum.Items[0].RAM.NonUMA),
+		EmbeddingOnly: run.EmbeddingOnly || run.Reranking,
+	}, nil
 }

@@ -35,7 +35,7 @@ func (a admitter) Admit(ctx context.Context, req supervisor.AdmitRequest) (super
 		r.GPU = &dev
 		r.VRAMBytes = req.VRAMBytes
 		if r.VRAMBytes == 0 && req.ModelPath != "" {
-			est, err := estimate.EstimateVRAM(req.ModelPath, req.ContextSize)
+			est, err := estimate.EstimateWith(req.ModelPath, estimate.Options{ContextSize: req.ContextSize, Parallel: req.Parallel})
 			if err != nil {
 				// No estimate is no reason to refuse: the margin still applies
 				// and the monitor watches real use.
@@ -45,11 +45,28 @@ func (a admitter) Admit(ctx context.Context, req supervisor.AdmitRequest) (super
 			}
 		}
 	}
+	if !req.CUDA && req.ModelPath != "" && req.MemoryBytes > 0 {
+		a.warnCPU(req)
+	}
 	c, err := a.ledger.Admit(ctx, r)
 	if err != nil {
 		return nil, err
 	}
 	return claim{Claim: c, vram: r.VRAMBytes}, nil
+}
+
+// warnCPU logs when a CPU worker's memory limit is below what its GGUF
+// model needs at the backend's context and slots: the worker will be OOM
+// killed, which the operator may want (a probe), so it is not refused.
+func (a admitter) warnCPU(req supervisor.AdmitRequest) {
+	est, err := estimate.EstimateWith(req.ModelPath, estimate.Options{ContextSize: req.ContextSize, Parallel: req.Parallel, CPU: true})
+	if err != nil || est.RAMBytes == 0 {
+		return // not a GGUF model, or no figure: nothing to compare
+	}
+	if uint64(req.MemoryBytes) < est.RAMBytes {
+		a.log.Warn("memory limit below the model's estimated need", "worker_id", req.WorkerID, "model", req.ModelRef,
+			"memory_limit_bytes", req.MemoryBytes, "estimate_bytes", est.RAMBytes, "context_size", req.ContextSize, "parallel", req.Parallel)
+	}
 }
 
 // claim is a ledger claim that remembers the VRAM it was admitted for, so
@@ -83,7 +100,8 @@ func (m modelStore) Ensure(ctx context.Context, ref string) (string, <-chan supe
 type proxyAdapter struct{ px *proxy.Proxy }
 
 func (p proxyAdapter) Forward(w http.ResponseWriter, r *http.Request, t supervisor.ProxyTarget) {
-	p.px.Serve(w, r, t.URL, proxy.Labels{Backend: t.Backend, Model: canonicalRef(t.Model)}, proxy.Hooks{
+	labels := proxy.Labels{Backend: t.Backend, Model: canonicalRef(t.Model)}
+	hooks := proxy.Hooks{
 		OnStart: t.OnStart,
 		OnEnd:   t.OnEnd,
 		Prepare: func(out *http.Request) {
@@ -91,7 +109,12 @@ func (p proxyAdapter) Forward(w http.ResponseWriter, r *http.Request, t supervis
 				out.Header.Set("Authorization", "Bearer "+t.Token)
 			}
 		},
-	})
+	}
+	if t.API == string(config.APIOpenAI) {
+		p.px.ServeOpenAI(w, r, t.URL, proxy.Route(t.Route), labels, hooks)
+		return
+	}
+	p.px.Serve(w, r, t.URL, labels, hooks)
 }
 
 // canonicalRef is a model reference's catalog spelling, so that hf:a/b and

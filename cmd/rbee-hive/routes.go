@@ -8,6 +8,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 
 	"github.com/rbee/rbee-hive/api"
+	"github.com/rbee/rbee-hive/supervisor"
 )
 
 // routeTable is every route of the hive's HTTP API, with who may call it:
@@ -29,7 +30,10 @@ func (h *hive) routeTable(reg *prometheus.Registry, log *slog.Logger, apiAuth ap
 		{Pattern: "GET /v1/workers/{id}", Auth: api.AuthToken, Handler: h.sup.HandleGet},
 		{Pattern: "DELETE /v1/workers/{id}", Auth: api.AuthToken, Handler: h.sup.HandleDelete},
 		{Pattern: "GET /v1/workers/{id}/logs", Auth: api.AuthToken, Handler: h.sup.HandleLogs},
-		{Pattern: "POST /v1/workers/{id}/inference", Auth: api.AuthToken, Handler: h.sup.HandleInference},
+		{Pattern: "POST /v1/workers/{id}" + supervisor.RouteRbee, Auth: api.AuthToken, Handler: h.sup.HandleWorkerRoute(supervisor.RouteRbee)},
+		{Pattern: "POST /v1/workers/{id}" + supervisor.RouteChat, Auth: api.AuthToken, Handler: h.sup.HandleWorkerRoute(supervisor.RouteChat)},
+		{Pattern: "POST /v1/workers/{id}" + supervisor.RouteCompletion, Auth: api.AuthToken, Handler: h.sup.HandleWorkerRoute(supervisor.RouteCompletion)},
+		{Pattern: "POST /v1/workers/{id}" + supervisor.RouteNative, Auth: api.AuthToken, Handler: h.sup.HandleWorkerRoute(supervisor.RouteNative)},
 		{Pattern: "POST /v1/workers/ready", Auth: api.AuthWorkerToken, Handler: h.sup.HandleReady(apiAuth)},
 		{Pattern: "POST /v1/heartbeat", Auth: api.AuthWorkerToken, Handler: h.sup.HandleHeartbeat(apiAuth)},
 
