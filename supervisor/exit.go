@@ -7,16 +7,38 @@ import (
 	"time"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/rbee/rbee-hive/internal/reaper"
 )
 
-// watchExit waits for r's main process and hands its status to onExit.
-// For now each run has one goroutine for this, blocked in waitid (an OS
-// thread each); a reaper for all runs would call forgetMainPID before it
-// reaps and onExit after, the same way.
+// watchExit waits for r's main process and hands its status to onExit, on
+// a goroutine of r's own that waits on the shared reaper's report (a
+// goroutine parked on a channel: no OS thread per run). Should the reaper
+// be unavailable, or close before the exit, the goroutine waits in waitid
+// itself, as every run did before the reaper.
 func (s *Supervisor) watchExit(w *worker, r *run) {
+	var exits <-chan reaper.Exit
+	if rp := s.exitReaper(w); rp != nil {
+		var err error
+		// hold: the zombie keeps the pid ours until forgetMainPID ran.
+		if exits, err = rp.Watch(r.pid, true); err != nil {
+			w.log.Warn("reaper cannot watch the worker; waiting for it with a thread of its own", slog.Any("err", err))
+		}
+	}
 	s.wg.Add(1)
 	go func() {
 		defer s.wg.Done()
+		if exits != nil {
+			if ex, ok := <-exits; ok && ex.Known {
+				s.forgetMainPID(w, r)
+				if err := ex.Release(); err != nil {
+					w.log.Warn("reaping the worker's process failed", slog.Any("err", err))
+				}
+				_ = r.cmd.Process.Release() // reaped: no cmd.Wait
+				s.onExit(w, r, waitStatus(ex))
+				return
+			}
+		}
 		// The main pid stays in mainPID only while its zombie pins the
 		// number: wait for the exit without reaping, forget the pid, then
 		// reap. Reaping first would leave a window (the tree kill, the
@@ -28,6 +50,32 @@ func (s *Supervisor) watchExit(w *worker, r *run) {
 		ws, _ := r.cmd.ProcessState.Sys().(syscall.WaitStatus)
 		s.onExit(w, r, ws)
 	}()
+}
+
+// exitReaper is the supervisor's reaper, started at the first run; nil
+// when it cannot be started (then every run waits for itself).
+func (s *Supervisor) exitReaper(w *worker) *reaper.Reaper {
+	s.reaperOnce.Do(func() {
+		rp, err := reaper.New(context.Background())
+		if err != nil {
+			w.log.Warn("process reaper unavailable; each worker is waited for by a thread of its own", slog.Any("err", err))
+			return
+		}
+		s.reaper = rp
+	})
+	return s.reaper
+}
+
+// waitStatus is a reaper's report as the kernel's wait status word.
+func waitStatus(ex reaper.Exit) syscall.WaitStatus {
+	if ex.Exited {
+		return syscall.WaitStatus(ex.Code&0xff) << 8
+	}
+	ws := syscall.WaitStatus(ex.Signal & 0x7f)
+	if ex.CoreDumped {
+		ws |= 0x80
+	}
+	return ws
 }
 
 // forgetMainPID stops attributing r's pid to w. Whoever reaps r's process

@@ -7,6 +7,7 @@ import (
 	"math/rand/v2"
 	"os"
 	"runtime"
+	"strconv"
 	"strings"
 	"sync"
 	"testing"
@@ -149,16 +150,18 @@ func TestOutputPollerManyStreams(t *testing.T) {
 }
 
 // TestIdleWorkerGoroutines: an idle worker costs the hive at most two
-// goroutines (today one: its exit watcher; its output is on the shared
-// poller, its OOM kills are read from the leaf's counter at exit).
+// goroutines (today one: its exit watcher, parked on the reaper's report;
+// its output is on the shared poller, its OOM kills are read from the
+// leaf's counter at exit) and no OS thread of its own.
 func TestIdleWorkerGoroutines(t *testing.T) {
-	const n = 20
+	const n = 40
 	h := newHarness(t, func(c *config.Config) {
 		c.Backends["sleeper"] = config.Backend{Command: []string{"/bin/sleep", "3600"}, Health: "callback",
 			LoadTimeout: config.Duration(time.Hour), MemoryLimit: 64 << 20}
 	})
+	h.spawn(map[string]any{"backend": "sleeper"}) // the reaper and the poller start with the first
 	settle := func() int { time.Sleep(50 * time.Millisecond); return runtime.NumGoroutine() }
-	before := settle()
+	before, threads0 := settle(), threadCount(t)
 	for range n {
 		h.spawn(map[string]any{"backend": "sleeper"})
 	}
@@ -167,5 +170,29 @@ func TestIdleWorkerGoroutines(t *testing.T) {
 		after = settle()
 		return after-before <= 2*n
 	})
-	t.Logf("%d workers: %d goroutines more (%.2f each)", n, after-before, float64(after-before)/n)
+	// Threads the runtime started for the spawns stay parked; one per
+	// worker (a waitid each) would be n more.
+	if th := threadCount(t) - threads0; th >= n/2 {
+		t.Errorf("%d workers added %d OS threads", n, th)
+	}
+	t.Logf("%d workers: %d goroutines more (%.2f each), %d threads more", n, after-before, float64(after-before)/n, threadCount(t)-threads0)
+}
+
+// threadCount is this process's number of OS threads.
+func threadCount(t *testing.T) int {
+	b, err := os.ReadFile("/proc/self/status")
+	if err != nil {
+		t.Fatal(err)
+	}
+	for line := range strings.SplitSeq(string(b), "\n") {
+		if v, ok := strings.CutPrefix(line, "Threads:"); ok {
+			n, err := strconv.Atoi(strings.TrimSpace(v))
+			if err != nil {
+				t.Fatal(err)
+			}
+			return n
+		}
+	}
+	t.Fatal("no Threads line in /proc/self/status")
+	return 0
 }
