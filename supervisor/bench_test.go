@@ -2,7 +2,6 @@ package supervisor
 
 import (
 	"context"
-	"fmt"
 	"os"
 	"os/exec"
 	"runtime"
@@ -225,42 +224,55 @@ func cpuTime(b *testing.B) time.Duration {
 	return time.Duration(ru.Utime.Nano() + ru.Stime.Nano())
 }
 
-// BenchmarkIdleWorkers: what each idle worker costs the hive: n sleeping
+// BenchmarkIdleWorkers: what each idle worker costs the hive: sleeping
 // /bin/sleep workers (no notify socket, no health probe, nothing written)
-// are spawned, and goroutines, OS threads and anonymous memory are compared
-// with the same hive before the spawns (after a GC each time). Run it with
-// -benchtime 1x: one iteration spawns the workers.
+// are spawned up to 100, then up to 1000, in one hive; goroutines, OS
+// threads and anonymous memory are compared with the same hive before the
+// spawns (per worker at 100 and 1000) and between 100 and 1000 (marginal,
+// free of fixed costs such as the first heap growth). Figures are taken
+// after a GC. Run it with -benchtime 1x.
 func BenchmarkIdleWorkers(b *testing.B) {
-	for _, n := range []int{100, 1000} {
-		b.Run(fmt.Sprintf("n=%d", n), func(b *testing.B) {
-			h := newHarness(b, func(c *config.Config) {
-				c.Resources.SampleInterval = config.Duration(time.Hour)
-				c.Workers.ShutdownBudget = config.Duration(time.Minute)
-				c.Backends["sleeper"] = config.Backend{Command: []string{"/bin/sleep", "3600"}, Health: "callback",
-					LoadTimeout: config.Duration(time.Hour), MemoryLimit: 64 << 20}
-			})
-			for range b.N {
-				b.StopTimer()
-				g0, th0, anon0 := idleFigures(b)
-				var ms0, ms1 runtime.MemStats
-				runtime.ReadMemStats(&ms0)
-				b.StartTimer()
-				for range n {
-					h.spawn(map[string]any{"backend": "sleeper"})
-				}
-				b.StopTimer()
-				g1, th1, anon1 := idleFigures(b)
-				runtime.ReadMemStats(&ms1)
-				b.ReportMetric(float64(int64(ms1.HeapInuse)-int64(ms0.HeapInuse))/1024/float64(n), "heap-KiB/worker")
-				b.ReportMetric(float64(int64(ms1.StackInuse)-int64(ms0.StackInuse))/1024/float64(n), "stack-KiB/worker")
-				b.ReportMetric(float64(g1-g0)/float64(n), "goroutines/worker")
-				b.ReportMetric(float64(th1-th0)/float64(n), "threads/worker")
-				b.ReportMetric(float64(anon1-anon0)/float64(n), "anon-KiB/worker")
-				b.ReportMetric(float64(th1), "threads")
-				b.ReportMetric(float64(g1), "goroutines")
-			}
-		})
+	h := newHarness(b, func(c *config.Config) {
+		c.Resources.SampleInterval = config.Duration(time.Hour)
+		c.Workers.ShutdownBudget = config.Duration(time.Minute)
+		c.Backends["sleeper"] = config.Backend{Command: []string{"/bin/sleep", "3600"}, Health: "callback",
+			LoadTimeout: config.Duration(time.Hour), MemoryLimit: 64 << 20}
+	})
+	if b.N > 1 {
+		b.Fatal("run with -benchtime 1x")
 	}
+	type figures struct{ goroutines, threads, anonKiB, heapKiB int }
+	measure := func() figures {
+		g, th, anon := idleFigures(b)
+		var ms runtime.MemStats
+		runtime.ReadMemStats(&ms)
+		return figures{g, th, anon, int(ms.HeapInuse >> 10)}
+	}
+	per := func(a, z figures, n int, label string) {
+		b.ReportMetric(float64(z.goroutines-a.goroutines)/float64(n), "goroutines/worker"+label)
+		b.ReportMetric(float64(z.threads-a.threads)/float64(n), "threads/worker"+label)
+		b.ReportMetric(float64(z.anonKiB-a.anonKiB)/float64(n), "anon-KiB/worker"+label)
+		b.ReportMetric(float64(z.heapKiB-a.heapKiB)/float64(n), "heap-KiB/worker"+label)
+	}
+	base := measure()
+	b.ResetTimer()
+	for range 100 {
+		h.spawn(map[string]any{"backend": "sleeper"})
+	}
+	b.StopTimer()
+	at100 := measure()
+	b.StartTimer()
+	for range 900 {
+		h.spawn(map[string]any{"backend": "sleeper"})
+	}
+	b.StopTimer()
+	at1000 := measure()
+	per(base, at100, 100, "@100")
+	per(base, at1000, 1000, "@1000")
+	per(at100, at1000, 900, "@100-1000")
+	b.ReportMetric(float64(at1000.threads), "threads@1000")
+	b.ReportMetric(float64(at1000.goroutines), "goroutines@1000")
+	b.ReportMetric(float64(at1000.anonKiB)/1024, "anon-MiB@1000")
 }
 
 // idleFigures settles the heap, then reads the goroutine count and this
