@@ -431,23 +431,27 @@ func (l *Listener) Serve(ctx context.Context, h Handler) error {
 }
 
 // deliver counts datagram i of r's batch and hands it to h unless it is
-// dropped.
+// dropped. The outcome is counted before Received, so a reader that sees
+// Received reach n also sees the outcomes of those n datagrams.
 func (l *Listener) deliver(r *receiver, i int, now time.Time, h Handler) {
-	l.c.received.Add(1)
 	m := &r.msgs[i]
 	if m.hdr.Flags&unix.MSG_TRUNC != 0 {
 		l.c.oversize.Add(1)
+		l.c.received.Add(1)
 		return
 	}
 	pid, uid, gid, ok := r.creds(i)
 	if !ok {
 		l.c.noCreds.Add(1)
+		l.c.received.Add(1)
 		return
 	}
 	if err := r.fields.Parse(r.bufs[i][:m.len]); err != nil {
 		l.c.malformed.Add(1)
+		l.c.received.Add(1)
 		return
 	}
 	l.c.delivered.Add(1)
+	l.c.received.Add(1)
 	h(Message{PID: pid, UID: uid, GID: gid, Fields: r.fields, Received: now})
 }
