@@ -11,8 +11,12 @@
 //     inspection, at most maxTerminal).
 //   - validate.go, spawn.go: checking a spawn request, admission, the model,
 //     registration; start.go: starting one run (argv, environment, leaf);
-//     output_pipes.go, output_poller.go (one goroutine and one epoll for
-//     every run's pipes), output_lines.go (cutting lines) and logs.go: the
+//     output_files.go: a run's stdout/stderr are files in
+//     <state_dir>/output that the worker writes without the hive and one
+//     inotify-driven tailer ships (so a hive restart never blocks a worker
+//     nor loses a line); output_pipes.go, output_poller.go (one goroutine and one epoll for
+//     every run's pipes, the fallback when the files cannot be opened),
+//     output_lines.go (cutting lines) and logs.go: the
 //     run's stdout/stderr and the log sink.
 //   - notify_intake.go: sd_notify datagrams, attributed by the sender's
 //     cgroup; readiness.go: ready and heartbeat; health.go: the http-mode

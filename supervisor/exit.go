@@ -105,6 +105,12 @@ func (s *Supervisor) onExit(w *worker, r *run, ws syscall.WaitStatus) {
 		w.log.Error("emptying the worker's cgroup after its exit failed", slog.Any("err", err))
 	}
 	cancel()
+	// Output files: what the tree wrote before it died is read now.
+	for _, tf := range r.tailed {
+		if tf != nil {
+			s.tail.finish(tf)
+		}
+	}
 	// Readers end when every writer (grandchildren included) is gone; after
 	// the tree kill that is at once, but never let a stuck fd hold us.
 	done := make(chan struct{})

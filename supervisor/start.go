@@ -124,7 +124,7 @@ func (s *Supervisor) startRun(w *worker, why string) error {
 	// A session of its own: Ctrl-C in the hive's terminal (make run) must
 	// reach the hive alone, which then drains its workers in order.
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setsid: true}
-	pipes, err := openOutputPipes(cmd)
+	out, err := s.openOutput(w, cmd)
 	if err != nil {
 		_ = leaf.Delete()
 		return &spawnError{reason: failExec, err: err}
@@ -133,14 +133,14 @@ func (s *Supervisor) startRun(w *worker, why string) error {
 	r := &run{leaf: leaf, cmd: cmd, cancel: cancel, done: make(chan struct{})}
 	if err := leaf.Start(cmd); err != nil {
 		cancel()
-		pipes.close()
+		out.close()
 		_ = leaf.Delete()
 		return &spawnError{reason: failExec, err: fmt.Errorf("start %s: %w", argv[0], err)}
 	}
-	pipes.closeWriteEnds()
+	out.closeWriteEnds()
 	r.pid = cmd.Process.Pid
 	r.started = time.Now()
-	pipes.pump(&s.out, w.logs, &r.output, w.log)
+	s.pumpOutput(w, r, out)
 
 	s.mu.Lock()
 	w.run = r

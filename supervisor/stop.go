@@ -169,6 +169,7 @@ func (s *Supervisor) Shutdown(ctx context.Context) ShutdownReport {
 	if s.reaper != nil {
 		_ = s.reaper.Close()
 	}
+	s.tail.close()
 	rep := ShutdownReport{Total: len(victims), Graceful: graceful, Forced: forced, Duration: time.Since(start)}
 	s.log.Info("workers shut down", slog.Int("total", rep.Total), slog.Int("graceful", rep.Graceful),
 		slog.Int("forced", rep.Forced), slog.Duration("duration", rep.Duration))

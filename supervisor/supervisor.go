@@ -43,7 +43,9 @@ type Supervisor struct {
 	// files, disk I/O that must not stall everything else behind s.mu.
 	afterUnlock []func()
 
-	out outputPoller // every run's stdout and stderr
+	out    outputPoller // every run's stdout and stderr pipes (the fallback)
+	tail   outputTailer // every run's stdout and stderr files
+	outDir string       // the output files
 	// reaper reports every run's exit (exitReaper starts it; nil if it
 	// could not start); Shutdown closes it.
 	reaperOnce sync.Once
@@ -72,6 +74,7 @@ func New(cfg *config.Config, deps Deps) (*Supervisor, error) {
 		deps:     deps,
 		log:      deps.Logger.With(slog.String("component", "supervisor")),
 		logDir:   filepath.Join(cfg.StateDir, "workers"),
+		outDir:   filepath.Join(cfg.StateDir, "output"),
 		client:   &http.Client{Timeout: 2 * time.Second, Transport: &http.Transport{DisableKeepAlives: true, Proxy: nil}},
 		portFree: portFree,
 		workers:  make(map[string]*worker),
@@ -90,6 +93,15 @@ func New(cfg *config.Config, deps Deps) (*Supervisor, error) {
 		s.log.Warn("removing earlier workers' log files", slog.Any("err", err))
 	} else if n > 0 {
 		s.log.Info("removed earlier workers' log files", slog.Int("files", n), slog.String("dir", s.logDir))
+	}
+	s.tail.log, s.tail.punchEvery = s.log, int64(cfg.Workers.LogMaxBytes)
+	if err := os.MkdirAll(s.outDir, 0o700); err != nil {
+		return nil, fmt.Errorf("supervisor: worker output dir: %w", err)
+	}
+	if n, err := removeStaleOutput(s.outDir, nil); err != nil {
+		s.log.Warn("removing earlier workers' output files", slog.Any("err", err))
+	} else if n > 0 {
+		s.log.Info("removed earlier workers' output files", slog.Int("files", n), slog.String("dir", s.outDir))
 	}
 	if deps.GPUs != nil {
 		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)

@@ -37,6 +37,7 @@ type worker struct {
 	claim         Claim
 	releaseModel  func() // ends the model store's in-use mark
 	logs          *logSink
+	outShipped    outputOffsets // how far its output files are shipped
 	log           *slog.Logger
 
 	// guarded by s.mu
@@ -83,7 +84,8 @@ type run struct {
 	ready   bool
 	cancel  context.CancelFunc // health poller
 	done    chan struct{}      // closed after the exit was handled
-	output  sync.WaitGroup     // the stdout and stderr readers
+	output  sync.WaitGroup     // the stdout and stderr readers (pipes)
+	tailed  [2]*tailedFile     // stdout and stderr files (nil: pipes)
 	// monitor results, guarded by Supervisor.mu
 	sample   *resourceSample
 	overVRAM bool // over the VRAM limit at the last sample (one log per crossing)
