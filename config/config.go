@@ -58,6 +58,7 @@ type Workers struct {
 	PortMax        int      `toml:"port_max" comment:"last port handed to workers"`
 	LogMaxBytes    Size     `toml:"log_max_bytes" comment:"size of a worker's log file before rotation"`
 	LogFiles       int      `toml:"log_files" comment:"rotated log files kept per worker"`
+	Adopt          bool     `toml:"adopt" comment:"keep every worker in <state_dir>/workers.db and, at start, adopt those still running (false: kill them, as without a registry)"`
 	Restart        Restart  `toml:"restart"`
 }
 
@@ -186,6 +187,7 @@ func Default(root bool) Config {
 			PortMax:        9000,
 			LogMaxBytes:    10 << 20,
 			LogFiles:       3,
+			Adopt:          true,
 			Restart: Restart{
 				BackoffBase:   Duration(time.Second),
 				BackoffMax:    Duration(60 * time.Second),

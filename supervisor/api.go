@@ -42,6 +42,7 @@ type WorkerInfo struct {
 	Port             int               `json:"port"`
 	CreatedAt        time.Time         `json:"created_at"`
 	StartedAt        *time.Time        `json:"started_at,omitempty"`
+	AdoptedAt        *time.Time        `json:"adopted_at,omitempty"` // when a restarted hive took over the running process
 	InFlight         int               `json:"in_flight"`
 	ExitReason       ExitReason        `json:"exit_reason,omitempty"`
 	ExitCode         *int              `json:"exit_code,omitempty"`
@@ -87,6 +88,10 @@ func (s *Supervisor) info(w *worker) WorkerInfo {
 		pid, started := w.run.pid, w.run.started
 		wi.PID, wi.StartedAt = &pid, &started
 		wi.Resources = s.resources(w, w.run)
+	}
+	if !w.adoptedAt.IsZero() {
+		t := w.adoptedAt
+		wi.AdoptedAt = &t
 	}
 	if !w.lastRestart.IsZero() {
 		t := w.lastRestart

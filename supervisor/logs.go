@@ -7,6 +7,7 @@ import (
 	"os"
 	"path/filepath"
 	"regexp"
+	"strings"
 	"sync"
 	"time"
 
@@ -223,7 +224,7 @@ var workerLogName = regexp.MustCompile(`^w-[a-z0-9]+\.log(\.[0-9]+)?$`)
 // that no longer exist, and nothing else ever deletes them. A worker's
 // files thus live from its spawn to its removal or the hive's next start;
 // the journal keeps its output beyond. It returns how many it removed.
-func removeStaleLogs(dir string) (int, error) {
+func removeStaleLogs(dir string, keep func(id string) bool) (int, error) {
 	ents, err := os.ReadDir(dir)
 	if err != nil {
 		return 0, fmt.Errorf("worker log dir: %w", err)
@@ -231,6 +232,9 @@ func removeStaleLogs(dir string) (int, error) {
 	n := 0
 	for _, e := range ents {
 		if !e.Type().IsRegular() || !workerLogName.MatchString(e.Name()) {
+			continue
+		}
+		if id, _, _ := strings.Cut(e.Name(), "."); keep != nil && keep(id) {
 			continue
 		}
 		if err := os.Remove(filepath.Join(dir, e.Name())); err != nil {

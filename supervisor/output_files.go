@@ -132,6 +132,7 @@ type tailedFile struct {
 	punched int64 // bytes below this are a hole
 	out     outStream
 	shipped *atomic.Int64
+	notify  func() // after shipped moved (may be nil)
 	ended   bool
 }
 
@@ -147,7 +148,6 @@ type outputTailer struct {
 	// punchEvery bounds a file's disk use: once this much has been shipped
 	// past the last hole, the shipped part becomes a hole too (0: never).
 	punchEvery int64
-	onShipped  func() // after a round shipped something (may be nil)
 
 	mu       sync.Mutex
 	ino      *os.File // nil until the first add; closed by close
@@ -163,8 +163,8 @@ const tailChunk = 1 << 20
 // add starts tailing f from offset off into stream, updating shipped as it
 // goes. The tailer owns f from here; finish ends it. On an error the file
 // is still returned, unwatched: finish reads it whole at the run's end.
-func (t *outputTailer) add(f *os.File, off int64, out outStream, shipped *atomic.Int64) (*tailedFile, error) {
-	tf := &tailedFile{f: f, wd: -1, off: off, out: out, shipped: shipped}
+func (t *outputTailer) add(f *os.File, off int64, out outStream, shipped *atomic.Int64, notify func()) (*tailedFile, error) {
+	tf := &tailedFile{f: f, wd: -1, off: off, out: out, shipped: shipped, notify: notify}
 	shipped.Store(off)
 	if err := t.watch(tf); err != nil {
 		return tf, err
@@ -211,9 +211,6 @@ func (t *outputTailer) watch(tf *tailedFile) error {
 func (t *outputTailer) catchUp(tf *tailedFile) {
 	buf := make([]byte, 32<<10)
 	for t.drain(tf, buf, tailChunk) {
-	}
-	if t.onShipped != nil {
-		t.onShipped()
 	}
 }
 
@@ -288,9 +285,6 @@ func (t *outputTailer) loop(rc interface {
 			pending[i] = nil
 		}
 		pending = next
-		if t.onShipped != nil {
-			t.onShipped()
-		}
 	}
 }
 
@@ -317,7 +311,9 @@ func (t *outputTailer) drain(tf *tailedFile, buf []byte, limit int) bool {
 		read += n
 	}
 	shipped := tf.shippedOffset()
-	tf.shipped.Store(shipped)
+	if tf.shipped.Swap(shipped) != shipped && tf.notify != nil {
+		tf.notify()
+	}
 	t.punch(tf, shipped)
 	return limit != 0 && read >= limit
 }
@@ -350,7 +346,9 @@ func (t *outputTailer) finish(tf *tailedFile) int64 {
 	tf.out.end()
 	tf.ended = true
 	shipped := tf.off
-	tf.shipped.Store(shipped)
+	if tf.shipped.Swap(shipped) != shipped && tf.notify != nil {
+		tf.notify()
+	}
 	tf.mu.Unlock()
 	t.mu.Lock()
 	if tf.wd >= 0 && t.byWD[tf.wd] == tf {
@@ -429,7 +427,7 @@ func (s *Supervisor) pumpOutput(w *worker, r *run, o runOutput) {
 		if st, err := f.Stat(); err == nil && st.Size() < off {
 			off = 0 // the file was replaced: read the new one whole
 		}
-		tf, err := s.tail.add(f, off, outStream{sink: w.logs, stream: stream}, shipped[i])
+		tf, err := s.tail.add(f, off, outStream{sink: w.logs, stream: stream}, shipped[i], func() { s.persistOffsets(w) })
 		if err != nil {
 			w.log.Warn("worker output is read at its exit only", slog.String("stream", stream), slog.Any("err", err))
 		}

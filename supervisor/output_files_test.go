@@ -58,7 +58,7 @@ func TestOutputTailerManyFiles(t *testing.T) {
 		}
 		writers[i] = w
 		sinks[i] = newLogSink(fmt.Sprintf("w-t%d", i), dir, 1<<30, 1, nil)
-		tailed[i], err = tl.add(openTailed(t, p), 0, outStream{sink: sinks[i], stream: streamStdout}, &shipped[i])
+		tailed[i], err = tl.add(openTailed(t, p), 0, outStream{sink: sinks[i], stream: streamStdout}, &shipped[i], nil)
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -175,7 +175,7 @@ func TestOutputFileNeedsNoReader(t *testing.T) {
 	defer tl.close()
 	sink := newLogSink("w-nohive", dir, 1<<30, 1, nil)
 	var shipped atomic.Int64
-	tf, err := tl.add(of.r[0], resume, outStream{sink: sink, stream: streamStdout}, &shipped)
+	tf, err := tl.add(of.r[0], resume, outStream{sink: sink, stream: streamStdout}, &shipped, nil)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -205,7 +205,7 @@ func TestOutputTailerPunchesHoles(t *testing.T) {
 	defer tl.close()
 	sink := newLogSink("w-punch", dir, 1<<30, 1, nil)
 	var shipped atomic.Int64
-	tf, err := tl.add(openTailed(t, p), 0, outStream{sink: sink, stream: streamStderr}, &shipped)
+	tf, err := tl.add(openTailed(t, p), 0, outStream{sink: sink, stream: streamStderr}, &shipped, nil)
 	if err != nil {
 		t.Fatal(err)
 	}

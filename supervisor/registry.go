@@ -28,6 +28,7 @@ func (s *Supervisor) pruneTerminal() {
 // removeLocked drops w from the registry. Caller holds s.mu and ends with
 // s.unlock, which deletes the log files.
 func (s *Supervisor) removeLocked(w *worker) {
+	s.unpersist(w)
 	delete(s.workers, w.id)
 	delete(s.tokens, tokenKey(w.token))
 	if s.ports[w.port] == w.id {

@@ -72,6 +72,7 @@ func (s *Supervisor) afterFailure(w *worker, reason ExitReason, started, now tim
 	w.killReason = reason // the restart's reason, for the metric
 	s.setState(w, StateRestarting, fmt.Sprintf("%s; restart in %s", why, delay.Round(time.Millisecond)))
 	s.setDeadline(w, dlRestart, now.Add(delay))
+	s.persist(w) // no process now; the failure history for the breaker
 }
 
 // restartWorker starts the next run of a worker whose backoff ended.

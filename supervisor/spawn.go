@@ -173,6 +173,7 @@ func (s *Supervisor) register(w *worker, first State, then func(w *worker)) bool
 	s.tokens[tokenKey(w.token)] = w.id
 	w.state = first
 	w.lastActivity = w.createdAt
+	s.persist(w)
 	w.log.Info("worker registered", slog.String("model_ref", w.modelRef), slog.String("state", string(w.state)),
 		slog.String("url", w.url), slog.String("restart", string(w.restartPolicy)), slog.Int64("memory_limit_bytes", w.memoryLimit))
 	if then != nil {

@@ -140,6 +140,10 @@ func (s *Supervisor) startRun(w *worker, why string) error {
 	out.closeWriteEnds()
 	r.pid = cmd.Process.Pid
 	r.started = time.Now()
+	r.argv = argv
+	if s.proc != nil {
+		r.pidStart, _ = s.proc.StartTime(r.pid) // 0 (not adoptable) if it already ended
+	}
 	s.pumpOutput(w, r, out)
 
 	s.mu.Lock()
@@ -162,6 +166,7 @@ func (s *Supervisor) startRun(w *worker, why string) error {
 	w.reportedHealth, w.statusLine, w.figures, w.stoppingLogged = "", "", nil, false
 	s.setState(w, StateLoading, why)
 	s.setDeadline(w, dlLoad, r.started.Add(w.backendCfg.LoadTimeout.D()))
+	s.persist(w)
 	if w.earlyFields != nil {
 		s.applyEarly(w)
 	}

@@ -114,5 +114,6 @@ func (s *Supervisor) setState(w *worker, to State, reason string) bool {
 	}
 	w.log.LogAttrs(context.Background(), level, "worker state",
 		slog.String("from", string(from)), slog.String("to", string(to)), slog.String("reason", reason))
+	s.persistState(w)
 	return true
 }

@@ -170,6 +170,9 @@ func (s *Supervisor) Shutdown(ctx context.Context) ShutdownReport {
 		_ = s.reaper.Close()
 	}
 	s.tail.close()
+	sctx, scancel := context.WithTimeout(context.Background(), 5*time.Second)
+	s.closeStore(sctx) // every stopped worker's row is deleted by now
+	scancel()
 	rep := ShutdownReport{Total: len(victims), Graceful: graceful, Forced: forced, Duration: time.Since(start)}
 	s.log.Info("workers shut down", slog.Int("total", rep.Total), slog.Int("graceful", rep.Graceful),
 		slog.Int("forced", rep.Forced), slog.Duration("duration", rep.Duration))

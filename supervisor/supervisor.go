@@ -15,6 +15,8 @@ import (
 
 	"github.com/rbee/rbee-hive/config"
 	"github.com/rbee/rbee-hive/internal/reaper"
+	"github.com/rbee/rbee-hive/internal/workerstore"
+	"github.com/rbee/rbee-hive/procfs"
 )
 
 // Supervisor runs the workers of one host.
@@ -46,6 +48,10 @@ type Supervisor struct {
 	out    outputPoller // every run's stdout and stderr pipes (the fallback)
 	tail   outputTailer // every run's stdout and stderr files
 	outDir string       // the output files
+	// store is the durable registry (nil: workers.adopt is off); proc
+	// reads process identities for it.
+	store *workerstore.Store
+	proc  *procfs.Reader
 	// reaper reports every run's exit (exitReaper starts it; nil if it
 	// could not start); Shutdown closes it.
 	reaperOnce sync.Once
@@ -89,20 +95,14 @@ func New(cfg *config.Config, deps Deps) (*Supervisor, error) {
 	if err := os.MkdirAll(s.logDir, 0o750); err != nil {
 		return nil, fmt.Errorf("supervisor: worker log dir: %w", err)
 	}
-	if n, err := removeStaleLogs(s.logDir); err != nil {
-		s.log.Warn("removing earlier workers' log files", slog.Any("err", err))
-	} else if n > 0 {
-		s.log.Info("removed earlier workers' log files", slog.Int("files", n), slog.String("dir", s.logDir))
-	}
 	s.tail.log, s.tail.punchEvery = s.log, int64(cfg.Workers.LogMaxBytes)
 	if err := os.MkdirAll(s.outDir, 0o700); err != nil {
 		return nil, fmt.Errorf("supervisor: worker output dir: %w", err)
 	}
-	if n, err := removeStaleOutput(s.outDir, nil); err != nil {
-		s.log.Warn("removing earlier workers' output files", slog.Any("err", err))
-	} else if n > 0 {
-		s.log.Info("removed earlier workers' output files", slog.Int("files", n), slog.String("dir", s.outDir))
+	if err := s.openStore(); err != nil {
+		return nil, fmt.Errorf("supervisor: %w", err)
 	}
+	s.removeStaleFiles(nil)
 	if deps.GPUs != nil {
 		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 		devs, err := deps.GPUs.GPUDevices(ctx)
@@ -211,5 +211,21 @@ func (s *Supervisor) unlock() {
 	s.mu.Unlock()
 	for _, f := range fns {
 		f()
+	}
+}
+
+// removeStaleFiles deletes the log and output files of earlier workers that
+// keep does not want (nil: all): they belong to workers that no longer
+// exist, and nothing else ever deletes them.
+func (s *Supervisor) removeStaleFiles(keep func(id string) bool) {
+	if n, err := removeStaleLogs(s.logDir, keep); err != nil {
+		s.log.Warn("removing earlier workers' log files", slog.Any("err", err))
+	} else if n > 0 {
+		s.log.Info("removed earlier workers' log files", slog.Int("files", n), slog.String("dir", s.logDir))
+	}
+	if n, err := removeStaleOutput(s.outDir, keep); err != nil {
+		s.log.Warn("removing earlier workers' output files", slog.Any("err", err))
+	} else if n > 0 {
+		s.log.Info("removed earlier workers' output files", slog.Int("files", n), slog.String("dir", s.outDir))
 	}
 }

@@ -34,6 +34,7 @@ type worker struct {
 	vramExpected  uint64
 	requestEnv    map[string]string
 	createdAt     time.Time
+	adoptedAt     time.Time // a restarted hive took this worker over (guarded by s.mu)
 	claim         Claim
 	releaseModel  func() // ends the model store's in-use mark
 	logs          *logSink
@@ -86,6 +87,10 @@ type run struct {
 	done    chan struct{}      // closed after the exit was handled
 	output  sync.WaitGroup     // the stdout and stderr readers (pipes)
 	tailed  [2]*tailedFile     // stdout and stderr files (nil: pipes)
+	// pidStart (clock ticks since boot) and pid name the process across a
+	// hive restart; argv is what it was started with. For the registry.
+	pidStart uint64
+	argv     []string
 	// monitor results, guarded by Supervisor.mu
 	sample   *resourceSample
 	overVRAM bool // over the VRAM limit at the last sample (one log per crossing)
