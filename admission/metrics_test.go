@@ -9,6 +9,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus/testutil"
 
 	"github.com/rbee/rbee-hive/gpu"
+	"github.com/rbee/rbee-hive/internal/testkit"
 )
 
 func lint(t *testing.T, c prometheus.Collector) {
@@ -94,7 +95,7 @@ func TestCollectorWithoutGPUs(t *testing.T) {
 	}
 	defer g.Close()
 	if g.Backend() != gpu.DriverNone {
-		t.Skip("this host has NVIDIA GPUs")
+		testkit.Skip(t, "this host has NVIDIA GPUs")
 	}
 	_, mem := newMeminfo(t, 1024*1024, 512*1024)
 	for _, gs := range []gpu.GPUs{g, nil} {

@@ -18,6 +18,8 @@ import (
 
 	"github.com/containerd/cgroups/v3"
 	"github.com/containerd/cgroups/v3/cgroup1"
+
+	"github.com/rbee/rbee-hive/internal/testkit"
 )
 
 // Child programs are this test binary re-executed with helperEnv set, so the
@@ -116,6 +118,12 @@ func runHelper(mode string) int {
 		fmt.Printf("FDS=%s\n", strings.Join(openFDs(), ","))
 		_, _ = bufio.NewReader(os.Stdin).ReadString('\n')
 		return 0
+	case "isolated":
+		return runIsolatedHelper()
+	case "capped":
+		return runCappedExec()
+	case "capped-hive":
+		return runCappedHive()
 	case "burn":
 		end := time.Now().Add(50 * time.Millisecond)
 		x := 0
@@ -163,9 +171,7 @@ func helperCmd(mode string) *exec.Cmd {
 // with everything below it when the test ends.
 func newTestManager(t testing.TB, opts Options) Manager {
 	t.Helper()
-	if os.Geteuid() != 0 {
-		t.Skip("needs root: creates cgroups (CI runs as root)")
-	}
+	testkit.RequireRoot(t)
 	suffix := randHex(t)
 	m, err := New(testOptions(opts, suffix))
 	if err != nil {

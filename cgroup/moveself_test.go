@@ -7,6 +7,8 @@ import (
 	"strconv"
 	"strings"
 	"testing"
+
+	"github.com/rbee/rbee-hive/internal/testkit"
 )
 
 // TestMoveSelf: on v2, a hive that lives in its root (systemd Delegate=yes)
@@ -14,9 +16,7 @@ import (
 // New says so without MoveSelf and does it with MoveSelf. On v1 MoveSelf is
 // a no-op (no internal-process rule).
 func TestMoveSelf(t *testing.T) {
-	if os.Geteuid() != 0 {
-		t.Skip("needs root: creates cgroups (CI runs as root)")
-	}
+	testkit.RequireRoot(t)
 	before, err := procCgroups(0)
 	if err != nil {
 		t.Fatal(err)

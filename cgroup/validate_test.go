@@ -6,6 +6,8 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
+
+	"github.com/rbee/rbee-hive/internal/testkit"
 )
 
 func TestValidateID(t *testing.T) {
@@ -98,9 +100,7 @@ func TestCreateBadInput(t *testing.T) {
 }
 
 func TestNewBadRoot(t *testing.T) {
-	if os.Geteuid() != 0 {
-		t.Skip("needs root: creates cgroups (CI runs as root)")
-	}
+	testkit.RequireRoot(t)
 	suffix := randHex(t)
 	type tc struct {
 		name    string
@@ -216,9 +216,7 @@ func TestDefaultV2Root(t *testing.T) {
 // EBADF; so does a seccomp-blocked clone3), so New picks the
 // gate instead of failing every Start.
 func TestCloneIntoCgroupProbe(t *testing.T) {
-	if os.Geteuid() != 0 {
-		t.Skip("needs root: creates cgroups (CI runs as root)")
-	}
+	testkit.RequireRoot(t)
 	m := newTestManager(t, Options{})
 	l, err := m.Create("w-probe", Limits{MemoryMax: 64 << 20})
 	if err != nil {

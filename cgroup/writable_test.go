@@ -9,15 +9,15 @@ import (
 	"strings"
 	"syscall"
 	"testing"
+
+	"github.com/rbee/rbee-hive/internal/testkit"
 )
 
 // TestUnprivilegedRefused: a hive that is not root must refuse to start on a
 // tree an earlier root hive left behind (it exists, so creating it succeeds),
 // naming the directory, instead of failing every spawn later.
 func TestUnprivilegedRefused(t *testing.T) {
-	if os.Geteuid() != 0 {
-		t.Skip("needs root: creates cgroups (CI runs as root)")
-	}
+	testkit.RequireRoot(t)
 	opts := testOptions(Options{}, randHex(t))
 	m, err := New(opts) // as root: the tree now exists, owned by root
 	if err != nil {

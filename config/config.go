@@ -37,6 +37,7 @@ type Config struct {
 	GPU       GPU                `toml:"gpu"`
 	Models    Models             `toml:"models"`
 	Backends  map[string]Backend `toml:"backends"`
+	Served    map[string]Served  `toml:"served"`
 }
 
 // Heartbeat configures the notify socket and stale detection.
@@ -125,6 +126,25 @@ type Backend struct {
 	NativeCompletion bool `toml:"native_completion" comment:"api = openai: also proxy llama.cpp's native POST /completion"`
 	Parallel         int  `toml:"parallel" comment:"parallel sequences (slots) the engine serves, for memory estimates; 0: 1"`
 }
+
+// Served is a model the host's OpenAI endpoint (/openai/v1/) answers for
+// under its table name: a request's "model" picks it, and the hive starts
+// and stops its workers on demand.
+type Served struct {
+	Model       string   `toml:"model" comment:"model reference, as a spawn request names it (e.g. hf:org/repo/file.gguf or a path)"`
+	Backend     string   `toml:"backend" comment:"one of the backends, with api = openai"`
+	MemoryLimit Size     `toml:"memory_limit" comment:"0: the backend's"`
+	ContextSize int      `toml:"context_size" comment:"0: the backend's"`
+	Autoload    *bool    `toml:"autoload" comment:"start a worker when a request arrives and none is ready; false: only POST /openai/v1/models/NAME/load does"`
+	TTL         Duration `toml:"ttl" comment:"an autoloaded worker idle this long is stopped; 0: never (else at least 1s)"`
+	Pinned      bool     `toml:"pinned" comment:"its workers are never stopped to make room for another model"`
+	MaxWorkers  int      `toml:"max_workers" comment:"workers of this model at most; 0: 1"`
+	Queue       int      `toml:"queue" comment:"requests held while a worker loads or all are full; more get 503; 0: 64"`
+	LoadTimeout Duration `toml:"load_timeout" comment:"a request waits this long for a worker, then gets 503; 0: the backend's load_timeout (else at least 1s)"`
+}
+
+// AutoloadOn reports the effective autoload setting (default true).
+func (s Served) AutoloadOn() bool { return s.Autoload == nil || *s.Autoload }
 
 // Placeholders a backend command may use.
 var placeholders = []string{"{port}", "{model_path}", "{model_ref}", "{worker_id}", "{device}", "{self_dir}"}
@@ -422,7 +442,94 @@ func (c *Config) finish() error {
 			return err
 		}
 	}
+	for _, name := range c.ServedNames() {
+		if err := c.finishServed(name); err != nil {
+			return err
+		}
+	}
 	return nil
+}
+
+// Bounds of a served model's settings: the queue and workers are held in
+// memory per model, so a typo of a few zeros is refused, not allocated.
+const (
+	maxServedWorkers = 64
+	maxServedQueue   = 1 << 16
+	minServedTTL     = time.Second
+)
+
+func (c *Config) finishServed(name string) error {
+	s := c.Served[name]
+	key := "served." + name
+	// The name is a URL path segment and a metric label value.
+	if !backendName.MatchString(name) {
+		return bad(key, "served model names are lowercase letters, digits, '-' and '_'")
+	}
+	if strings.TrimSpace(s.Model) == "" {
+		return bad(key+".model", "must name a model reference")
+	}
+	b, ok := c.Backends[s.Backend]
+	if !ok {
+		return bad(key+".backend", "%q is not a backend (known: %s)", s.Backend, strings.Join(c.BackendNames(), ", "))
+	}
+	// Requests are forwarded to the worker's OpenAI routes as they are.
+	if b.API != APIOpenAI {
+		return bad(key+".backend", "backend %q has api = %q; a served model needs one with api = \"openai\"", s.Backend, b.API)
+	}
+	if s.MemoryLimit < 0 {
+		return bad(key+".memory_limit", "must not be negative")
+	}
+	if s.ContextSize < 0 {
+		return bad(key+".context_size", "must not be negative")
+	}
+	if s.ContextSize == 0 {
+		s.ContextSize = b.ContextSize
+	}
+	if s.Autoload == nil {
+		on := true
+		s.Autoload = &on
+	}
+	if s.TTL < 0 || (s.TTL > 0 && s.TTL.D() < minServedTTL) {
+		return bad(key+".ttl", "%s: want 0 (never) or at least %s", s.TTL.D(), minServedTTL)
+	}
+	if s.MaxWorkers < 0 || s.MaxWorkers > maxServedWorkers {
+		return bad(key+".max_workers", "%d must lie within 0-%d", s.MaxWorkers, maxServedWorkers)
+	}
+	if s.MaxWorkers == 0 {
+		s.MaxWorkers = 1
+	}
+	if s.Queue < 0 || s.Queue > maxServedQueue {
+		return bad(key+".queue", "%d must lie within 0-%d", s.Queue, maxServedQueue)
+	}
+	if s.Queue == 0 {
+		s.Queue = 64
+	}
+	if s.LoadTimeout < 0 || (s.LoadTimeout > 0 && s.LoadTimeout.D() < minLoadTimeout) {
+		return bad(key+".load_timeout", "%s is below the minimum %s", s.LoadTimeout.D(), minLoadTimeout)
+	}
+	if s.LoadTimeout == 0 {
+		s.LoadTimeout = b.LoadTimeout
+	}
+	c.Served[name] = s
+	return nil
+}
+
+// ServedNames returns the served model names, sorted.
+func (c *Config) ServedNames() []string {
+	names := make([]string, 0, len(c.Served))
+	for n := range c.Served {
+		names = append(names, n)
+	}
+	sort.Strings(names)
+	return names
+}
+
+// ServedMemoryLimit is the memory limit of a served model's workers.
+func (c *Config) ServedMemoryLimit(name string) Size {
+	if s, ok := c.Served[name]; ok && s.MemoryLimit > 0 {
+		return s.MemoryLimit
+	}
+	return c.MemoryLimit(c.Served[name].Backend)
 }
 
 // Lower bounds of the durations. Zero or tiny values do not mean "off":

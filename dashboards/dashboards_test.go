@@ -10,6 +10,8 @@ import (
 	"regexp"
 	"strings"
 	"testing"
+
+	"github.com/rbee/rbee-hive/internal/testkit"
 )
 
 // The committed files must be exactly what the generator writes.
@@ -116,14 +118,7 @@ func TestQueriesCoverMetrics(t *testing.T) {
 
 func promtool(t *testing.T) string {
 	t.Helper()
-	p, err := exec.LookPath("promtool")
-	if err != nil {
-		if os.Getenv("CI") == "true" {
-			t.Fatal("promtool is missing (apt-get install -y prometheus); CI must run these checks")
-		}
-		t.Skip("promtool not installed (apt-get install -y prometheus)")
-	}
-	return p
+	return testkit.RequireCommand(t, "promtool")
 }
 
 func run(t *testing.T, dir, name string, args ...string) {

@@ -10,6 +10,8 @@ import (
 	"sync/atomic"
 	"testing"
 	"time"
+
+	"github.com/rbee/rbee-hive/internal/testkit"
 )
 
 // benchFileMiB is the size fetched per iteration; RBEE_BENCH_MIB overrides it.
@@ -26,10 +28,7 @@ func benchFileMiB() int {
 // rename, catalog insert) and with curl -L -o, in the same run, and reports
 // both throughputs and their ratio.
 func BenchmarkDownloadVsCurl(b *testing.B) {
-	curl, err := exec.LookPath("curl")
-	if err != nil {
-		b.Skip("curl not installed (apt-get install curl)")
-	}
+	curl := testkit.RequireCommand(b, "curl")
 	size := benchFileMiB() * mib
 	block := randomBytes(mib, 99)
 	content := bytes.Repeat(block, size/mib)

@@ -12,7 +12,6 @@ import (
 	"net/http"
 	"net/http/httptest"
 	"net/url"
-	"os"
 	"os/exec"
 	"strings"
 	"sync/atomic"
@@ -25,6 +24,7 @@ import (
 	dto "github.com/prometheus/client_model/go"
 
 	"github.com/rbee/rbee-hive/api"
+	"github.com/rbee/rbee-hive/internal/testkit"
 )
 
 var testLabels = Labels{Backend: "simworker", Model: "tiny"}
@@ -648,13 +648,7 @@ func TestProxyMetricsLintAndClassicScrape(t *testing.T) {
 			t.Errorf("text scrape lacks %s", want)
 		}
 	}
-	promtool, err := exec.LookPath("promtool")
-	if err != nil {
-		if os.Getenv("CI") == "true" {
-			t.Fatal("promtool missing in CI: apt-get install prometheus")
-		}
-		t.Skip("promtool not installed")
-	}
+	promtool := testkit.RequireCommand(t, "promtool")
 	cmd := exec.Command(promtool, "check", "metrics")
 	cmd.Stdin = strings.NewReader(text)
 	if out, err := cmd.CombinedOutput(); err != nil || len(bytes.TrimSpace(out)) > 0 {

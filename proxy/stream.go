@@ -3,6 +3,7 @@ package proxy
 import (
 	"bytes"
 	"encoding/json"
+	"math"
 	"net/http"
 	"time"
 
@@ -130,7 +131,11 @@ func (s *stream) dispatch(start, now time.Time) {
 // to the hive's view: tokens over the time from first token to end.
 func (s *stream) tokensPerSecond() (float64, bool) {
 	if s.tokensOut != nil && s.decodeMs != nil && *s.tokensOut > 0 && *s.decodeMs > 0 {
-		return float64(*s.tokensOut) / (*s.decodeMs / 1000), true
+		// A worker's absurd figures (decode_time_ms 1e-300) would put +Inf
+		// into the histogram's sum for good; fall back to the hive's view.
+		if tps := float64(*s.tokensOut) / (*s.decodeMs / 1000); !math.IsInf(tps, 0) {
+			return tps, true
+		}
 	}
 	if s.tokens > 0 && !s.firstTokenAt.IsZero() {
 		if d := s.endAt.Sub(s.firstTokenAt).Seconds(); d > 0 {

@@ -239,11 +239,12 @@ func (s *Supervisor) HandleInference(w http.ResponseWriter, r *http.Request) err
 	r0 := wk.run
 	target := ProxyTarget{WorkerID: id, Backend: wk.backend, Model: wk.modelRef, Token: wk.token,
 		API: string(wk.backendCfg.API), Route: engineRoute(r, id)}
+	workerURL := wk.url // a restart may move the worker to another port
 	s.mu.Unlock()
 	if s.deps.Proxy == nil {
 		return api.Errorf(http.StatusServiceUnavailable, api.CodeUnavailable, "no inference proxy configured")
 	}
-	u, err := url.Parse(wk.url)
+	u, err := url.Parse(workerURL)
 	if err != nil {
 		return err
 	}

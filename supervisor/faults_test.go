@@ -119,7 +119,12 @@ func TestShutdownStopsEverything(t *testing.T) {
 }
 
 func TestConcurrentSpawnsGetDistinctPorts(t *testing.T) {
-	h := newHarness(t, func(c *config.Config) { c.Workers.PortMin, c.Workers.PortMax = 31000, 31100 })
+	// 50 workers at once on a loaded host (or an emulated VM) miss the 2s
+	// heartbeat threshold and restart in a loop; this test is about ports.
+	h := newHarness(t, func(c *config.Config) {
+		c.Workers.PortMin, c.Workers.PortMax = 31000, 31100
+		c.Heartbeat.StaleThreshold = config.Duration(time.Minute)
+	})
 	const n = 50
 	results := make([]SpawnResult, n)
 	var wg sync.WaitGroup

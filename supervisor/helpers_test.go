@@ -87,7 +87,7 @@ func testConfig(t testing.TB) *config.Config {
 	cfg.Workers.ShutdownBudget = config.Duration(10 * time.Second)
 	cfg.Workers.Restart.BackoffBase = config.Duration(20 * time.Millisecond)
 	cfg.Workers.Restart.BackoffMax = config.Duration(200 * time.Millisecond)
-	cfg.Workers.PortMin, cfg.Workers.PortMax = 20000, 29999
+	cfg.Workers.PortMin, cfg.Workers.PortMax = testPorts()
 	cfg.Backends = map[string]config.Backend{
 		"sim":     {Command: simCommand(), Health: "notify", LoadTimeout: config.Duration(20 * time.Second), MemoryLimit: 256 << 20, EnvAllow: simEnv},
 		"simhttp": {Command: simCommand("--load-time", "300ms"), Health: "http", HealthPath: "/health", LoadTimeout: config.Duration(20 * time.Second), MemoryLimit: 256 << 20, EnvAllow: simEnv},
@@ -103,9 +103,7 @@ func testConfig(t testing.TB) *config.Config {
 // newCgroups returns a manager over a uniquely named root, removed at the end.
 func newCgroups(t testing.TB) cgroup.Manager {
 	t.Helper()
-	if os.Geteuid() != 0 {
-		t.Skip("needs root: creates cgroups (CI runs as root)")
-	}
+	testkit.RequireRoot(t)
 	var b [4]byte
 	_, _ = rand.Read(b[:])
 	root := "rbee-sup-" + hex.EncodeToString(b[:])

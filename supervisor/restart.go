@@ -5,6 +5,8 @@ import (
 	"fmt"
 	"log/slog"
 	"math/rand/v2"
+	"net"
+	"strconv"
 	"time"
 )
 
@@ -98,9 +100,40 @@ func (s *Supervisor) restartWorker(w *worker) {
 			return
 		}
 	}
+	if err := s.ensurePort(w); err != nil {
+		s.startFailed(w, &spawnError{reason: failPorts, err: err})
+		return
+	}
 	if err := s.startRun(w, "restart after "+string(reason)); err != nil {
 		s.startFailed(w, err)
 	}
+}
+
+// ensurePort checks, before a restart, that the worker's port can still be
+// bound. Another process may have taken it while the worker was down; the
+// worker would then fail to bind on every restart until the circuit breaker
+// gave up. A taken port is replaced by a fresh one, which changes the
+// worker's URL (logged; the API shows the new one).
+func (s *Supervisor) ensurePort(w *worker) error {
+	s.mu.Lock()
+	old := w.port
+	s.mu.Unlock()
+	if s.portFree(s.cfg.WorkerHost, old) {
+		return nil
+	}
+	port, err := s.allocPort(w.id)
+	if err != nil {
+		return fmt.Errorf("port %d is taken and no other is free: %w", old, err)
+	}
+	s.mu.Lock()
+	if s.ports[old] == w.id {
+		delete(s.ports, old)
+	}
+	w.port = port
+	w.url = "http://" + net.JoinHostPort(s.cfg.WorkerHost, strconv.Itoa(port))
+	s.mu.Unlock()
+	w.log.Warn("worker port taken while it was down; restarting on another", slog.Int("old_port", old), slog.Int("port", port))
+	return nil
 }
 
 // restartAdmitTimeout bounds a restart's admission.

@@ -1,6 +1,8 @@
 package supervisor
 
 import (
+	"net"
+	"strconv"
 	"syscall"
 	"testing"
 	"time"
@@ -184,5 +186,44 @@ func TestRestartClearsReportedFigures(t *testing.T) {
 	})
 	if wi := h.get(res.WorkerID); wi.Figures["RBEE_VRAM_BYTES"] == "123456" {
 		t.Errorf("the previous run's figure survived the restart: %v", wi.Figures)
+	}
+}
+
+// A port taken while the worker was down (another process bound it) must
+// not send every restart into a bind failure until the circuit breaker
+// gives up: the restart moves the worker to a free port.
+func TestRestartMovesOffATakenPort(t *testing.T) {
+	h := newHarness(t, func(c *config.Config) {
+		c.Workers.Restart.BackoffBase = config.Duration(500 * time.Millisecond)
+		c.Workers.Restart.BackoffMax = config.Duration(500 * time.Millisecond)
+		c.Workers.Restart.Jitter = 0
+	})
+	res := h.spawn(map[string]any{"backend": "sim"})
+	first := h.waitState(res.WorkerID, StateIdle, 10*time.Second)
+	if err := syscall.Kill(*first.PID, syscall.SIGKILL); err != nil {
+		t.Fatal(err)
+	}
+	// The worker's socket closes as it dies; take its port before the
+	// 500 ms backoff ends.
+	var squatter net.Listener
+	h.waitFor("the dead worker's port", 400*time.Millisecond, func() bool {
+		l, err := net.Listen("tcp", net.JoinHostPort(h.s.cfg.WorkerHost, strconv.Itoa(first.Port)))
+		if err != nil {
+			return false
+		}
+		squatter = l
+		return true
+	})
+	defer squatter.Close()
+	var wi WorkerInfo
+	h.waitFor("a restart on another port", 10*time.Second, func() bool {
+		wi = h.get(res.WorkerID)
+		return wi.RestartCount >= 1 && wi.State == StateIdle
+	})
+	if wi.Port == first.Port || wi.URL == first.URL {
+		t.Errorf("restarted on the taken port %d (%s)", wi.Port, wi.URL)
+	}
+	if wi.RestartCount != 1 {
+		t.Errorf("restart count %d, want 1 (no bind failures)", wi.RestartCount)
 	}
 }

@@ -11,6 +11,8 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/rbee/rbee-hive/internal/testkit"
 )
 
 // fakeManager is a real unixgram socket playing systemd's notify socket. Like
@@ -389,7 +391,7 @@ func TestNotifierSendBounded(t *testing.T) {
 	select {
 	case err := <-done:
 		if err == nil {
-			t.Skip("the socket's queue never filled")
+			testkit.Skip(t, "the socket's queue never filled")
 		}
 		if !errors.Is(err, os.ErrDeadlineExceeded) {
 			t.Errorf("send to a full queue = %v, want a deadline error", err)

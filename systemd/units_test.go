@@ -12,6 +12,8 @@ import (
 	"strconv"
 	"strings"
 	"testing"
+
+	"github.com/rbee/rbee-hive/internal/testkit"
 )
 
 // unitSettings reads the assignments of a unit file: section.Key → values
@@ -127,7 +129,7 @@ func systemdVersion(t *testing.T) int {
 	t.Helper()
 	out, err := exec.Command("systemctl", "--version").Output()
 	if err != nil {
-		t.Skipf("systemctl --version: %v (apt-get install systemd)", err)
+		testkit.Skip(t, "systemctl --version: %v (apt-get install systemd)", err)
 	}
 	m := regexp.MustCompile(`^systemd (\d+)`).FindSubmatch(out)
 	if m == nil {
@@ -145,14 +147,12 @@ func systemdVersion(t *testing.T) int {
 // PID 1. Our units must produce no warning at all.
 func TestInstallAndVerify(t *testing.T) {
 	for _, bin := range []string{"systemd-analyze", "make", "install"} {
-		if _, err := exec.LookPath(bin); err != nil {
-			t.Skipf("%s not found: %v (apt-get install systemd make coreutils)", bin, err)
-		}
+		testkit.RequireCommand(t, bin)
 	}
 	local := systemdVersion(t)
 	const distUnits = "/usr/lib/systemd/system"
 	if _, err := os.Stat(distUnits); err != nil {
-		t.Skipf("no %s: %v", distUnits, err)
+		testkit.Skip(t, "no %s: %v", distUnits, err)
 	}
 	// Stand-ins for the built binaries: verify only needs an executable.
 	binSrc := t.TempDir()
@@ -267,9 +267,7 @@ func makeInstall(t *testing.T, root, binSrc, prefix string, version int) {
 // config, and a DESTDIR install never creates a token.
 func TestInstallKeepsConfig(t *testing.T) {
 	for _, bin := range []string{"make", "install"} {
-		if _, err := exec.LookPath(bin); err != nil {
-			t.Skipf("%s not found: %v", bin, err)
-		}
+		testkit.RequireCommand(t, bin)
 	}
 	binSrc := t.TempDir()
 	for _, b := range []string{"rbee-hive", "rbee-simworker"} {

@@ -21,16 +21,8 @@ import (
 // does not name), a datagram starts the hive, and the hive's workers must
 // heartbeat to that socket, not to the configured one.
 func TestDaemonSocketActivation(t *testing.T) {
-	bin, err := exec.LookPath("systemd-socket-activate")
-	if err != nil {
-		if os.Getenv("CI") != "" {
-			t.Fatal("systemd-socket-activate missing (package systemd)")
-		}
-		t.Skip("systemd-socket-activate not installed")
-	}
-	if os.Geteuid() != 0 {
-		t.Skip("needs root for cgroups")
-	}
+	bin := testkit.RequireCommand(t, "systemd-socket-activate")
+	testkit.RequireRoot(t)
 	dir := t.TempDir()
 	sock := filepath.Join(dir, "activated.sock")
 	port := testkit.FreePort(t)

@@ -45,13 +45,13 @@ func FreePort(t testing.TB) int {
 
 // MountTmpfs mounts a fresh tmpfs of the given size ("8m") on a temp dir and
 // unmounts it (lazily, so a straggling open file cannot fail the test) at
-// cleanup. It needs root, which CI has; elsewhere the test skips.
+// cleanup. It needs root, which CI has; elsewhere the test skips (see Skip).
 func MountTmpfs(t testing.TB, size string) string {
 	t.Helper()
 	dir := t.TempDir()
 	if err := unix.Mount("tmpfs", dir, "tmpfs", 0, "size="+size); err != nil {
 		if os.Geteuid() != 0 {
-			t.Skipf("tmpfs mount needs root: %v", err)
+			Skip(t, "tmpfs mount needs root: %v", err)
 		}
 		t.Fatalf("mount tmpfs: %v", err)
 	}

@@ -2,7 +2,10 @@ package testkit
 
 import (
 	"net"
+	"os"
+	"os/exec"
 	"strconv"
+	"strings"
 	"sync"
 	"testing"
 )
@@ -33,4 +36,27 @@ func TestFreePortIsBindable(t *testing.T) {
 		t.Fatalf("port %d not bindable: %v", p, err)
 	}
 	ln.Close()
+}
+
+// TestSkipFailsInCI runs a test that skips in a child test binary, once
+// with CI set and once without: only the latter may pass.
+func TestSkipFailsInCI(t *testing.T) {
+	if os.Getenv("TESTKIT_CHILD") == "1" {
+		Skip(t, "child skip")
+		return
+	}
+	for _, tt := range []struct {
+		ci       string
+		wantFail bool
+	}{{"", false}, {"false", false}, {"true", true}, {"1", true}} {
+		cmd := exec.Command(os.Args[0], "-test.run=^TestSkipFailsInCI$", "-test.v")
+		cmd.Env = append(os.Environ(), "TESTKIT_CHILD=1", "CI="+tt.ci)
+		out, err := cmd.CombinedOutput()
+		if failed := err != nil; failed != tt.wantFail {
+			t.Errorf("CI=%q: failed=%v, want %v\n%s", tt.ci, failed, tt.wantFail, out)
+		}
+		if !tt.wantFail && !strings.Contains(string(out), "--- SKIP") {
+			t.Errorf("CI=%q: want a skip\n%s", tt.ci, out)
+		}
+	}
 }

@@ -19,6 +19,8 @@ import (
 	"time"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/rbee/rbee-hive/internal/testkit"
 )
 
 // serve runs l.Serve in the background, collecting messages.
@@ -277,9 +279,7 @@ func TestSenders(t *testing.T) {
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
 			if tt.needs != "" {
-				if _, err := os.Stat(tt.needs); err != nil {
-					t.Skipf("%s not installed", tt.needs)
-				}
+				testkit.RequireCommand(t, tt.needs)
 			}
 			var l *Listener
 			var sock string
@@ -329,9 +329,7 @@ func TestSenders(t *testing.T) {
 // installs that fd here and closes it at once: the barrier completes fast
 // and the hive leaks no fds.
 func TestSystemdNotifyBarrier(t *testing.T) {
-	if _, err := os.Stat("/usr/bin/systemd-notify"); err != nil {
-		t.Skip("systemd-notify not installed")
-	}
+	testkit.RequireCommand(t, "/usr/bin/systemd-notify")
 	l, sock := tempListener(t)
 	c := serve(t, l)
 	fdsBefore := countFDs(t)
@@ -361,9 +359,7 @@ func TestSystemdNotifyBarrier(t *testing.T) {
 // systemd-notify claim its parent's pid, which is then the hive (or here,
 // the test), not the worker, so the hive would reject it as unknown_sender.
 func TestExecSystemdNotifyTrap(t *testing.T) {
-	if _, err := os.Stat("/usr/bin/systemd-notify"); err != nil {
-		t.Skip("systemd-notify not installed")
-	}
+	testkit.RequireCommand(t, "/usr/bin/systemd-notify")
 	l, sock := tempListener(t)
 	c := serve(t, l)
 	cmd := exec.Command("/bin/sh", "-c", "exec systemd-notify --no-block WATCHDOG=1")
@@ -488,11 +484,9 @@ func TestQueuedBatch(t *testing.T) {
 }
 
 func TestNoCredentials(t *testing.T) {
-	if _, err := exec.LookPath("unshare"); err != nil {
-		t.Skip("no unshare")
-	}
+	testkit.RequireCommand(t, "unshare")
 	if err := exec.Command("unshare", "--pid", "--fork", "true").Run(); err != nil {
-		t.Skipf("cannot create a pid namespace here: %v", err)
+		testkit.Skip(t, "cannot create a pid namespace here: %v", err)
 	}
 	sock := filepath.Join(t.TempDir(), "ns.sock")
 	cmd := exec.Command("unshare", "--pid", "--fork", os.Args[0], "-test.run=^$")
@@ -763,10 +757,7 @@ func TestFromFile(t *testing.T) {
 // no_credentials, so such a .socket unit needs PassCredentials=yes
 // (systemd-socket-activate cannot set it).
 func TestSocketActivation(t *testing.T) {
-	bin, err := exec.LookPath("systemd-socket-activate")
-	if err != nil {
-		t.Skip("systemd-socket-activate not installed")
-	}
+	bin := testkit.RequireCommand(t, "systemd-socket-activate")
 	path := filepath.Join(t.TempDir(), "activated.sock")
 	cmd := exec.Command(bin, "--datagram", "-l", path, "-E", helperEnv+"=activated", os.Args[0], "-test.run=^$")
 	stderr, _ := cmd.StderrPipe()

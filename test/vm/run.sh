@@ -13,8 +13,12 @@
 # Environment:
 #   VMTEST_ARGS          extra flags for every test binary, e.g.
 #                        "-test.run=^$ -test.bench=. -test.benchtime=20x"
-#   VMTEST_TIMEOUT       seconds for the whole VM run (default 240)
-#   VMTEST_TEST_TIMEOUT  -test.timeout per binary (default 180s)
+#   VMTEST_TIMEOUT       seconds for the whole VM run (default 240 x scale)
+#   VMTEST_TEST_TIMEOUT  -test.timeout per binary (default 180s x scale)
+#   VMTEST_SCALE         integer multiplier of both defaults (default: from
+#                        the load: 1 + load average / CPUs, rounded down,
+#                        at most 5;
+#                        the VM is emulated, so a loaded host slows it down)
 #   VMTEST_MEM           VM memory in MiB (default 1536)
 #   VMTEST_SMP           VM CPUs (default 2)
 #   VMTEST_ALLOW_SKIP    1: do not fail on skipped tests
@@ -23,8 +27,15 @@ set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
 CACHE=${VMTEST_CACHE:-$ROOT/.cache/vm}
-TIMEOUT=${VMTEST_TIMEOUT:-240}
-TEST_TIMEOUT=${VMTEST_TEST_TIMEOUT:-180s}
+# TCG emulation runs at what the host's CPUs have to spare: under a load
+# average of 6 on 2 CPUs the suite needs about four times as long.
+if [ -z "${VMTEST_SCALE:-}" ]; then
+	# Capped at 5 (20 minutes in all), so a hung VM still fails CI in time.
+	VMTEST_SCALE=$(awk -v n="$(nproc)" '{s = int(1 + $1 / n); print (s < 1 ? 1 : (s > 5 ? 5 : s))}' /proc/loadavg)
+fi
+case $VMTEST_SCALE in '' | *[!0-9]* | 0) echo "vmtest: VMTEST_SCALE=$VMTEST_SCALE: want a positive integer" >&2; exit 1 ;; esac
+TIMEOUT=${VMTEST_TIMEOUT:-$((240 * VMTEST_SCALE))}
+TEST_TIMEOUT=${VMTEST_TEST_TIMEOUT:-$((180 * VMTEST_SCALE))s}
 MEM=${VMTEST_MEM:-1536}
 SMP=${VMTEST_SMP:-2}
 ARGS=${VMTEST_ARGS:-}
@@ -71,7 +82,7 @@ if [ -z "$kernel" ]; then
 	rm -rf "$CACHE/dl"
 	kernel=$(ls "$CACHE"/kernel/boot/vmlinuz-* | head -n1)
 fi
-log "kernel $kernel"
+log "kernel $kernel; load $(cut -d' ' -f1-3 /proc/loadavg) on $(nproc) CPUs: timeouts x$VMTEST_SCALE (${TEST_TIMEOUT} per binary, ${TIMEOUT}s in all)"
 
 # --- initramfs -----------------------------------------------------------------
 work=$(mktemp -d "${TMPDIR:-/tmp}/vmtest.XXXXXX")

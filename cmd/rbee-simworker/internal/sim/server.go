@@ -41,6 +41,7 @@ func (s *state) Handler() http.Handler {
 		http.Error(w, "Model not loading", http.StatusServiceUnavailable)
 	})))
 	mux.Handle("POST /v1/inference", s.auth(http.HandlerFunc(s.inference)))
+	s.openAIRoutes(mux)
 	return s.wedge(correlation(mux))
 }
 
