@@ -256,7 +256,7 @@ func (s *Supervisor) finish(w *worker, to State, why string) {
 	if s.ports[w.port] == w.id {
 		delete(s.ports, w.port)
 	}
-	delete(s.tokens, tokenKey(w.token))
+	delete(s.tokens, w.tokenHash)
 	if w.cancelDownload != nil {
 		w.cancelDownload()
 		w.cancelDownload = nil

@@ -199,6 +199,9 @@ func newHarnessWrapped(t testing.TB, wrap func(cgroup.Manager) cgroup.Manager, m
 		t.Fatalf("New: %v", err)
 	}
 	h.s = s
+	if _, err := s.Adopt(context.Background()); err != nil { // as the daemon does
+		t.Fatalf("Adopt: %v", err)
+	}
 	rt := api.NewRouter(logger)
 	auth := func(r *http.Request) *api.Error { return api.Authenticator{Token: h.token}.Check(r) }
 	if err := rt.Register(auth, workerRoutes(s, auth)...); err != nil {

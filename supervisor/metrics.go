@@ -26,6 +26,8 @@ type metrics struct {
 	vramExceeded       *prometheus.CounterVec
 	logLinesDropped    prometheus.Counter
 	illegalTransitions *prometheus.CounterVec
+	adopted            prometheus.Counter
+	adoptSeconds       prometheus.Gauge
 
 	rejectedDesc *prometheus.Desc // heartbeatsRejected plus the socket's drops
 	workersDesc  *prometheus.Desc
@@ -51,6 +53,10 @@ func newMetrics(s *Supervisor, reg *prometheus.Registry) (*metrics, error) {
 			Help: "Worker process exits, by reason."}, []string{"reason"}),
 		heartbeatsRejected: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "rbee_hive_heartbeats_rejected_total",
 			Help: "Heartbeats and notify datagrams rejected, by reason."}, []string{"reason"}),
+		adopted: prometheus.NewCounter(prometheus.CounterOpts{Name: "rbee_hive_workers_adopted_total",
+			Help: "Running workers of an earlier hive taken over at start (workers.adopt)."}),
+		adoptSeconds: prometheus.NewGauge(prometheus.GaugeOpts{Name: "rbee_hive_adoption_duration_seconds",
+			Help: "How long adopting the registry's workers took at this hive's start."}),
 		oomKills: prometheus.NewCounter(prometheus.CounterOpts{Name: "rbee_hive_worker_oom_kills_total",
 			Help: "Worker exits caused by the kernel OOM killer in the worker's cgroup."}),
 		stale: prometheus.NewCounter(prometheus.CounterOpts{Name: "rbee_hive_workers_stale_total",
@@ -104,7 +110,7 @@ func newMetrics(s *Supervisor, reg *prometheus.Registry) (*metrics, error) {
 	// heartbeatsRejected is not registered itself: Collect merges it with
 	// the notify socket's drops into one family.
 	for _, c := range []prometheus.Collector{m.spawnFailures, m.restarts, m.exits,
-		m.oomKills, m.stale, m.heartbeats, m.healthFails, m.vramExceeded, m.logLinesDropped, m.illegalTransitions, m} {
+		m.adopted, m.adoptSeconds, m.oomKills, m.stale, m.heartbeats, m.healthFails, m.vramExceeded, m.logLinesDropped, m.illegalTransitions, m} {
 		if err := reg.Register(c); err != nil {
 			return nil, fmt.Errorf("supervisor: registering metrics: %w", err)
 		}

@@ -45,14 +45,6 @@ func (s *Supervisor) openStore() error {
 		return err
 	}
 	s.store, s.proc = st, proc
-	// Not adopted yet: an earlier hive's workers are killed as leftovers.
-	ws, _, err := st.Load(context.Background())
-	if err != nil {
-		s.log.Warn("reading the worker registry", slog.Any("err", err))
-	}
-	for _, w := range ws {
-		_ = st.Delete(w.ID)
-	}
 	return nil
 }
 
@@ -75,7 +67,7 @@ func (s *Supervisor) persist(w *worker) {
 		RestartPolicy: string(w.restartPolicy), RestartCount: w.restartCount,
 		Failures:    append([]time.Time(nil), w.recentFailures...),
 		MemoryLimit: w.memoryLimit, VRAMClaim: int64(w.vramRequested), GPU: w.gpuUUID,
-		TokenHash: workerstore.HashToken(w.token), State: string(w.state),
+		TokenHash: w.tokenHash[:], State: string(w.state),
 		AdoptedAt: w.adoptedAt, CreatedAt: w.createdAt,
 	}
 	rec.StdoutOffset, rec.StderrOffset = w.outShipped.get()

@@ -30,7 +30,7 @@ func (s *Supervisor) pruneTerminal() {
 func (s *Supervisor) removeLocked(w *worker) {
 	s.unpersist(w)
 	delete(s.workers, w.id)
-	delete(s.tokens, tokenKey(w.token))
+	delete(s.tokens, w.tokenHash)
 	if s.ports[w.port] == w.id {
 		delete(s.ports, w.port)
 	}

@@ -154,6 +154,9 @@ func (s *Supervisor) newWorker(id string, p *spawnPlan, modelPath string, port i
 			w.vramExpected = claim.VRAMBytes()
 		}
 	}
+	if token != "" {
+		w.tokenHash = tokenKey(token)
+	}
 	w.logs = newLogSink(id, s.logDir, int64(s.cfg.Workers.LogMaxBytes), s.cfg.Workers.LogFiles, s.deps.LineSink)
 	w.logs.log, w.logs.dropped = w.log, s.m.logLinesDropped
 	return w
@@ -170,7 +173,7 @@ func (s *Supervisor) register(w *worker, first State, then func(w *worker)) bool
 		return false
 	}
 	s.workers[w.id] = w
-	s.tokens[tokenKey(w.token)] = w.id
+	s.tokens[w.tokenHash] = w.id
 	w.state = first
 	w.lastActivity = w.createdAt
 	s.persist(w)

@@ -102,6 +102,18 @@ func (s *Supervisor) startRun(w *worker, why string) error {
 		s.mu.Unlock()
 		return errNotStarted
 	}
+	if w.token == "" {
+		// Adopted: the old process's token is not known in clear; this run
+		// gets a new one.
+		tok, err := randomHex(32)
+		if err != nil {
+			s.mu.Unlock()
+			return &spawnError{reason: failExec, err: fmt.Errorf("worker token: %w", err)}
+		}
+		delete(s.tokens, w.tokenHash)
+		w.token, w.tokenHash = tok, tokenKey(tok)
+		s.tokens[w.tokenHash] = w.id
+	}
 	s.starting.Add(1)
 	w.startInFlight, w.earlyFields = true, nil
 	argv := s.expandArgs(w)

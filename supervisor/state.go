@@ -47,7 +47,7 @@ const (
 )
 
 var exitReasons = []ExitReason{ReasonExited, ReasonSignaled, ReasonOOM, ReasonStale, ReasonLoadTimeout, ReasonSpawnFailed,
-	ReasonVRAMLimit, ReasonStopped}
+	ReasonVRAMLimit, ReasonStopped, ReasonLost}
 
 // transitions is every state change setState allows, from → to. A move to
 // the same state only updates the reason and is always allowed. Nothing

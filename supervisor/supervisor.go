@@ -102,7 +102,11 @@ func New(cfg *config.Config, deps Deps) (*Supervisor, error) {
 	if err := s.openStore(); err != nil {
 		return nil, fmt.Errorf("supervisor: %w", err)
 	}
-	s.removeStaleFiles(nil)
+	if s.store == nil {
+		// Nothing will be adopted: earlier workers' files go now (with a
+		// registry, Adopt keeps those of the workers it takes over).
+		s.removeStaleFiles(nil)
+	}
 	if deps.GPUs != nil {
 		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 		devs, err := deps.GPUs.GPUDevices(ctx)

@@ -24,7 +24,8 @@ type worker struct {
 	modelPath     string // set when a download ends, under s.mu
 	port          int
 	url           string
-	token         string
+	token         string   // "" for an adopted worker (its row holds only the hash) until its next run
+	tokenHash     [32]byte // tokenKey(token): the key in Supervisor.tokens
 	restartPolicy RestartPolicy
 	memoryLimit   int64 // bytes; the cgroup's memory.max
 	// vramRequested is the request's vram_bytes (0: let the admitter
@@ -91,6 +92,10 @@ type run struct {
 	// hive restart; argv is what it was started with. For the registry.
 	pidStart uint64
 	argv     []string
+	// adopted: the process was started by an earlier hive and is not our
+	// child (no exit status); oomBase is its leaf's OOM count at adoption.
+	adopted bool
+	oomBase uint64
 	// monitor results, guarded by Supervisor.mu
 	sample   *resourceSample
 	overVRAM bool // over the VRAM limit at the last sample (one log per crossing)

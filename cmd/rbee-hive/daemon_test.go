@@ -52,6 +52,8 @@ type daemon struct {
 	cmd      *exec.Cmd
 	url      string
 	stateDir string
+	cfgPath  string
+	env      []string
 	logs     *testkit.SyncBuffer
 	done     chan error
 }
@@ -68,9 +70,26 @@ func startDaemon(t *testing.T, extra string, env ...string) *daemon {
 	if err := os.WriteFile(cfgPath, []byte(cfg), 0o600); err != nil {
 		t.Fatal(err)
 	}
-	d := &daemon{t: t, url: fmt.Sprintf("http://127.0.0.1:%d", port), stateDir: filepath.Join(dir, "state"), logs: &testkit.SyncBuffer{}, done: make(chan error, 1)}
-	d.cmd = exec.Command(filepath.Join(bins.dir, "rbee-hive"), "daemon", "--config", cfgPath)
-	d.cmd.Env = append(os.Environ(), env...)
+	d := &daemon{t: t, url: fmt.Sprintf("http://127.0.0.1:%d", port), stateDir: filepath.Join(dir, "state"), cfgPath: cfgPath, env: env}
+	d.launch()
+	return d
+}
+
+// restart starts another hive on d's configuration (d must have exited).
+func (d *daemon) restart() *daemon {
+	d.t.Helper()
+	n := &daemon{t: d.t, url: d.url, stateDir: d.stateDir, cfgPath: d.cfgPath, env: d.env}
+	n.launch()
+	return n
+}
+
+// launch starts the hive process and waits until it answers /v1/health.
+func (d *daemon) launch() {
+	t := d.t
+	t.Helper()
+	d.logs, d.done = &testkit.SyncBuffer{}, make(chan error, 1)
+	d.cmd = exec.Command(filepath.Join(bins.dir, "rbee-hive"), "daemon", "--config", d.cfgPath)
+	d.cmd.Env = append(os.Environ(), d.env...)
 	d.cmd.Stderr = d.logs
 	d.cmd.Stdout = d.logs
 	if err := d.cmd.Start(); err != nil {
@@ -96,7 +115,7 @@ func startDaemon(t *testing.T, extra string, env ...string) *daemon {
 		if err == nil {
 			resp.Body.Close()
 			if resp.StatusCode == 200 {
-				return d
+				return
 			}
 		}
 		select {
@@ -106,7 +125,6 @@ func startDaemon(t *testing.T, extra string, env ...string) *daemon {
 		}
 	}
 	t.Fatalf("daemon did not answer /v1/health in time:\n%s", d.logs.String())
-	return nil
 }
 
 func (d *daemon) token() string {

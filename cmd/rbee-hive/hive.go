@@ -148,6 +148,11 @@ func newHive(ctx context.Context, cfg *config.Config, log *slog.Logger, reg *pro
 	if h.sup, err = supervisor.New(cfg, deps); err != nil {
 		return nil, err
 	}
+	// Workers an earlier hive left running are taken over first; what
+	// matches no persisted worker is then killed as a leftover.
+	if _, err := h.sup.Adopt(ctx); err != nil {
+		log.Warn("adopting workers from the registry failed; they are killed as leftovers", "err", err)
+	}
 	n, err := h.sup.CleanLeftovers(ctx)
 	if err != nil {
 		return nil, fmt.Errorf("cleaning leftover workers: %w", err)

@@ -40,6 +40,7 @@ type Config struct {
 	HangAfter       time.Duration
 	NoHeartbeat     bool
 	LeakMiBPerSec   float64
+	Chatter         int // stdout lines per second after load
 	IgnoreSIGTERM   bool
 }
 
@@ -67,6 +68,7 @@ func Parse(args []string, lookup func(string) (string, bool), out io.Writer) (Co
 	fs.DurationVar(&c.HangAfter, "hang-after", 0, "this long after start, stop answering HTTP and stop heartbeats (wedged)")
 	fs.BoolVar(&c.NoHeartbeat, "no-heartbeat", false, "send READY=1 and serve, but never WATCHDOG=1")
 	fs.Float64Var(&c.LeakMiBPerSec, "leak-mib-per-sec", 0, "after load, grow memory without bound at this rate, touching pages")
+	fs.IntVar(&c.Chatter, "chatter", 0, "after load, write this many numbered lines per second to stdout (\"chatter seq=N ...\", 154 bytes each)")
 	fs.BoolVar(&c.IgnoreSIGTERM, "ignore-sigterm", false, "log and ignore SIGTERM (SIGINT still stops)")
 	var callback string
 	fs.StringVar(&callback, "callback-url", "", "accepted for llm-worker-rbee compatibility and ignored: the hive is reached via NOTIFY_SOCKET or RBEE_HIVE_URL")
@@ -117,6 +119,9 @@ func Parse(args []string, lookup func(string) (string, bool), out io.Writer) (Co
 	}
 	if c.AllocMiB < 0 || c.AllocMiB > 1<<20 {
 		errs = append(errs, fmt.Errorf("--alloc-mib %d out of range 0..%d", c.AllocMiB, 1<<20))
+	}
+	if c.Chatter < 0 || c.Chatter > 1_000_000 {
+		errs = append(errs, fmt.Errorf("--chatter %d out of range", c.Chatter))
 	}
 	if !(c.LeakMiBPerSec >= 0 && c.LeakMiBPerSec <= 1<<16) {
 		errs = append(errs, fmt.Errorf("--leak-mib-per-sec %v out of range", c.LeakMiBPerSec))

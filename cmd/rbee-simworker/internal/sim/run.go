@@ -4,11 +4,13 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"log/slog"
 	"net"
 	"net/http"
 	"os"
 	"strconv"
+	"strings"
 	"syscall"
 	"time"
 
@@ -90,6 +92,9 @@ func Run(ctx context.Context, cfg Config, n *worker.Notifier, sigs <-chan os.Sig
 			if cfg.LeakMiBPerSec > 0 {
 				go leak(bg, cfg.LeakMiBPerSec, nil)
 			}
+			if cfg.Chatter > 0 {
+				go chatter(bg, cfg.Chatter, os.Stdout)
+			}
 		case <-crash:
 			// Abrupt, like a segfaulting worker: no STOPPING=1, no drain.
 			log.Error("crashing on purpose (--crash-after)", "after", cfg.CrashAfter)
@@ -156,4 +161,26 @@ func closedTimeC() <-chan time.Time {
 	c := make(chan time.Time, 1)
 	c <- time.Now()
 	return c
+}
+
+// chatter writes perSec numbered lines per second to w until ctx ends, in
+// 10 ms batches; each write blocks as long as w does (a full pipe), so the
+// sequence shows whether the worker was ever held up by its output.
+func chatter(ctx context.Context, perSec int, w io.Writer) {
+	t := time.NewTicker(10 * time.Millisecond)
+	defer t.Stop()
+	pad := strings.Repeat("c", 130)
+	seq, owed := 0, 0.0
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+		owed += float64(perSec) / 100
+		for ; owed >= 1; owed-- {
+			fmt.Fprintf(w, "chatter seq=%010d %s\n", seq, pad)
+			seq++
+		}
+	}
 }
