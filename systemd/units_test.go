@@ -57,7 +57,7 @@ func TestUnitSettings(t *testing.T) {
 		"Service.NotifyAccess":     "main",
 		"Service.WatchdogSec":      "30s",
 		"Service.Restart":          "on-failure",
-		"Service.KillMode":         "mixed",
+		"Service.KillMode":         "process",
 		"Service.TimeoutStopSec":   "90s",
 		"Service.Delegate":         "yes",
 		"Service.OOMPolicy":        "continue",

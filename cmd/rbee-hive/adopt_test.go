@@ -3,6 +3,7 @@ package main
 import (
 	"bufio"
 	"bytes"
+	"database/sql"
 	"encoding/json"
 	"fmt"
 	"net/http"
@@ -14,6 +15,8 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	_ "modernc.org/sqlite"
 )
 
 // adoptConfig has one backend per case of TestKilledHiveWorkersAdopted.
@@ -342,4 +345,90 @@ func (d *daemon) metricLabel(name, label string) float64 {
 		}
 	}
 	return 0
+}
+
+// TestBadRegistryHiveStarts: after a hive is killed, a tampered row (its
+// leaf pointed outside the hive's tree) is dropped and logged and its
+// worker killed as a leftover, while the untouched worker is adopted; a
+// registry that is not a database at all is moved aside and the hive
+// starts, adopting nothing and killing the leftovers.
+func TestBadRegistryHiveStarts(t *testing.T) {
+	d := startDaemon(t, adoptConfig)
+	model := filepath.Join(t.TempDir(), "m.gguf")
+	if err := os.WriteFile(model, []byte("x"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	good := d.spawnBackend("plain", model, "on-failure")
+	bad := d.spawnBackend("plain", model, "on-failure")
+	gw := d.waitWorker("idle", good, 20*time.Second, func(w apiWorker) bool { return w.State == "idle" })
+	bw := d.waitWorker("idle", bad, 20*time.Second, func(w apiWorker) bool { return w.State == "idle" })
+	if err := d.cmd.Process.Kill(); err != nil {
+		t.Fatal(err)
+	}
+	<-d.done
+	dbPath := filepath.Join(d.stateDir, "workers.db")
+	db, err := sql.Open("sqlite", dbPath)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := db.Exec(`UPDATE workers SET cgroup_path = '/etc/` + bad + `' WHERE id = ?`, bad); err != nil {
+		t.Fatal(err)
+	}
+	db.Close()
+
+	d2 := d.restart()
+	if w := d2.worker(good); w.PID == nil || *w.PID != *gw.PID {
+		t.Errorf("untouched worker not adopted: %+v", w)
+	}
+	if code, _ := d2.request("GET", "/v1/workers/"+bad, ""); code != 404 {
+		t.Errorf("worker of the tampered row: %d, want 404", code)
+	}
+	waitCLI(t, "tampered row's worker killed", func() bool { return !alive(*bw.PID) })
+	if !strings.Contains(d2.logs.String(), "worker registry row dropped") {
+		t.Error("dropped row not logged")
+	}
+
+	if err := d2.cmd.Process.Kill(); err != nil {
+		t.Fatal(err)
+	}
+	<-d2.done
+	for _, suffix := range []string{"-wal", "-shm"} {
+		_ = os.Remove(dbPath + suffix)
+	}
+	if err := os.WriteFile(dbPath, []byte("this is not a database, it is a tampered file\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	d3 := d2.restart()
+	if code, _ := d3.request("GET", "/v1/workers/"+good, ""); code != 404 {
+		t.Errorf("worker adopted from a corrupt registry: %d", code)
+	}
+	waitCLI(t, "leftover killed", func() bool { return !alive(*gw.PID) })
+	aside, _ := filepath.Glob(dbPath + ".corrupt-*")
+	if len(aside) == 0 || !strings.Contains(d3.logs.String(), "moved aside") {
+		t.Errorf("corrupt registry not moved aside (%v) or not logged", aside)
+	}
+}
+
+// TestAdoptOffKillsLeftovers: with workers.adopt = false a killed hive's
+// workers are killed at the next start, as before the registry.
+func TestAdoptOffKillsLeftovers(t *testing.T) {
+	d := startDaemon(t, strings.Replace(adoptConfig, "[workers]\n", "[workers]\nadopt = false\n", 1))
+	model := filepath.Join(t.TempDir(), "m.gguf")
+	if err := os.WriteFile(model, []byte("x"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	id := d.spawnBackend("plain", model, "on-failure")
+	w := d.waitWorker("idle", id, 20*time.Second, func(w apiWorker) bool { return w.State == "idle" })
+	if err := d.cmd.Process.Kill(); err != nil {
+		t.Fatal(err)
+	}
+	<-d.done
+	d2 := d.restart()
+	if code, _ := d2.request("GET", "/v1/workers/"+id, ""); code != 404 {
+		t.Errorf("worker adopted with workers.adopt = false: %d", code)
+	}
+	waitCLI(t, "leftover killed", func() bool { return !alive(*w.PID) })
+	if _, err := os.Stat(filepath.Join(d.stateDir, "workers.db")); !os.IsNotExist(err) {
+		t.Errorf("registry kept with workers.adopt = false: %v", err)
+	}
 }
