@@ -51,6 +51,12 @@ type errorBody struct {
 	} `json:"error"`
 }
 
+// WriteError answers with an error in OpenAI's shape; retry > 0 sets
+// Retry-After. A Forwarder uses it for failures before the first byte.
+func WriteError(w http.ResponseWriter, status int, typ, code, msg string, retry time.Duration) {
+	writeError(w, status, typ, code, msg, retry)
+}
+
 func writeError(w http.ResponseWriter, status int, typ, code, msg string, retry time.Duration) {
 	var b errorBody
 	b.Error.Message, b.Error.Type, b.Error.Code = msg, typ, code
