@@ -259,7 +259,7 @@ backend = "simgpu"
 		t.Errorf("alpha not evicted: %+v", ws)
 	}
 	for series, want := range map[string]float64{
-		`rbee_hive_openai_evictions_total{model="alpha",reason="vram"}`: 1,
+		`rbee_hive_openai_evictions_total{model="alpha",reason="vram"}`:  1,
 		`rbee_hive_openai_unloads_total{model="alpha",reason="evicted"}`: 1,
 		`rbee_hive_openai_loads_total{model="beta",reason="request"}`:    1,
 		`rbee_hive_openai_rejected_total{model="beta",reason="no_room"}`: 1,
