@@ -50,7 +50,7 @@ func tinyModel(t *testing.T, name string) (string, uint64) {
 	return path, est.VRAMBytes
 }
 
-// openaiDo sends an OpenAI request with the hive's token.
+// openai sends a request to the OpenAI endpoint with the hive's token.
 func (d *daemon) openai(method, path, body string) (*http.Response, error) {
 	req, err := http.NewRequest(method, d.url+path, strings.NewReader(body))
 	if err != nil {
@@ -145,7 +145,9 @@ func TestOpenAIEndpoint(t *testing.T) {
 	pathA, estA := tinyModel(t, "alpha")
 	pathB, _ := tinyModel(t, "beta")
 	margin := uint64(16 << 20)
-	// One model (estimate + margin) fits, two do not.
+	// One model (estimate + margin) fits, two do not: the fake GPU reports
+	// no per-process memory, so a loaded worker's claim stays counted for
+	// admission's settle time (30 s), longer than this test needs it.
 	total := estA + margin + estA/2
 	d := startDaemon(t, fmt.Sprintf(`
 [resources]
