@@ -52,14 +52,14 @@ ttl = "2s"
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
 	defer cancel()
-	start := time.Now()
+	t0 := time.Now()
 	evs, err := h.stream(ctx, "/openai/v1/chat/completions", map[string]any{
 		"model": "tiny", "messages": []map[string]string{{"role": "user", "content": "hello"}}, "max_tokens": 16, "stream": true,
 	}, 0)
 	if err != nil {
 		t.Fatalf("first (cold) request: %v", err)
 	}
-	cold := time.Since(start)
+	cold := time.Since(t0)
 	tokens := 0
 	for _, e := range evs {
 		if strings.Contains(e.data, `"delta":{"content"`) || strings.Contains(e.data, `"content":"`) {
@@ -74,7 +74,7 @@ ttl = "2s"
 		t.Fatalf("workers after the first request: %v", ids)
 	}
 
-	start = time.Now()
+	start := time.Now()
 	code, b := h.do("POST", "/openai/v1/chat/completions", map[string]any{
 		"model": "tiny", "messages": []map[string]string{{"role": "user", "content": "again"}}, "max_tokens": 8,
 	})
@@ -97,6 +97,22 @@ ttl = "2s"
 		}
 	}
 	t.Logf("cold request (load + %d events) %v, warm request %v: cold/warm ×%.1f", len(evs), cold.Round(time.Millisecond), warm.Round(time.Millisecond), cold.Seconds()/warm.Seconds())
+	// The cold start split by the hive's own log lines for the worker.
+	at := map[string]time.Time{}
+	for _, line := range strings.Split(h.logs.String(), "\n") {
+		var e struct {
+			Time     time.Time `json:"time"`
+			Msg      string    `json:"msg"`
+			WorkerID string    `json:"worker_id"`
+		}
+		if json.Unmarshal([]byte(line), &e) == nil && e.WorkerID == ids[0] && at[e.Msg].IsZero() {
+			at[e.Msg] = e.Time
+		}
+	}
+	if reg, st, rdy := at["worker registered"], at["worker started"], at["worker ready"]; !reg.IsZero() && !st.IsZero() && !rdy.IsZero() {
+		t.Logf("cold start: request → registered (routing, admission with the GGUF estimate) %v, → process started %v, → ready (llama-server loads the model) %v, ready → first event %v",
+			reg.Sub(t0).Round(time.Microsecond), st.Sub(reg).Round(time.Microsecond), rdy.Sub(st).Round(time.Millisecond), evs[0].at.Sub(rdy).Round(time.Millisecond))
+	}
 
 	waitFor(t, time.Minute, "the ttl unload", func() bool {
 		return metric(h.metrics(), "rbee_hive_openai_unloads_total", `{model="tiny",reason="ttl"}`) == 1
