@@ -66,8 +66,9 @@ type Manager interface {
 // Leaf is one worker's cgroup.
 type Leaf interface {
 	ID() string
-	// Start starts cmd so that its first instruction already runs in the leaf.
-	Start(cmd *exec.Cmd) error
+	// Start starts cmd so that its first instruction already runs in the
+	// leaf; WithIsolation also drops it to an unprivileged identity first.
+	Start(cmd *exec.Cmd, opts ...StartOption) error
 	// OOMEvents reports each OOM kill until ctx ends or the leaf is deleted.
 	OOMEvents(ctx context.Context) (<-chan OOMEvent, error)
 	Stats() (Stats, error)

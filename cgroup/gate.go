@@ -8,6 +8,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"runtime"
 	"strconv"
 	"strings"
 	"syscall"
@@ -28,8 +29,9 @@ const (
 	// gateArg0 is argv[0] of a gate process; together with gateEnv it marks
 	// one, so an ordinary run of the binary never mistakes itself for a gate.
 	gateArg0 = "rbee-cgroup-gate"
-	// gateEnv carries "<release fd>:<status fd>"; the gate removes it before
-	// exec so the worker's environment is exactly the caller's.
+	// gateEnv carries "<release fd>:<status fd>"; the gate removes it (and
+	// gateIsoEnv) before exec so the worker's environment is exactly the
+	// caller's.
 	gateEnv = "_RBEE_CGROUP_GATE"
 	// gateExitPlacementFailed is the gate's exit code when the parent gave up
 	// before releasing it.
@@ -52,11 +54,15 @@ func MaybeRunGate() {
 	if !ok || len(os.Args) < 2 || os.Args[0] != gateArg0 {
 		return
 	}
-	os.Exit(runGate(spec, os.Args[1], os.Args[2:]))
+	iso, hasIso := os.LookupEnv(gateIsoEnv)
+	os.Exit(runGate(spec, iso, hasIso, os.Args[1], os.Args[2:]))
 }
 
 // runGate returns an exit code only when it cannot become the worker.
-func runGate(spec, path string, argv []string) int {
+func runGate(spec, isoSpec string, hasIso bool, path string, argv []string) int {
+	// Credentials and capabilities are per thread: the thread that drops
+	// them must be the one that execs.
+	runtime.LockOSThread()
 	rs, ss, ok := strings.Cut(spec, ":")
 	rfd, err1 := strconv.Atoi(rs)
 	sfd, err2 := strconv.Atoi(ss)
@@ -65,6 +71,15 @@ func runGate(spec, path string, argv []string) int {
 		return gateExitPlacementFailed
 	}
 	_ = os.Unsetenv(gateEnv)
+	_ = os.Unsetenv(gateIsoEnv)
+	var iso *Isolation
+	if hasIso {
+		var err error
+		if iso, err = decodeIsolation(isoSpec); err != nil {
+			fmt.Fprintf(os.Stderr, "rbee-cgroup-gate: %v\n", err)
+			return gateExitPlacementFailed
+		}
+	}
 	// exec hands ExtraFiles over in blocking mode today; do not depend on it.
 	_ = unix.SetNonblock(rfd, false)
 	_ = unix.SetNonblock(sfd, false)
@@ -92,29 +107,43 @@ func runGate(spec, path string, argv []string) int {
 	_ = unix.Close(rfd)
 
 	// The status pipe closes itself on a successful exec (CLOEXEC); on a
-	// failed one the parent reads the errno from it, so Start reports "no
-	// such file" exactly like a plain exec.Cmd would.
+	// failed one the parent reads the step and errno from it, so Start
+	// reports "no such file" exactly like a plain exec.Cmd would.
 	unix.CloseOnExec(sfd)
+	if iso != nil {
+		if step, err := dropPrivileges(iso); err != nil {
+			// Never exec a worker with privileges it was meant to lose.
+			writeGateStatus(sfd, step, err)
+			return gateExitPlacementFailed
+		}
+	}
 	if len(argv) == 0 {
 		argv = []string{path}
 	}
 	err := syscall.Exec(path, argv, os.Environ())
+	writeGateStatus(sfd, stepExec, err)
+	return gateExitExecFailed
+}
+
+// writeGateStatus sends (step, errno) to the parent: 8 bytes, little endian.
+func writeGateStatus(sfd int, step dropStep, err error) {
 	var errno syscall.Errno
 	if !errors.As(err, &errno) {
 		errno = syscall.EINVAL
 	}
-	var buf [4]byte
-	binary.LittleEndian.PutUint32(buf[:], uint32(errno))
+	var buf [8]byte
+	binary.LittleEndian.PutUint32(buf[:4], uint32(step))
+	binary.LittleEndian.PutUint32(buf[4:], uint32(errno))
 	_, _ = unix.Write(sfd, buf[:])
-	return gateExitExecFailed
 }
 
 // startGated starts cmd through the gate, calls place(pid) while the gate
-// blocks, then releases it and waits until the worker binary has been
-// exec'd (or reports why not). The caller's cmd is restored afterwards except
-// for Process (and what Start itself sets), so Wait works as usual and
-// cmd.Process.Pid is the worker's pid.
-func startGated(cmd *exec.Cmd, place func(pid int) error) (err error) {
+// blocks (nil: already placed, by CLONE_INTO_CGROUP), then releases it and
+// waits until the worker binary has been exec'd (or reports why not); with
+// iso the gate drops privileges first. The caller's cmd is restored
+// afterwards except for Process (and what Start itself sets), so Wait works
+// as usual and cmd.Process.Pid is the worker's pid.
+func startGated(cmd *exec.Cmd, place func(pid int) error, iso *Isolation) (err error) {
 	if cmd.Process != nil {
 		return errors.New("cgroup: exec: already started")
 	}
@@ -155,7 +184,18 @@ func startGated(cmd *exec.Cmd, place func(pid int) error) (err error) {
 
 	cmd.Path = "/proc/self/exe"
 	cmd.Args = append([]string{gateArg0, origPath}, argv...)
-	cmd.Env = append(append([]string(nil), env...), fmt.Sprintf("%s=%d:%d", gateEnv, relFD, stFD))
+	// Only startGated may tell a gate what to do: drop any gate variables
+	// the caller's environment carries.
+	cmd.Env = make([]string, 0, len(env)+2)
+	for _, kv := range env {
+		if !strings.HasPrefix(kv, gateEnv+"=") && !strings.HasPrefix(kv, gateIsoEnv+"=") {
+			cmd.Env = append(cmd.Env, kv)
+		}
+	}
+	cmd.Env = append(cmd.Env, fmt.Sprintf("%s=%d:%d", gateEnv, relFD, stFD))
+	if iso != nil {
+		cmd.Env = append(cmd.Env, gateIsoEnv+"="+iso.encode())
+	}
 	cmd.ExtraFiles = extra
 	startErr := cmd.Start()
 	cmd.Path, cmd.Args, cmd.Env, cmd.ExtraFiles = origPath, origArgs, origEnv, origExtra
@@ -175,6 +215,9 @@ func startGated(cmd *exec.Cmd, place func(pid int) error) (err error) {
 	}
 	// Place first, then wait for the hello: the gate's runtime start-up and
 	// the cgroup writes overlap.
+	if place == nil {
+		place = func(int) error { return nil }
+	}
 	if perr := place(cmd.Process.Pid); perr != nil {
 		return abort(fmt.Errorf("cgroup: place pid %d: %w", cmd.Process.Pid, perr))
 	}
@@ -189,13 +232,17 @@ func startGated(cmd *exec.Cmd, place func(pid int) error) (err error) {
 	}
 	relW.Close()
 
-	var st [4]byte
+	var st [8]byte
 	n, rerr := io.ReadFull(stR, st[:])
 	switch {
 	case n == 0 && (rerr == io.EOF || rerr == nil):
 		return nil // exec succeeded: the status pipe closed on exec
-	case n == 4:
-		errno := syscall.Errno(binary.LittleEndian.Uint32(st[:]))
+	case n == 8:
+		step := dropStep(binary.LittleEndian.Uint32(st[:4]))
+		errno := syscall.Errno(binary.LittleEndian.Uint32(st[4:]))
+		if step != stepExec && step <= stepVerify {
+			return abort(fmt.Errorf("cgroup: drop privileges for %s to uid %d: %s: %w", origPath, iso.UID, step, errno))
+		}
 		return abort(fmt.Errorf("cgroup: exec %s: %w", origPath, &os.PathError{Op: "exec", Path: origPath, Err: errno}))
 	default:
 		return abort(fmt.Errorf("cgroup: gate status for %s: %w", origPath, rerr))

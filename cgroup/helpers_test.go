@@ -118,6 +118,12 @@ func runHelper(mode string) int {
 		fmt.Printf("FDS=%s\n", strings.Join(openFDs(), ","))
 		_, _ = bufio.NewReader(os.Stdin).ReadString('\n')
 		return 0
+	case "isolated":
+		return runIsolatedHelper()
+	case "capped":
+		return runCappedExec()
+	case "capped-hive":
+		return runCappedHive()
 	case "burn":
 		end := time.Now().Add(50 * time.Millisecond)
 		x := 0

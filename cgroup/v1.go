@@ -221,10 +221,16 @@ func (l *v1Leaf) ID() string { return l.id }
 
 // Start always goes through the spawn gate: CLONE_INTO_CGROUP is cgroup2-only
 // (a v1 directory fd makes clone3 fail with EBADF).
-func (l *v1Leaf) Start(cmd *exec.Cmd) error {
+func (l *v1Leaf) Start(cmd *exec.Cmd, opts ...StartOption) error {
+	sc := applyStartOptions(opts)
+	if sc.iso != nil {
+		if err := checkIsolatedCmd(cmd); err != nil {
+			return err
+		}
+	}
 	return startGated(cmd, func(pid int) error {
 		return l.cg.AddProc(uint64(pid))
-	})
+	}, sc.iso)
 }
 
 func (l *v1Leaf) OOMEvents(ctx context.Context) (<-chan OOMEvent, error) {

@@ -253,12 +253,20 @@ func (l *v2Leaf) ID() string { return l.id }
 
 // Start uses CLONE_INTO_CGROUP (SysProcAttr.UseCgroupFD, kernel >= 5.7): the
 // child is created inside the leaf, no gate needed. ForceGate selects the
-// spawn gate instead (old kernels, and tests of the fallback).
-func (l *v2Leaf) Start(cmd *exec.Cmd) error {
+// spawn gate instead (old kernels, and tests of the fallback). WithIsolation
+// always goes through the gate, which drops privileges before exec; it is
+// still created inside the leaf by CLONE_INTO_CGROUP unless ForceGate.
+func (l *v2Leaf) Start(cmd *exec.Cmd, opts ...StartOption) error {
+	sc := applyStartOptions(opts)
+	if sc.iso != nil {
+		if err := checkIsolatedCmd(cmd); err != nil {
+			return err
+		}
+	}
 	if l.forceGate {
 		return startGated(cmd, func(pid int) error {
 			return l.cg.AddProc(uint64(pid))
-		})
+		}, sc.iso)
 	}
 	if cmd.SysProcAttr != nil && cmd.SysProcAttr.UseCgroupFD {
 		return fmt.Errorf("%w: cmd.SysProcAttr.UseCgroupFD is already set", ErrInvalid)
@@ -279,7 +287,11 @@ func (l *v2Leaf) Start(cmd *exec.Cmd) error {
 	}
 	spa.UseCgroupFD, spa.CgroupFD = true, fd
 	cmd.SysProcAttr = &spa
-	err = cmd.Start()
+	if sc.iso != nil {
+		err = startGated(cmd, nil, sc.iso)
+	} else {
+		err = cmd.Start()
+	}
 	cmd.SysProcAttr = orig
 	if err != nil {
 		return fmt.Errorf("cgroup v2: start %s in leaf %s: %w", cmd.Path, l.id, err)

@@ -14,6 +14,7 @@ import (
 	"time"
 
 	"github.com/rbee/rbee-hive/config"
+	"github.com/rbee/rbee-hive/internal/reaper"
 )
 
 // Supervisor runs the workers of one host.
@@ -44,6 +45,12 @@ type Supervisor struct {
 	// changed is closed and replaced at every worker state change
 	// (StateChanged).
 	changed chan struct{}
+
+	out outputPoller // every run's stdout and stderr
+	// reaper reports every run's exit (exitReaper starts it; nil if it
+	// could not start); Shutdown closes it.
+	reaperOnce sync.Once
+	reaper     *reaper.Reaper
 
 	kick  chan struct{}
 	probe chan chan struct{}
