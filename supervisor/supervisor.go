@@ -44,6 +44,9 @@ type Supervisor struct {
 	// model store's release writes its catalog and a removal unlinks log
 	// files, disk I/O that must not stall everything else behind s.mu.
 	afterUnlock []func()
+	// changed is closed and replaced at every worker state change
+	// (StateChanged).
+	changed chan struct{}
 
 	out    outputPoller // every run's stdout and stderr pipes (the fallback)
 	tail   outputTailer // every run's stdout and stderr files
@@ -88,6 +91,7 @@ func New(cfg *config.Config, deps Deps) (*Supervisor, error) {
 		mainPID:  make(map[int]*worker),
 		exited:   make(map[int]time.Time),
 		ports:    make(map[int]string),
+		changed:  make(chan struct{}),
 		kick:     make(chan struct{}, 1),
 		probe:    make(chan chan struct{}),
 		wedge:    make(chan (<-chan struct{})),

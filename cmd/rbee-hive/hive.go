@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"net/http"
 	"os"
 	"path/filepath"
 	"sync"
@@ -20,6 +21,7 @@ import (
 	"github.com/rbee/rbee-hive/model"
 	"github.com/rbee/rbee-hive/procfs"
 	"github.com/rbee/rbee-hive/proxy"
+	"github.com/rbee/rbee-hive/router"
 	"github.com/rbee/rbee-hive/supervisor"
 	"github.com/rbee/rbee-hive/supervisor/notify"
 	"github.com/rbee/rbee-hive/systemd"
@@ -38,6 +40,10 @@ type hive struct {
 	journal  *systemd.WorkerJournal // nil without journald
 	sup      *supervisor.Supervisor
 	px       *proxy.Proxy
+	// openai is the host's OpenAI endpoint (/openai/v1/), openaiHandler
+	// its HTTP side.
+	openai        *router.Router
+	openaiHandler http.Handler
 
 	ctx       context.Context // background loops; cancelled after the workers are stopped
 	cancel    context.CancelFunc
@@ -160,6 +166,10 @@ func newHive(ctx context.Context, cfg *config.Config, log *slog.Logger, reg *pro
 	if n > 0 {
 		log.Warn("cleaned leftover workers of a previous hive", "count", n)
 	}
+	if h.openai, err = h.newOpenAIRouter(router.Options{Registry: reg, Logger: log.With("component", "openai")}); err != nil {
+		return nil, err
+	}
+	h.openaiHandler = h.openai.Handler()
 	h.start()
 	return h, nil
 }
@@ -170,6 +180,7 @@ func (h *hive) start() {
 	h.goLoop("supervisor", h.sup.Run)
 	h.goLoop("notify socket", func(ctx context.Context) error { return h.listener.Serve(ctx, h.sup.HandleNotify) })
 	h.goLoop("watchdog", func(ctx context.Context) error { return h.notifier.RunWatchdog(ctx, h.sup.Alive) })
+	h.goLoop("openai ttl", func(ctx context.Context) error { h.openai.Run(ctx, 0); return nil })
 }
 
 func (h *hive) goLoop(name string, fn func(context.Context) error) {
@@ -208,6 +219,9 @@ func (h *hive) ready() {
 // shutdown stops every worker within the budget, then the loops.
 func (h *hive) shutdown() {
 	_ = h.notifier.Stopping()
+	// Loads in flight are abandoned first, so none starts a worker the
+	// drain below would miss.
+	h.openai.Close()
 	budget := h.cfg.Workers.ShutdownBudget.D() + h.cfg.Workers.GracePeriod.D()
 	extend, stopExtending := context.WithCancel(h.ctx)
 	go h.notifier.KeepExtending(extend, budget)
@@ -221,6 +235,9 @@ func (h *hive) shutdown() {
 func (h *hive) close() { h.closeOnce.Do(h.release) }
 
 func (h *hive) release() {
+	if h.openai != nil {
+		h.openai.Close()
+	}
 	h.cancel()
 	h.wg.Wait()
 	if h.listener != nil {
