@@ -34,6 +34,9 @@ var simDir string
 
 func TestMain(m *testing.M) {
 	cgroup.MaybeRunGate()
+	if os.Getenv(firstHiveEnv) != "" {
+		os.Exit(runFirstHive())
+	}
 	if os.Getenv(senderEnv) != "" {
 		os.Exit(runSender())
 	}

@@ -112,18 +112,6 @@ func (d *daemon) waitWorker(what, id string, timeout time.Duration, cond func(ap
 	}
 }
 
-func (d *daemon) metric(name string) float64 {
-	d.t.Helper()
-	_, b := d.request("GET", "/metrics", "")
-	for _, line := range strings.Split(string(b), "\n") {
-		if rest, ok := strings.CutPrefix(line, name+" "); ok {
-			v, _ := strconv.ParseFloat(strings.TrimSpace(rest), 64)
-			return v
-		}
-	}
-	return 0
-}
-
 // workerToken reads the token a worker was started with from its
 // environment, as the worker itself uses it.
 func workerToken(t *testing.T, pid int) string {
@@ -261,7 +249,7 @@ func TestKilledHiveWorkersAdopted(t *testing.T) {
 	if v.RestartCount < 1 {
 		t.Errorf("lost worker restart_count %d", v.RestartCount)
 	}
-	if got := d2.metricLabel("rbee_hive_worker_exits_total", `reason="lost"`); got != 1 {
+	if got := d2.metric(`rbee_hive_worker_exits_total{reason="lost"}`); got != 1 {
 		t.Errorf("exits{reason=lost} = %v, want 1", got)
 	}
 	// The worker in its backoff was started again.
@@ -333,20 +321,6 @@ func (d *daemon) requestAs(token, method, path, body string) (int, []byte) {
 	return resp.StatusCode, buf.Bytes()
 }
 
-// metricLabel is the value of name{...label...}.
-func (d *daemon) metricLabel(name, label string) float64 {
-	d.t.Helper()
-	_, b := d.request("GET", "/metrics", "")
-	for _, line := range strings.Split(string(b), "\n") {
-		if strings.HasPrefix(line, name+"{") && strings.Contains(line, label) {
-			f := strings.Fields(line)
-			v, _ := strconv.ParseFloat(f[len(f)-1], 64)
-			return v
-		}
-	}
-	return 0
-}
-
 // TestBadRegistryHiveStarts: after a hive is killed, a tampered row (its
 // leaf pointed outside the hive's tree) is dropped and logged and its
 // worker killed as a leftover, while the untouched worker is adopted; a
@@ -371,7 +345,7 @@ func TestBadRegistryHiveStarts(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if _, err := db.Exec(`UPDATE workers SET cgroup_path = '/etc/` + bad + `' WHERE id = ?`, bad); err != nil {
+	if _, err := db.Exec(`UPDATE workers SET cgroup_path = '/etc/`+bad+`' WHERE id = ?`, bad); err != nil {
 		t.Fatal(err)
 	}
 	db.Close()
