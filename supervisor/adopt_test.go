@@ -3,7 +3,6 @@ package supervisor
 import (
 	"bufio"
 	"context"
-	"encoding/hex"
 	"encoding/json"
 	"fmt"
 	"io"
@@ -12,6 +11,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strconv"
 	"syscall"
 	"testing"
 	"time"
@@ -70,6 +70,7 @@ func runFirstHive() int {
 		return fail(err)
 	}
 	var out []spawned
+	start := time.Now()
 	for _, req := range reqs {
 		res, err := s.Spawn(ctx, req)
 		if err != nil {
@@ -81,7 +82,7 @@ func runFirstHive() int {
 			if err != nil {
 				return fail(err)
 			}
-			if (wi.State == StateIdle || req.Env["RBEE_SIM_LOAD_TIME"] != "") && wi.PID != nil {
+			if (wi.State == StateIdle || req.Env["RBEE_SIM_LOAD_TIME"] != "" || req.Backend != "sim") && wi.PID != nil {
 				out = append(out, spawned{ID: wi.ID, PID: *wi.PID, URL: wi.URL})
 				break
 			}
@@ -95,7 +96,7 @@ func runFirstHive() int {
 	_ = s.store.Flush(ctx2) // the writer is quick; the test must not race it
 	cancel()
 	b, _ := json.Marshal(out)
-	fmt.Printf("%s\n", b)
+	fmt.Printf("%s\n%d\n", b, time.Since(start).Nanoseconds())
 	select {} // until SIGKILL
 }
 
@@ -109,19 +110,6 @@ func runFirstHive() int {
 func TestAdoptAfterHiveKilled(t *testing.T) {
 	base := testConfig(t)
 	base.Workers.Restart.BackoffBase = config.Duration(200 * time.Millisecond)
-	toml, err := base.TOML()
-	if err != nil {
-		t.Fatal(err)
-	}
-	cfgPath := filepath.Join(t.TempDir(), "hive.toml")
-	if err := os.WriteFile(cfgPath, toml, 0o600); err != nil {
-		t.Fatal(err)
-	}
-	testkit.RequireRoot(t)
-	root := fmt.Sprintf("rbee-adopt-%s", hex.EncodeToString([]byte{byte(rand.Uint32()), byte(rand.Uint32()), byte(rand.Uint32())}))
-	if _, err := os.Stat("/sys/fs/cgroup/cgroup.controllers"); err == nil {
-		root = "/sys/fs/cgroup/" + root
-	}
 	dev := int64(0)
 	mem := int64(64 << 20)
 	reqs := []SpawnRequest{
@@ -131,58 +119,14 @@ func TestAdoptAfterHiveKilled(t *testing.T) {
 		{ModelRef: "file:/models/tiny.gguf", Backend: "sim", Device: &dev, Restart: RestartNever, MemoryLimitBytes: &mem,
 			Env: map[string]string{"RBEE_SIM_LOAD_TIME": "4s", "RBEE_SIM_LEAK_MIB_PER_SEC": "40"}},
 	}
-	rb, _ := json.Marshal(reqs)
-	self, err := os.Executable()
-	if err != nil {
-		t.Fatal(err)
-	}
-	first := exec.Command(self)
-	first.Env = append(os.Environ(), firstHiveEnv+"="+cfgPath, firstHiveRoot+"="+root, firstHiveSpawns+"="+string(rb),
-		"RBEE_SIMWORKER="+filepath.Join(simDir, "rbee-simworker"))
-	first.Stderr = os.Stderr
-	stdout, err := first.StdoutPipe()
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := first.Start(); err != nil {
-		t.Fatal(err)
-	}
-	line := make(chan string, 1)
-	go func() {
-		sc := bufio.NewScanner(stdout)
-		if sc.Scan() {
-			line <- sc.Text()
-		}
-		close(line)
-		_, _ = io.Copy(io.Discard, stdout)
-	}()
-	var ws []spawned
-	select {
-	case l := <-line:
-		if err := json.Unmarshal([]byte(l), &ws); err != nil || len(ws) != len(reqs) {
-			t.Fatalf("first hive printed %q: %v", l, err)
-		}
-	case <-time.After(60 * time.Second):
-		_ = first.Process.Kill()
-		t.Fatal("first hive did not spawn its workers")
-	}
-	if err := first.Process.Kill(); err != nil {
-		t.Fatal(err)
-	}
-	_ = first.Wait()
+	root := adoptRoot(t)
+	ws, _ := runKilledHive(t, base, root, reqs)
 	idle, victim, loader := ws[:2], ws[2], ws[3]
 	if err := syscall.Kill(victim.PID, syscall.SIGKILL); err != nil {
 		t.Fatal(err)
 	}
 
-	h := newHarnessWrapped(t, func(cgroup.Manager) cgroup.Manager {
-		m, err := cgroup.New(cgroup.Options{Root: root})
-		if err != nil {
-			t.Fatalf("cgroup.New: %v", err)
-		}
-		t.Cleanup(func() { removeCgroupTree(t, m, filepath.Base(root)) })
-		return m
-	}, func(c *config.Config) { *c = *base })
+	h := newHarnessWrapped(t, sameTree(t, root), func(c *config.Config) { *c = *base })
 	for _, w := range append(idle, loader) {
 		wi := h.get(w.ID)
 		if wi.PID == nil || *wi.PID != w.PID || wi.URL != w.URL || wi.AdoptedAt == nil {
@@ -228,4 +172,90 @@ func zombie(stat []byte) bool {
 		}
 	}
 	return false
+}
+
+// adoptRoot is a fresh cgroup tree for a first hive and its successor.
+func adoptRoot(t testing.TB) string {
+	testkit.RequireRoot(t)
+	root := fmt.Sprintf("rbee-adopt-%08x", rand.Uint32())
+	if _, err := os.Stat("/sys/fs/cgroup/cgroup.controllers"); err == nil {
+		root = "/sys/fs/cgroup/" + root
+	}
+	return root
+}
+
+// sameTree makes the harness's supervisor manage root (removed at the end).
+func sameTree(t testing.TB, root string) func(cgroup.Manager) cgroup.Manager {
+	return func(cgroup.Manager) cgroup.Manager {
+		m, err := cgroup.New(cgroup.Options{Root: root})
+		if err != nil {
+			t.Fatalf("cgroup.New: %v", err)
+		}
+		t.Cleanup(func() { removeCgroupTree(t, m, filepath.Base(root)) })
+		return m
+	}
+}
+
+// runKilledHive runs a first hive with cfg on root as another process,
+// lets it spawn reqs, SIGKILLs it and returns its workers and how long it
+// took to spawn them.
+func runKilledHive(t testing.TB, cfg *config.Config, root string, reqs []SpawnRequest) ([]spawned, time.Duration) {
+	t.Helper()
+	toml, err := cfg.TOML()
+	if err != nil {
+		t.Fatal(err)
+	}
+	cfgPath := filepath.Join(t.TempDir(), "hive.toml")
+	if err := os.WriteFile(cfgPath, toml, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	rb, _ := json.Marshal(reqs)
+	self, err := os.Executable()
+	if err != nil {
+		t.Fatal(err)
+	}
+	first := exec.Command(self)
+	first.Env = append(os.Environ(), firstHiveEnv+"="+cfgPath, firstHiveRoot+"="+root, firstHiveSpawns+"="+string(rb),
+		"RBEE_SIMWORKER="+filepath.Join(simDir, "rbee-simworker"))
+	first.Stderr = io.Discard
+	if testing.Verbose() {
+		first.Stderr = os.Stderr
+	}
+	stdout, err := first.StdoutPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := first.Start(); err != nil {
+		t.Fatal(err)
+	}
+	lines := make(chan []string, 1)
+	go func() {
+		sc := bufio.NewScanner(stdout)
+		sc.Buffer(make([]byte, 1<<20), 1<<20)
+		var got []string
+		for len(got) < 2 && sc.Scan() {
+			got = append(got, sc.Text())
+		}
+		lines <- got
+		_, _ = io.Copy(io.Discard, stdout)
+	}()
+	var ws []spawned
+	var took time.Duration
+	select {
+	case l := <-lines:
+		if len(l) != 2 || json.Unmarshal([]byte(l[0]), &ws) != nil || len(ws) != len(reqs) {
+			_ = first.Process.Kill()
+			t.Fatalf("first hive printed %q", l)
+		}
+		ns, _ := strconv.ParseInt(l[1], 10, 64)
+		took = time.Duration(ns)
+	case <-time.After(120 * time.Second):
+		_ = first.Process.Kill()
+		t.Fatal("first hive did not spawn its workers")
+	}
+	if err := first.Process.Kill(); err != nil {
+		t.Fatal(err)
+	}
+	_ = first.Wait()
+	return ws, took
 }
