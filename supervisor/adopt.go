@@ -99,7 +99,8 @@ func (s *Supervisor) adoptOne(ctx context.Context, row *workerstore.Worker) (ado
 	if alive {
 		env = readEnviron(row.PID)
 	}
-	req := SpawnRequest{ModelRef: row.Model, Backend: row.Backend, Restart: RestartPolicy(row.RestartPolicy)}
+	req := SpawnRequest{ModelRef: row.Model, Backend: row.Backend, Restart: RestartPolicy(row.RestartPolicy),
+		Served: row.Served, ContextSize: row.ContextSize}
 	dev := int64(0)
 	if row.GPU != "" {
 		dev = -1

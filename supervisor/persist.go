@@ -68,7 +68,7 @@ func (s *Supervisor) persist(w *worker) {
 		Failures:    append([]time.Time(nil), w.recentFailures...),
 		MemoryLimit: w.memoryLimit, VRAMClaim: int64(w.vramRequested), GPU: w.gpuUUID,
 		TokenHash: w.tokenHash[:], State: string(w.state),
-		AdoptedAt: w.adoptedAt, CreatedAt: w.createdAt,
+		AdoptedAt: w.adoptedAt, CreatedAt: w.createdAt, Served: w.served, ContextSize: w.contextSize,
 	}
 	rec.StdoutOffset, rec.StderrOffset = w.outShipped.get()
 	if r := w.run; r != nil {

@@ -59,6 +59,10 @@ type Worker struct {
 	// StdoutOffset and StderrOffset are how far the hive has shipped the
 	// worker's output files (docs/adoption.md); a restarted hive resumes there.
 	StdoutOffset, StderrOffset int64
+	// Served is the served model the worker was started for ("" = none)
+	// and ContextSize the context it was sized for (0 = the backend's).
+	Served      string
+	ContextSize int
 }
 
 // HashToken returns the digest stored in Worker.TokenHash. Tokens are random
@@ -127,6 +131,8 @@ func (w *Worker) validate(cgroupRoot string) error {
 		return bad("negative memory limit or VRAM claim")
 	case w.RestartCount < 0:
 		return bad("negative restart count")
+	case w.ContextSize < 0:
+		return bad("negative context size")
 	case w.StdoutOffset < 0 || w.StderrOffset < 0:
 		return bad("negative output offset")
 	case len(w.TokenHash) != 0 && len(w.TokenHash) != sha256.Size:

@@ -39,6 +39,9 @@ var migrations = []string{
 	// How far the hive has shipped each worker's output files.
 	`ALTER TABLE workers ADD COLUMN stdout_offset INTEGER NOT NULL DEFAULT 0;
 	 ALTER TABLE workers ADD COLUMN stderr_offset INTEGER NOT NULL DEFAULT 0`,
+	// The served model a worker was started for, and its context size.
+	`ALTER TABLE workers ADD COLUMN served TEXT NOT NULL DEFAULT '';
+	 ALTER TABLE workers ADD COLUMN context_size INTEGER NOT NULL DEFAULT 0`,
 }
 
 // migrate brings db to len(steps). A version newer than this binary knows
@@ -138,7 +141,7 @@ func (s *Store) Load(ctx context.Context) (workers []Worker, dropped []Dropped, 
 	}
 	var bad []int64
 	for rows.Next() {
-		vals := make([]any, 24)
+		vals := make([]any, 26)
 		ptrs := make([]any, len(vals))
 		for i := range vals {
 			ptrs[i] = &vals[i]
@@ -228,6 +231,7 @@ func decode(v []any) (Worker, error) {
 	w.AdoptedAt, w.CreatedAt = fromMilli(num(18)), fromMilli(num(19))
 	_ = num(20)
 	w.StdoutOffset, w.StderrOffset = num(21), num(22)
+	w.Served, w.ContextSize = str(23), int(num(24))
 	if len(errs) > 0 {
 		return w, fmt.Errorf("%w: worker %q: %w", ErrInvalid, w.ID, errors.Join(errs...))
 	}

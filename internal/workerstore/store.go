@@ -392,7 +392,7 @@ func (s *Store) requeue(batch map[string]op) {
 
 const cols = `id, backend, model, argv, uid, port, url, cgroup_path, pid, pid_start,
 	restart_policy, restart_count, failures, memory_limit, vram_claim, gpu, token_hash,
-	state, adopted_at_ms, created_at_ms, updated_at_ms, stdout_offset, stderr_offset`
+	state, adopted_at_ms, created_at_ms, updated_at_ms, stdout_offset, stderr_offset, served, context_size`
 
 func (s *Store) write(batch map[string]op) error {
 	if len(batch) == 0 {
@@ -421,10 +421,10 @@ func (s *Store) write(batch map[string]op) error {
 				return fmt.Errorf("workerstore: worker %s failures: %w", id, err)
 			}
 			_, err = tx.ExecContext(ctx, `INSERT OR REPLACE INTO workers (`+cols+`)
-				VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)`,
+				VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)`,
 				w.ID, w.Backend, w.Model, string(argv), w.UID, w.Port, w.URL, w.CgroupPath, w.PID, int64(w.PIDStart),
 				w.RestartPolicy, w.RestartCount, string(failures), w.MemoryLimit, w.VRAMClaim, w.GPU, w.TokenHash,
-				w.State, unixMilli(w.AdoptedAt), unixMilli(w.CreatedAt), o.at, w.StdoutOffset, w.StderrOffset)
+				w.State, unixMilli(w.AdoptedAt), unixMilli(w.CreatedAt), o.at, w.StdoutOffset, w.StderrOffset, w.Served, w.ContextSize)
 			if err != nil {
 				return fmt.Errorf("workerstore: put %s: %w", id, err)
 			}

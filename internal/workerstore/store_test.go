@@ -31,6 +31,7 @@ func sample(id string) Worker {
 		MemoryLimit: 8 << 30, VRAMClaim: 6 << 30, GPU: "GPU-0e3f",
 		TokenHash: HashToken("secret-token"), State: StateIdle, StdoutOffset: 1 << 33, StderrOffset: 77,
 		AdoptedAt: time.UnixMilli(1_700_000_200_000), CreatedAt: time.UnixMilli(1_699_999_999_000),
+		Served: "qwen-7b", ContextSize: 8192,
 	}
 }
 
