@@ -125,6 +125,15 @@ func TestAdoptAfterHiveKilled(t *testing.T) {
 	if err := syscall.Kill(victim.PID, syscall.SIGKILL); err != nil {
 		t.Fatal(err)
 	}
+	for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(10 * time.Millisecond) {
+		b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", victim.PID))
+		if err != nil || zombie(b) {
+			break // dead before the new hive looks
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("SIGKILLed worker still running")
+		}
+	}
 
 	h := newHarnessWrapped(t, sameTree(t, root), func(c *config.Config) { *c = *base })
 	for _, w := range append(idle, loader) {
