@@ -214,3 +214,27 @@ func (s *Supervisor) CleanLeftovers(ctx context.Context) (int, error) {
 	}
 	return n, errors.Join(errs...)
 }
+
+// Detach readies the supervisor for an in-place upgrade: no spawn or
+// restart from now on, every live worker's record written to the registry
+// and flushed, the workers left running for the next binary to adopt (they
+// stay this process's children across the exec). Without a registry there
+// is nothing to hand over: an error.
+func (s *Supervisor) Detach(ctx context.Context) error {
+	if s.store == nil {
+		return errors.New("supervisor: in-place upgrade needs the worker registry (workers.adopt = true)")
+	}
+	s.mu.Lock()
+	s.closing = true
+	s.mu.Unlock()
+	s.starting.Wait()
+	s.mu.Lock()
+	for _, w := range s.workers {
+		s.persist(w)
+	}
+	s.mu.Unlock()
+	if err := s.store.Flush(ctx); err != nil {
+		return fmt.Errorf("supervisor: flushing the worker registry: %w", err)
+	}
+	return nil
+}

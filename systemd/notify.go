@@ -12,6 +12,7 @@ import (
 	"time"
 
 	"github.com/coreos/go-systemd/v22/daemon"
+	"golang.org/x/sys/unix"
 )
 
 // Notifier sends sd_notify(3) messages for the hive itself to the service
@@ -74,6 +75,17 @@ func (n *Notifier) WatchdogTimeout() time.Duration { return n.watchdog }
 // state restore, re-adoption and the socket and HTTP listener binds: it also
 // arms the watchdog.
 func (n *Notifier) Ready() error { return n.send(daemon.SdNotifyReady) }
+
+// Reloading tells systemd that a reload (the in-place upgrade) has begun;
+// READY=1 ends it. MONOTONIC_USEC= lets systemd tell this reload's READY=1
+// from an earlier one.
+func (n *Notifier) Reloading() error {
+	var ts unix.Timespec
+	if err := unix.ClockGettime(unix.CLOCK_MONOTONIC, &ts); err != nil {
+		return fmt.Errorf("sd_notify RELOADING: %w", err)
+	}
+	return n.send(fmt.Sprintf("RELOADING=1\nMONOTONIC_USEC=%d\nSTATUS=upgrading", ts.Nano()/1000))
+}
 
 // Stopping tells systemd that a graceful shutdown has begun.
 func (n *Notifier) Stopping() error { return n.send(daemon.SdNotifyStopping) }

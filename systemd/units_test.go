@@ -66,6 +66,7 @@ func TestUnitSettings(t *testing.T) {
 		"Service.StateDirectory":   "rbee-hive",
 		"Service.LoadCredential":   "api-token:/etc/rbee-hive/api-token",
 		"Service.ExecStart":        "/usr/local/bin/rbee-hive daemon --config /etc/rbee-hive/config.toml",
+		"Service.ExecReload":       "/usr/local/bin/rbee-hive upgrade --config /etc/rbee-hive/config.toml --pid $MAINPID",
 		"Service.ProtectSystem":    "strict",
 		"Unit.StartLimitBurst":     "5",
 	}
@@ -74,6 +75,7 @@ func TestUnitSettings(t *testing.T) {
 		template[k] = v
 	}
 	template["Service.ExecStart"] = "/usr/local/bin/rbee-hive daemon --config /etc/rbee-hive/%i.toml"
+	template["Service.ExecReload"] = "/usr/local/bin/rbee-hive upgrade --config /etc/rbee-hive/%i.toml --pid $MAINPID"
 	template["Service.RuntimeDirectory"] = "rbee-hive/%i"
 	template["Service.StateDirectory"] = "rbee-hive/%i"
 	forbidden := map[string]string{ // key → value that must not be set

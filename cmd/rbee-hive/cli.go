@@ -55,6 +55,7 @@ type healthView struct {
 	Status     string `json:"status"`
 	Version    string `json:"version"`
 	APIVersion string `json:"api_version"`
+	StartedAt  string `json:"started_at"` // this binary's start: an in-place upgrade changes it, not the pid
 }
 
 func runStatus(ctx context.Context, args []string, stdout io.Writer) error {

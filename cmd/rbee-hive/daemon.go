@@ -94,8 +94,7 @@ func runDaemon(ctx context.Context, args []string, stderr io.Writer) error {
 		return err
 	}
 	defer closeLog()
-	go ignoreHUP(ctx, hup, log)
-	err = serveDaemon(ctx, &cfg, log, f.demo)
+	err = serveDaemon(ctx, &cfg, log, f.demo, hup)
 	if err != nil {
 		log.Error("hive stopped with an error", "err", err)
 	}
@@ -103,7 +102,7 @@ func runDaemon(ctx context.Context, args []string, stderr io.Writer) error {
 }
 
 // serveDaemon runs the hive until ctx ends, then drains and stops.
-func serveDaemon(ctx context.Context, cfg *config.Config, log *slog.Logger, demo bool) error {
+func serveDaemon(ctx context.Context, cfg *config.Config, log *slog.Logger, demo bool, hup <-chan os.Signal) error {
 	token, source, err := loadToken(cfg.TokenFile, cfg.StateDir, os.Getenv)
 	if err != nil {
 		return err
@@ -134,12 +133,19 @@ func serveDaemon(ctx context.Context, cfg *config.Config, log *slog.Logger, demo
 	auth := api.Authenticator{Token: token}
 	apiAuth := func(r *http.Request) *api.Error { return auth.Check(r) }
 
-	// Bind first: a hive that cannot serve its API must not start workers.
-	ln, err := net.Listen("tcp", cfg.Listen)
+	// An in-place upgrade hands over the API listener and the notify
+	// socket (upgrade.go); otherwise bind first: a hive that cannot serve
+	// its API must not start workers.
+	ln, notifyFile, err := handedOver(log)
 	if err != nil {
-		return fmt.Errorf("listen %s: %w", cfg.Listen, err)
+		return err
 	}
-	h, err := newHive(ctx, cfg, log, reg, "http://"+advertised(cfg.Listen, ln.Addr()))
+	if ln == nil {
+		if ln, err = net.Listen("tcp", cfg.Listen); err != nil {
+			return fmt.Errorf("listen %s: %w", cfg.Listen, err)
+		}
+	}
+	h, err := newHive(ctx, cfg, log, reg, "http://"+advertised(cfg.Listen, ln.Addr()), notifyFile)
 	if err != nil {
 		ln.Close()
 		return err
@@ -172,7 +178,8 @@ func serveDaemon(ctx context.Context, cfg *config.Config, log *slog.Logger, demo
 		}
 	}
 
-	return serveUntil(ctx, log, srv, serveErr, h.shutdown, h.px.Drain)
+	up := &upgrader{log: log, h: h, srv: srv, ln: ln}
+	return serveUntil(ctx, log, srv, serveErr, h.shutdown, h.px.Drain, hup, up.run)
 }
 
 // httpDrainTimeout bounds how long in-flight API requests may run after a
@@ -188,50 +195,61 @@ const httpDrainTimeout = 10 * time.Second
 // drainStreams, when set, runs a second before the HTTP drain deadline:
 // inference streams still open then end with an error event and [DONE], not
 // a cut connection.
-func serveUntil(ctx context.Context, log *slog.Logger, srv *http.Server, serveErr <-chan error, stopWorkers, drainStreams func()) error {
+//
+// Each SIGHUP on hup runs upgrade, the in-place upgrade: it returns only
+// when it did not exec. resumed says the hive still serves (a failed
+// pre-flight); otherwise the upgrade failed past the point of no return
+// and the hive stops as on a failed server.
+func serveUntil(ctx context.Context, log *slog.Logger, srv *http.Server, serveErr <-chan error, stopWorkers, drainStreams func(),
+	hup <-chan os.Signal, upgrade func() (resumed bool, err error)) error {
 	var failed error
-	select {
-	case <-ctx.Done():
-		log.Info("shutting down")
-		drain, cancel := context.WithTimeout(context.Background(), httpDrainTimeout)
-		defer cancel()
-		if drainStreams != nil {
-			defer time.AfterFunc(httpDrainTimeout-time.Second, drainStreams).Stop()
-		}
-		if err := srv.Shutdown(drain); err != nil {
-			log.Warn("http drain incomplete", "err", err)
+	for failed == nil {
+		select {
+		case <-hup:
+			if upgrade == nil {
+				log.Warn("SIGHUP received: no in-place upgrade here, ignoring it")
+				continue
+			}
+			resumed, err := upgrade()
+			if resumed {
+				log.Error("in-place upgrade refused; the hive goes on serving", "err", err)
+				continue
+			}
+			failed = fmt.Errorf("in-place upgrade: %w", err)
+			log.Error("in-place upgrade failed after the API stopped; stopping the workers", "err", err)
+			continue
+		case <-ctx.Done():
+		case err := <-serveErr:
+			failed = fmt.Errorf("http server: %w", err)
+			log.Error("http server failed; stopping the workers", "err", err)
+			if drainStreams != nil {
+				drainStreams()
+			}
 			_ = srv.Close()
+			continue
 		}
-	case err := <-serveErr:
-		failed = fmt.Errorf("http server: %w", err)
-		log.Error("http server failed; stopping the workers", "err", err)
-		if drainStreams != nil {
-			drainStreams()
-		}
+		break
+	}
+	if failed != nil {
+		stopWorkers()
+		return failed
+	}
+	log.Info("shutting down")
+	drain, cancel := context.WithTimeout(context.Background(), httpDrainTimeout)
+	defer cancel()
+	if drainStreams != nil {
+		defer time.AfterFunc(httpDrainTimeout-time.Second, drainStreams).Stop()
+	}
+	if err := srv.Shutdown(drain); err != nil {
+		log.Warn("http drain incomplete", "err", err)
 		_ = srv.Close()
 	}
 	stopWorkers()
-	if failed != nil {
-		return failed
-	}
 	if err := <-serveErr; err != nil && !errors.Is(err, http.ErrServerClosed) {
 		return fmt.Errorf("http server: %w", err)
 	}
 	log.Info("hive stopped")
 	return nil
-}
-
-// ignoreHUP logs each SIGHUP until ctx ends. Reloading the configuration is
-// not supported yet: a restart applies a new one.
-func ignoreHUP(ctx context.Context, hup <-chan os.Signal, log *slog.Logger) {
-	for {
-		select {
-		case <-ctx.Done():
-			return
-		case <-hup:
-			log.Warn("SIGHUP received: configuration reload is not supported yet, ignoring it; restart the hive to apply a new configuration")
-		}
-	}
 }
 
 func buildInfo() prometheus.Collector {

@@ -31,8 +31,15 @@ func TestMain(m *testing.M) {
 		fmt.Fprintln(os.Stderr, err)
 		os.Exit(1)
 	}
-	for _, pkg := range []string{"./cmd/rbee-hive", "./cmd/rbee-simworker"} {
-		cmd := exec.Command("go", "build", "-o", dir, pkg)
+	for _, args := range [][]string{{"./cmd/rbee-hive"}, {"./cmd/rbee-simworker"},
+		// the "new release" of the in-place upgrade tests
+		{"-ldflags", "-X main.version=" + nextVersion, "-o", filepath.Join(dir, "next"), "./cmd/rbee-hive"}} {
+		pkg := args[len(args)-1]
+		out := []string{"-o", dir}
+		if len(args) > 1 {
+			out = nil
+		}
+		cmd := exec.Command("go", append(append([]string{"build"}, out...), args...)...)
 		cmd.Dir = "../.."
 		cmd.Stderr = os.Stderr
 		if err := cmd.Run(); err != nil {
@@ -54,6 +61,7 @@ type daemon struct {
 	stateDir string
 	cfgPath  string
 	env      []string
+	bin      string // "": the shared build
 	logs     *testkit.SyncBuffer
 	done     chan error
 }
@@ -61,6 +69,12 @@ type daemon struct {
 // startDaemon runs the hive with a config whose paths live in a temp dir;
 // extra is appended to the config file.
 func startDaemon(t *testing.T, extra string, env ...string) *daemon {
+	t.Helper()
+	return startDaemonFrom(t, "", extra, env...)
+}
+
+// startDaemonFrom is startDaemon running the binary bin ("": the shared build).
+func startDaemonFrom(t *testing.T, bin, extra string, env ...string) *daemon {
 	t.Helper()
 	dir := t.TempDir()
 	port := testkit.FreePort(t)
@@ -70,7 +84,7 @@ func startDaemon(t *testing.T, extra string, env ...string) *daemon {
 	if err := os.WriteFile(cfgPath, []byte(cfg), 0o600); err != nil {
 		t.Fatal(err)
 	}
-	d := &daemon{t: t, url: fmt.Sprintf("http://127.0.0.1:%d", port), stateDir: filepath.Join(dir, "state"), cfgPath: cfgPath, env: env}
+	d := &daemon{t: t, url: fmt.Sprintf("http://127.0.0.1:%d", port), stateDir: filepath.Join(dir, "state"), cfgPath: cfgPath, env: env, bin: bin}
 	d.launch()
 	return d
 }
@@ -78,7 +92,7 @@ func startDaemon(t *testing.T, extra string, env ...string) *daemon {
 // restart starts another hive on d's configuration (d must have exited).
 func (d *daemon) restart() *daemon {
 	d.t.Helper()
-	n := &daemon{t: d.t, url: d.url, stateDir: d.stateDir, cfgPath: d.cfgPath, env: d.env}
+	n := &daemon{t: d.t, url: d.url, stateDir: d.stateDir, cfgPath: d.cfgPath, env: d.env, bin: d.bin}
 	n.launch()
 	return n
 }
@@ -88,7 +102,11 @@ func (d *daemon) launch() {
 	t := d.t
 	t.Helper()
 	d.logs, d.done = &testkit.SyncBuffer{}, make(chan error, 1)
-	d.cmd = exec.Command(filepath.Join(bins.dir, "rbee-hive"), "daemon", "--config", d.cfgPath)
+	bin := d.bin
+	if bin == "" {
+		bin = filepath.Join(bins.dir, "rbee-hive")
+	}
+	d.cmd = exec.Command(bin, "daemon", "--config", d.cfgPath)
 	d.cmd.Env = append(os.Environ(), d.env...)
 	d.cmd.Stderr = d.logs
 	d.cmd.Stdout = d.logs

@@ -52,7 +52,9 @@ type hive struct {
 }
 
 // newHive builds every part; on error it releases what it built.
-func newHive(ctx context.Context, cfg *config.Config, log *slog.Logger, reg *prometheus.Registry, hiveURL string) (h *hive, err error) {
+//
+// notifyFile is the notify socket an in-place upgrade handed over (nil: none).
+func newHive(ctx context.Context, cfg *config.Config, log *slog.Logger, reg *prometheus.Registry, hiveURL string, notifyFile *os.File) (h *hive, err error) {
 	h = &hive{cfg: cfg, log: log}
 	h.ctx, h.cancel = context.WithCancel(context.WithoutCancel(ctx))
 	defer func() {
@@ -114,7 +116,12 @@ func newHive(ctx context.Context, cfg *config.Config, log *slog.Logger, reg *pro
 
 	// A socket handed over by rbee-hive-notify.socket keeps datagrams queued
 	// while the hive restarts; otherwise the hive binds its own.
-	h.listener, err = notify.FromActivation()
+	if notifyFile != nil {
+		h.listener, err = notify.FromFile(notifyFile) // a dup: the file is ours to close
+		notifyFile.Close()
+	} else {
+		h.listener, err = notify.FromActivation()
+	}
 	switch {
 	case errors.Is(err, notify.ErrNotActivated):
 		h.listener, err = notify.Listen(cfg.Heartbeat.NotifySocket)

@@ -14,7 +14,7 @@ import (
 )
 
 // version is reported by /v1/health and the build-info metric.
-const version = "0.1.0"
+var version = "0.1.0" // a release build sets it: -ldflags "-X main.version=..."
 
 const usage = `rbee-hive — the rbee node agent
 
@@ -22,6 +22,7 @@ Usage:
   rbee-hive daemon [--config FILE] [--listen ADDR] [--token-file FILE] [--log-format FMT]
   rbee-hive config [--config FILE]          print the effective configuration
   rbee-hive status                          hive health and worker summary
+  rbee-hive upgrade [--pid PID]             re-exec the hive (PID, default $MAINPID) as the binary on disk, keeping its workers
   rbee-hive workers ls|spawn|stop|logs ...  manage workers
   rbee-hive models ls|pull|rm ...           manage models
   rbee-hive detect                          cgroup mode, controllers, GPUs
@@ -61,6 +62,8 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 		err = runWorkers(ctx, args[1:], stdout)
 	case "models", "model":
 		err = runModels(ctx, args[1:], stdout, stderr)
+	case "upgrade":
+		err = runUpgrade(ctx, args[1:], stdout)
 	case "detect":
 		err = runDetect(ctx, args[1:], stdout)
 	case "version", "--version":

@@ -3,6 +3,7 @@ package main
 import (
 	"log/slog"
 	"net/http"
+	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
@@ -59,7 +60,8 @@ func (h *hive) routeTable(reg *prometheus.Registry, log *slog.Logger, apiAuth ap
 }
 
 func handleHealth(w http.ResponseWriter, r *http.Request) error {
-	api.WriteJSON(w, http.StatusOK, map[string]string{"status": "alive", "version": version, "api_version": "v1"})
+	api.WriteJSON(w, http.StatusOK, map[string]string{"status": "alive", "version": version, "api_version": "v1",
+		"started_at": processStart.Format(time.RFC3339Nano)})
 	return nil
 }
 

@@ -47,7 +47,7 @@ func TestServeErrorStopsWorkers(t *testing.T) {
 			}
 			stopped := 0
 			var logs bytes.Buffer
-			err = serveUntil(ctx, slog.New(slog.NewTextHandler(&logs, nil)), srv, serveErr, func() { stopped++ }, nil)
+			err = serveUntil(ctx, slog.New(slog.NewTextHandler(&logs, nil)), srv, serveErr, func() { stopped++ }, nil, nil, nil)
 			if (err != nil) != tc.wantErr {
 				t.Fatalf("err = %v, want error %v", err, tc.wantErr)
 			}
@@ -58,16 +58,18 @@ func TestServeErrorStopsWorkers(t *testing.T) {
 	}
 }
 
-// TestDaemonIgnoresSIGHUP: SIGHUP used to end the hive abruptly (Go's
-// default action), without the ordered drain. It is logged and ignored.
-func TestDaemonIgnoresSIGHUP(t *testing.T) {
+// TestDaemonSIGHUPUpgradesTwice: SIGHUP used to end the hive abruptly
+// (Go's default action), without the ordered drain. It now upgrades the
+// hive in place (upgrade.go), any number of times, and SIGTERM still
+// drains and exits 0 afterwards.
+func TestDaemonSIGHUPUpgradesTwice(t *testing.T) {
 	d := startDaemon(t, "")
 	for i := 1; i <= 2; i++ {
 		if err := d.cmd.Process.Signal(syscall.SIGHUP); err != nil {
 			t.Fatal(err)
 		}
-		waitCLI(t, "SIGHUP log line", func() bool {
-			return strings.Count(d.logs.String(), "reload is not supported") == i
+		waitCLI(t, "upgraded in place", func() bool {
+			return strings.Count(d.logs.String(), "upgraded in place") == i
 		})
 	}
 	select {
