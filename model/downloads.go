@@ -65,7 +65,8 @@ func (s *Store) start(ctx context.Context, refStr string) (string, *download, er
 		return "", nil, err
 	}
 	if ref.Provider == ProviderFile {
-		return statLocal(ref.Path)
+		p, err := localFile(s.roots, ref.Path)
+		return p, nil, err
 	}
 	for {
 		path, d, err := s.startHF(ctx, ref)
@@ -153,19 +154,6 @@ func (s *Store) abandon(d *download, err error) {
 	s.mu.Unlock()
 	d.resolveErr = err
 	close(d.resolved)
-}
-
-func statLocal(p string) (string, *download, error) {
-	st, err := os.Stat(p)
-	if err != nil {
-		return "", nil, api.Errorf(http.StatusNotFound, api.CodeNotFound, "model path %s: %v", p, errors.Unwrap(err)).
-			WithDetails(map[string]any{"path": p})
-	}
-	if !st.Mode().IsRegular() && !st.IsDir() {
-		return "", nil, api.Errorf(http.StatusBadRequest, api.CodeValidation, "Invalid model_ref: %s is neither a regular file nor a directory", p).
-			WithDetails(map[string]any{"field": "model_ref", "path": p})
-	}
-	return p, nil, nil
 }
 
 // resolve lists the repo, picks the files, makes room under MaxBytes and

@@ -37,6 +37,9 @@ type Options struct {
 	Dir string
 	// CatalogPath is the SQLite file; empty: <Dir>/catalog.db.
 	CatalogPath string
+	// FileRoots are the absolute directories a file: reference must lie
+	// below (config models.file_roots); empty: Dir only.
+	FileRoots []string
 	// Endpoint is the HuggingFace endpoint; empty: $HF_ENDPOINT, else
 	// https://huggingface.co.
 	Endpoint string
@@ -86,6 +89,7 @@ type Store struct {
 	cat           *catalog
 	met           *metrics
 	checkDisk     func(dir string, need, reserve uint64) error
+	roots         []fileRoot
 	keepAlive     time.Duration
 
 	// Downloads run on ctx, so Close stops them and waits (wg).
@@ -137,6 +141,14 @@ func New(opts Options) (*Store, error) {
 	if token == "" {
 		token = os.Getenv("HF_TOKEN")
 	}
+	rootList := opts.FileRoots
+	if len(rootList) == 0 {
+		rootList = []string{dir}
+	}
+	roots, err := newFileRoots(rootList)
+	if err != nil {
+		return nil, err
+	}
 	h, err := newHub(endpoint, token, opts.HTTPClient)
 	if err != nil {
 		return nil, err
@@ -173,7 +185,7 @@ func New(opts Options) (*Store, error) {
 	ctx, cancel := context.WithCancel(context.Background())
 	s := &Store{
 		dir: dir, reserve: opts.DiskReserve, maxBytes: opts.MaxBytes, partialMaxAge: partialMaxAge, stall: stall,
-		log: log, hub: h, cat: cat, met: met, checkDisk: check, keepAlive: keepAliveInterval,
+		log: log, hub: h, cat: cat, met: met, checkDisk: check, keepAlive: keepAliveInterval, roots: roots,
 		ctx: ctx, cancel: cancel,
 		inflight: map[string]*download{}, byID: map[string]*download{}, inUse: map[string]int{}, files: map[string]chan struct{}{},
 	}

@@ -88,6 +88,7 @@ func newHive(ctx context.Context, cfg *config.Config, log *slog.Logger, reg *pro
 
 	h.models, err = model.New(model.Options{
 		Dir:          cfg.ModelDir,
+		FileRoots:    cfg.Models.FileRoots,
 		Endpoint:     cfg.Models.HFEndpoint,
 		TokenFile:    cfg.Models.HFTokenFile,
 		DiskReserve:  uint64(cfg.Resources.DiskReserve),
