@@ -6,7 +6,6 @@ import (
 	"errors"
 	"fmt"
 	"net/http"
-	"os"
 	"path/filepath"
 	"sync"
 	"time"
@@ -171,7 +170,7 @@ func (s *Store) resolve(ctx context.Context, d *download) error {
 	d.base = s.baseDir(d.ref)
 	var have uint64
 	for _, f := range sel.files {
-		have += existingBytes(filepath.Join(d.base, f.Path), f.Size)
+		have += existingBytes(s.mdir, filepath.Join(d.base, f.Path), f.Size)
 	}
 	need := sel.total - have
 	s.enforceRetention(ctx, sel.total, d.ref.String())
@@ -243,7 +242,7 @@ func (s *Store) fetchAll(d *download) (string, error) {
 	var mainSHA string
 	for _, f := range d.sel.files {
 		job := &fetchJob{
-			hub: s.hub, ref: d.ref, file: f, dest: filepath.Join(d.base, f.Path), stall: s.stall,
+			hub: s.hub, dir: s.mdir, ref: d.ref, file: f, dest: filepath.Join(d.base, f.Path), stall: s.stall,
 			progress: func(have uint64, received int) {
 				if received > 0 {
 					s.met.bytes.Add(float64(received))
@@ -261,7 +260,7 @@ func (s *Store) fetchAll(d *download) (string, error) {
 		sum, err := job.run(s.ctx)
 		if err != nil && reasonOf(err) == ReasonDisk {
 			// Free what we took: a full disk hurts every other writer.
-			_ = os.Remove(job.dest + incompleteSuffix)
+			_ = s.mdir.Remove(job.dest + incompleteSuffix)
 		}
 		unlock()
 		if err != nil {

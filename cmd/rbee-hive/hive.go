@@ -87,8 +87,11 @@ func newHive(ctx context.Context, cfg *config.Config, log *slog.Logger, reg *pro
 	reg.MustRegister(h.ledger.Collector())
 
 	h.models, err = model.New(model.Options{
-		Dir:          cfg.ModelDir,
-		FileRoots:    cfg.Models.FileRoots,
+		Dir:       cfg.ModelDir,
+		FileRoots: cfg.Models.FileRoots,
+		// The catalog names the paths the hive deletes: it lives in the state
+		// dir, not in the model dir that a model-reading group can see.
+		CatalogPath:  filepath.Join(cfg.StateDir, "catalog.db"),
 		Endpoint:     cfg.Models.HFEndpoint,
 		TokenFile:    cfg.Models.HFTokenFile,
 		DiskReserve:  uint64(cfg.Resources.DiskReserve),
