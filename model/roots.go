@@ -4,6 +4,7 @@ import (
 	"errors"
 	"fmt"
 	"net/http"
+	"os"
 	"path/filepath"
 	"strings"
 
@@ -62,13 +63,11 @@ func errOutsideRoots(p string) *api.Error {
 // localFile checks a file: reference against the roots and returns its
 // path. The spelling is checked first, with no system call, so a path
 // outside every root is refused the same whether it exists or not. A path
-// inside a root is then opened with openat2(RESOLVE_BENEATH) from the
-// root's directory: the kernel refuses any symlink or ".." that leaves the
-// root (also an absolute symlink, even one pointing back inside), so
-// there is no window between checking and resolving as with
-// EvalSymlinks + prefix check. The worker later opens the path by name: a
-// writer of the root could swap a component in between; roots are meant to
-// be writable by the hive only.
+// inside a root is then resolved by resolveBeneath, which never looks
+// outside the root: a symlink that leads out of it (or any absolute one)
+// is the same 400. The worker later opens the path by name: a writer of
+// the root could swap a component in between; roots are meant to be
+// writable by root only.
 func localFile(roots []fileRoot, p string) (string, error) {
 	for _, r := range roots {
 		rel, ok := under(r.spelled, p)
@@ -81,7 +80,7 @@ func localFile(roots []fileRoot, p string) (string, error) {
 		switch {
 		case err == nil:
 			return p, nil
-		case errors.Is(err, unix.EXDEV) || errors.Is(err, unix.ELOOP):
+		case errors.Is(err, errLeavesRoot):
 			return "", errOutsideRoots(p)
 		case errors.Is(err, errNotFileOrDir):
 			return "", refError("%s is neither a regular file nor a directory", p).WithDetails(map[string]any{"field": "model_ref", "path": p})
@@ -93,24 +92,71 @@ func localFile(roots []fileRoot, p string) (string, error) {
 	return "", errOutsideRoots(p)
 }
 
-var errNotFileOrDir = errors.New("neither a regular file nor a directory")
+var (
+	errNotFileOrDir = errors.New("neither a regular file nor a directory")
+	errLeavesRoot   = errors.New("symlink leads out of the root")
+)
 
-// statBeneath resolves rel below root without leaving it and checks that
-// it names a regular file or a directory.
+// maxLinks bounds the symlinks one resolution follows, as the kernel's
+// own limit (ELOOP after 40).
+const maxLinks = 40
+
+// statBeneath resolves rel below root the way openat2(RESOLVE_BENEATH)
+// would, and checks that it names a regular file or a directory. Symlinks
+// are followed while they stay inside the root: relative ones are
+// expanded component by component, ".." may not climb above the root, an
+// absolute one is refused. Every lstat is of a path below root whose
+// directories were already found not to be symlinks, so nothing outside
+// the root is ever looked at. (openat2 itself is not used: the shipped
+// unit's RestrictSUIDSGID= seccomp filter answers it with ENOSYS.)
 func statBeneath(root, rel string) error {
-	dfd, err := unix.Open(root, unix.O_PATH|unix.O_DIRECTORY|unix.O_CLOEXEC, 0)
-	if err != nil {
-		return &pathErr{op: "open", path: root, err: err}
+	var done []string // resolved components below root: real directories
+	todo := strings.Split(rel, "/")
+	if rel == "." {
+		todo = nil
 	}
-	defer unix.Close(dfd)
-	fd, err := openat2Retry(dfd, rel, &unix.OpenHow{Flags: unix.O_PATH | unix.O_CLOEXEC, Resolve: unix.RESOLVE_BENEATH | unix.RESOLVE_NO_MAGICLINKS})
-	if err != nil {
-		return &pathErr{op: "openat2", path: filepath.Join(root, rel), err: err}
+	links := 0
+	for len(todo) > 0 {
+		n := todo[0]
+		todo = todo[1:]
+		switch n {
+		case "", ".":
+			continue
+		case "..":
+			if len(done) == 0 {
+				return errLeavesRoot
+			}
+			done = done[:len(done)-1]
+			continue
+		}
+		cur := filepath.Join(append([]string{root}, append(done, n)...)...)
+		var st unix.Stat_t
+		if err := unix.Lstat(cur, &st); err != nil {
+			return &pathErr{op: "lstat", path: cur, err: err}
+		}
+		if st.Mode&unix.S_IFMT != unix.S_IFLNK {
+			if len(todo) > 0 && st.Mode&unix.S_IFMT != unix.S_IFDIR {
+				return &pathErr{op: "lstat", path: cur, err: unix.ENOTDIR}
+			}
+			done = append(done, n)
+			continue
+		}
+		if links++; links > maxLinks {
+			return &pathErr{op: "readlink", path: cur, err: unix.ELOOP}
+		}
+		target, err := os.Readlink(cur)
+		if err != nil {
+			return &pathErr{op: "readlink", path: cur, err: err}
+		}
+		if strings.HasPrefix(target, "/") {
+			return errLeavesRoot
+		}
+		todo = append(strings.Split(target, "/"), todo...)
 	}
-	defer unix.Close(fd)
 	var st unix.Stat_t
-	if err := unix.Fstat(fd, &st); err != nil {
-		return &pathErr{op: "fstat", path: filepath.Join(root, rel), err: err}
+	final := filepath.Join(append([]string{root}, done...)...)
+	if err := unix.Lstat(final, &st); err != nil {
+		return &pathErr{op: "lstat", path: final, err: err}
 	}
 	switch st.Mode & unix.S_IFMT {
 	case unix.S_IFREG, unix.S_IFDIR:
@@ -128,16 +174,3 @@ type pathErr struct {
 
 func (e *pathErr) Error() string { return e.op + " " + e.path + ": " + e.err.Error() }
 func (e *pathErr) Unwrap() error { return e.err }
-
-// openat2Retry is openat2, retried on EAGAIN/EINTR (with RESOLVE_BENEATH
-// the kernel answers EAGAIN when a concurrent rename might have let the
-// walk escape).
-func openat2Retry(dfd int, path string, how *unix.OpenHow) (int, error) {
-	for i := 0; ; i++ {
-		fd, err := unix.Openat2(dfd, path, how)
-		if (err == unix.EAGAIN || err == unix.EINTR) && i < 64 {
-			continue
-		}
-		return fd, err
-	}
-}

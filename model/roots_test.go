@@ -55,6 +55,18 @@ func TestFileRefRoots(t *testing.T) {
 	mustSymlink(t, secret, filepath.Join(root, "abs-out.gguf"))
 	mustSymlink(t, other, filepath.Join(root, "dir-out"))
 	mustSymlink(t, "good.gguf", filepath.Join(root, "m", "alias.gguf"))
+	// The HuggingFace cache layout: snapshots/<rev>/file -> ../../blobs/<sha>.
+	if err := os.MkdirAll(filepath.Join(root, "blobs"), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.MkdirAll(filepath.Join(root, "snapshots", "rev"), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(filepath.Join(root, "blobs", "abc"), []byte("gguf"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	mustSymlink(t, "../../blobs/abc", filepath.Join(root, "snapshots", "rev", "m.gguf"))
+	mustSymlink(t, "../snapshots/rev", filepath.Join(root, "m", "latest"))
 
 	outside := []string{
 		"/etc/shadow",
@@ -99,7 +111,8 @@ func TestFileRefRoots(t *testing.T) {
 		t.Errorf("file:<root>/../etc/passwd = %v, want 400", err)
 	}
 
-	for _, p := range []string{good, filepath.Join(root, "m", "alias.gguf"), filepath.Join(root, "m"), root} {
+	for _, p := range []string{good, filepath.Join(root, "m", "alias.gguf"), filepath.Join(root, "m"), root,
+		filepath.Join(root, "snapshots", "rev", "m.gguf"), filepath.Join(root, "m", "latest", "m.gguf")} {
 		got, wait, err := ts.Ensure(context.Background(), "file:"+p)
 		if err != nil || wait != nil || got != p {
 			t.Errorf("Ensure(file:%s) = %q %v %v, want the path", p, got, wait, err)

@@ -2,7 +2,6 @@ package model
 
 import (
 	"errors"
-	"fmt"
 	"os"
 	"path/filepath"
 	"strings"
@@ -14,12 +13,17 @@ import (
 // following a symlink in any path component. The hive writes as root, and
 // whoever may write somewhere below the model dir (a worker group, an
 // operator's copy tool) could otherwise plant hf/<org> -> /etc and have the
-// next download, resume or delete act there. Every path is resolved by
-// openat2(RESOLVE_BENEATH|RESOLVE_NO_SYMLINKS) from a descriptor of the
-// model dir taken at start, so the kernel itself refuses a symlink or ".."
-// anywhere in the walk, with no window between a check and the use; the
-// last component is then created, renamed or unlinked with the *at call
-// relative to its parent's descriptor, which never follows it either.
+// next download, resume or delete act there. Every path is walked one
+// component at a time from a descriptor of the model dir taken at start,
+// each with openat(O_NOFOLLOW) relative to its parent's descriptor, and a
+// component that is a symlink fails with ELOOP; names are checked
+// lexically ("..", "." and empty names are refused), so the walk cannot
+// leave the dir. The last component is then created, renamed or unlinked
+// with the *at call relative to its parent's descriptor, which never
+// follows it either. This is what openat2(RESOLVE_BENEATH|
+// RESOLVE_NO_SYMLINKS) does in one call; openat2 itself is not used
+// because the shipped unit's RestrictSUIDSGID= seccomp filter answers it
+// with ENOSYS (systemd cannot inspect its flags).
 type safeDir struct {
 	path string // absolute, clean
 	fd   int    // O_PATH descriptor of path
@@ -29,28 +33,18 @@ type safeDir struct {
 // not lie below the model dir.
 var errOutsideModelDir = errors.New("path is not below the model dir")
 
-const beneath = unix.RESOLVE_BENEATH | unix.RESOLVE_NO_SYMLINKS | unix.RESOLVE_NO_MAGICLINKS
-
 func openSafeDir(path string) (*safeDir, error) {
 	fd, err := unix.Open(path, unix.O_PATH|unix.O_DIRECTORY|unix.O_CLOEXEC, 0)
 	if err != nil {
 		return nil, &os.PathError{Op: "open", Path: path, Err: err}
 	}
-	// Probe once: a kernel without openat2 (before 5.6) would otherwise
-	// fail every download with ENOSYS.
-	probe, err := openat2Retry(fd, ".", &unix.OpenHow{Flags: unix.O_PATH | unix.O_CLOEXEC, Resolve: beneath})
-	if err != nil {
-		unix.Close(fd)
-		return nil, fmt.Errorf("model: openat2 on %s (needs Linux 5.6 or later): %w", path, err)
-	}
-	unix.Close(probe)
 	return &safeDir{path: path, fd: fd}, nil
 }
 
 func (d *safeDir) close() { unix.Close(d.fd) }
 
 // rel turns an absolute path below the model dir into the relative path
-// openat2 resolves; anything else (the dir itself included) is refused.
+// the walk resolves; anything else (the dir itself included) is refused.
 func (d *safeDir) rel(p string) (string, error) {
 	if filepath.Clean(p) != p || !strings.HasPrefix(p, d.path+"/") {
 		return "", &os.PathError{Op: "resolve", Path: p, Err: errOutsideModelDir}
@@ -59,13 +53,87 @@ func (d *safeDir) rel(p string) (string, error) {
 }
 
 // openRel opens rel (relative to the model dir; "." is the dir) with no
-// symlink in any component.
+// symlink in any component: every directory on the way is opened with
+// O_PATH|O_NOFOLLOW from its parent and must be a directory, the last
+// component with flags|O_NOFOLLOW (O_PATH opens of a symlink are refused
+// after an fstat).
 func (d *safeDir) openRel(rel string, flags int, mode uint32) (int, error) {
-	fd, err := openat2Retry(d.fd, rel, &unix.OpenHow{Flags: uint64(flags | unix.O_CLOEXEC), Mode: uint64(mode), Resolve: beneath})
+	full := filepath.Join(d.path, rel)
+	names := strings.Split(rel, "/")
+	if rel == "." {
+		names = nil
+	}
+	for _, n := range names {
+		if n == "" || n == "." || n == ".." {
+			return -1, &os.PathError{Op: "openat", Path: full, Err: errOutsideModelDir}
+		}
+	}
+	cur, err := unix.Dup(d.fd)
 	if err != nil {
-		return -1, &os.PathError{Op: "openat2", Path: filepath.Join(d.path, rel), Err: err}
+		return -1, &os.PathError{Op: "dup", Path: d.path, Err: err}
+	}
+	if len(names) == 0 {
+		if flags&unix.O_PATH == 0 {
+			defer unix.Close(cur)
+			return d.reopen(cur, ".", flags, mode, full)
+		}
+		return cur, nil
+	}
+	for _, n := range names[:len(names)-1] {
+		next, err := unix.Openat(cur, n, unix.O_PATH|unix.O_NOFOLLOW|unix.O_CLOEXEC, 0)
+		unix.Close(cur)
+		if err != nil {
+			return -1, &os.PathError{Op: "openat", Path: full, Err: err}
+		}
+		if err := isDirNoLink(next); err != nil {
+			unix.Close(next)
+			return -1, &os.PathError{Op: "openat", Path: full, Err: err}
+		}
+		cur = next
+	}
+	defer unix.Close(cur)
+	return d.reopen(cur, names[len(names)-1], flags, mode, full)
+}
+
+// reopen opens name below the directory descriptor dir with O_NOFOLLOW.
+func (d *safeDir) reopen(dir int, name string, flags int, mode uint32, full string) (int, error) {
+	open := flags
+	if flags&unix.O_PATH != 0 {
+		// O_DIRECTORY would make a symlink ENOTDIR; the type is checked below.
+		open &^= unix.O_DIRECTORY
+	}
+	fd, err := unix.Openat(dir, name, open|unix.O_NOFOLLOW|unix.O_CLOEXEC, mode)
+	if err != nil {
+		return -1, &os.PathError{Op: "openat", Path: full, Err: err}
+	}
+	if flags&unix.O_PATH != 0 {
+		// O_PATH|O_NOFOLLOW opens a symlink itself instead of failing.
+		var st unix.Stat_t
+		if err := unix.Fstat(fd, &st); err != nil || st.Mode&unix.S_IFMT == unix.S_IFLNK {
+			unix.Close(fd)
+			return -1, &os.PathError{Op: "openat", Path: full, Err: unix.ELOOP}
+		}
+		if flags&unix.O_DIRECTORY != 0 && st.Mode&unix.S_IFMT != unix.S_IFDIR {
+			unix.Close(fd)
+			return -1, &os.PathError{Op: "openat", Path: full, Err: unix.ENOTDIR}
+		}
 	}
 	return fd, nil
+}
+
+// isDirNoLink is nil for a directory, ELOOP for a symlink, else ENOTDIR.
+func isDirNoLink(fd int) error {
+	var st unix.Stat_t
+	if err := unix.Fstat(fd, &st); err != nil {
+		return err
+	}
+	switch st.Mode & unix.S_IFMT {
+	case unix.S_IFDIR:
+		return nil
+	case unix.S_IFLNK:
+		return unix.ELOOP
+	}
+	return unix.ENOTDIR
 }
 
 // parent opens the directory holding p and returns it with p's last

@@ -49,9 +49,12 @@ type hive struct {
 func newHive(ctx context.Context, cfg *config.Config, log *slog.Logger, reg *prometheus.Registry, hiveURL string) (h *hive, err error) {
 	h = &hive{cfg: cfg, log: log}
 	h.ctx, h.cancel = context.WithCancel(context.WithoutCancel(ctx))
+	// built, not h: a failing `return nil, err` sets h to nil before this
+	// runs, and a nil h would panic here and hide err.
+	built := h
 	defer func() {
 		if err != nil {
-			h.close()
+			built.close()
 		}
 	}()
 	if h.notifier, err = systemd.NewNotifier(log); err != nil {
