@@ -240,9 +240,10 @@ func (h *hive) release() {
 }
 
 // spawnDemo starts one worker of the sim backend, for `make run`. The
-// simworker loads nothing; its model is a placeholder file in the state dir.
+// simworker loads nothing; its model is a placeholder file in the model dir
+// (the default models.file_roots; the store created the dir).
 func (h *hive) spawnDemo(ctx context.Context) error {
-	path := filepath.Join(h.cfg.StateDir, "demo-model.gguf")
+	path := filepath.Join(h.cfg.ModelDir, "demo-model.gguf")
 	if err := os.WriteFile(path, []byte("rbee-simworker demo placeholder\n"), 0o640); err != nil {
 		return fmt.Errorf("demo model: %w", err)
 	}
