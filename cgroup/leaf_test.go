@@ -24,12 +24,21 @@ func startModes() []struct {
 	modes := []struct {
 		name string
 		opts Options
-	}{{"default", Options{}}}
+	}{
+		// The hive's own binary re-executed as the gate (v1, and isolated
+		// starts on v2).
+		{"default", Options{GatePath: GateSelf}},
+		// The small rbee-gate binary instead.
+		{"tiny-gate", Options{GatePath: testGate.path}},
+	}
 	if mgrMode() == "v2" {
 		modes = append(modes, struct {
 			name string
 			opts Options
-		}{"gate", Options{ForceGate: true}})
+		}{"gate", Options{ForceGate: true, GatePath: GateSelf}}, struct {
+			name string
+			opts Options
+		}{"tiny-gate-forced", Options{ForceGate: true, GatePath: testGate.path}})
 	}
 	return modes
 }

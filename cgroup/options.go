@@ -27,6 +27,12 @@ type Options struct {
 	// ForceGate makes the v2 driver start workers through the spawn gate
 	// instead of CLONE_INTO_CGROUP (kernels < 5.7; tests of the fallback).
 	ForceGate bool
+	// GatePath is the spawn gate binary (cmd/rbee-gate). Empty: GateName
+	// beside the running executable when installed there (make install puts
+	// it next to rbee-hive), else the running binary re-executed (GateSelf),
+	// which costs a start of the whole binary per spawn. Resolved once, by
+	// New; a gate that is present but unusable fails New.
+	GatePath string
 }
 
 // New detects the cgroup mode with cgroups.Mode() and returns the matching

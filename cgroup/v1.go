@@ -27,6 +27,7 @@ type v1Manager struct {
 	subs    []cgroup1.Subsystem
 	hasCPU  bool
 	hasSwap bool
+	gate    string // spawn gate binary
 }
 
 var (
@@ -52,7 +53,11 @@ func newV1(opts Options) (*v1Manager, error) {
 		rootPath = cgroup1.NestedPath(filepath.Clean(root))
 	}
 
-	m := &v1Manager{roots: make(map[cgroup1.Name]string)}
+	gatePath, err := resolveGate(opts.GatePath)
+	if err != nil {
+		return nil, err
+	}
+	m := &v1Manager{roots: make(map[cgroup1.Name]string), gate: gatePath}
 	for _, n := range append(append([]cgroup1.Name(nil), v1Required...), v1Optional...) {
 		hier := filepath.Join(v1Mount, string(n))
 		if _, err := os.Stat(filepath.Join(hier, "cgroup.procs")); err != nil {
@@ -170,7 +175,7 @@ func (m *v1Manager) Create(id string, l Limits) (Leaf, error) {
 		removeDirs(dirs)
 		return nil, fmt.Errorf("cgroup v1: create leaf %s: %w", id, err)
 	}
-	return newV1Leaf(id, cg, dirs), nil
+	return m.newLeaf(id, cg, dirs), nil
 }
 
 func removeDirs(dirs map[cgroup1.Name]string) {
@@ -197,7 +202,7 @@ func (m *v1Manager) Load(id string) (Leaf, error) {
 		}
 		return nil, fmt.Errorf("cgroup v1: load leaf %s: %w", id, err)
 	}
-	return newV1Leaf(id, cg, dirs), nil
+	return m.newLeaf(id, cg, dirs), nil
 }
 
 func (m *v1Manager) List() ([]string, error) {
@@ -214,6 +219,7 @@ type v1Leaf struct {
 	id    string
 	cg    cgroup1.Cgroup
 	dirs  map[cgroup1.Name]string // absolute directories
+	gate  string
 	stats *statReader
 }
 
@@ -228,7 +234,7 @@ func (l *v1Leaf) Start(cmd *exec.Cmd, opts ...StartOption) error {
 			return err
 		}
 	}
-	return startGated(cmd, func(pid int) error {
+	return startGated(cmd, l.gate, func(pid int) error {
 		return l.cg.AddProc(uint64(pid))
 	}, sc.iso)
 }
@@ -239,7 +245,7 @@ func (l *v1Leaf) OOMEvents(ctx context.Context) (<-chan OOMEvent, error) {
 
 func (l *v1Leaf) Stats() (Stats, error) { return l.stats.stats() }
 
-func newV1Leaf(id string, cg cgroup1.Cgroup, dirs map[cgroup1.Name]string) *v1Leaf {
+func (m *v1Manager) newLeaf(id string, cg cgroup1.Cgroup, dirs map[cgroup1.Name]string) *v1Leaf {
 	mem := dirs[cgroup1.Memory]
 	var p [nStat]string
 	p[statCurrent] = filepath.Join(mem, "memory.usage_in_bytes")
@@ -251,7 +257,7 @@ func newV1Leaf(id string, cg cgroup1.Cgroup, dirs map[cgroup1.Name]string) *v1Le
 	if d, ok := dirs[cgroup1.Cpuacct]; ok {
 		p[statCPU] = filepath.Join(d, "cpuacct.usage") // ns
 	}
-	l := &v1Leaf{id: id, cg: cg, dirs: dirs, stats: newStatReader("v1", id, p, "", time.Nanosecond, "oom_kill")}
+	l := &v1Leaf{id: id, cg: cg, dirs: dirs, gate: m.gate, stats: newStatReader("v1", id, p, "", time.Nanosecond, "oom_kill")}
 	closeWhenDropped(l, l.stats)
 	return l
 }

@@ -32,6 +32,7 @@ type v2Manager struct {
 	hasCPU    bool
 	hasSwap   bool
 	forceGate bool
+	gate      string // spawn gate binary
 }
 
 // v2Required are the controllers for workers/ and its leaves; memory and pids are
@@ -55,7 +56,11 @@ func newV2(opts Options) (*v2Manager, error) {
 	if !ok || rel == "" {
 		return nil, fmt.Errorf("%w: cgroup v2 root %q must be a directory below %s", ErrInvalid, root, v2Mount)
 	}
-	m := &v2Manager{root: root, rel: "/" + rel, forceGate: opts.ForceGate}
+	gatePath, err := resolveGate(opts.GatePath)
+	if err != nil {
+		return nil, err
+	}
+	m := &v2Manager{root: root, rel: "/" + rel, forceGate: opts.ForceGate, gate: gatePath}
 	if !m.forceGate && !kernelAtLeast(5, 7) {
 		// No CLONE_INTO_CGROUP before 5.7; a failed clone3 cannot simply be
 		// retried with the caller's exec.Cmd (Start closes its pipes), so
@@ -214,7 +219,7 @@ func (m *v2Manager) leaf(id string) (*v2Leaf, error) {
 		statPeak: "memory.peak", statPids: "pids.current", statCPU: "cpu.stat"} {
 		p[slot] = filepath.Join(dir, name)
 	}
-	l := &v2Leaf{id: id, dir: dir, cg: cg, forceGate: m.forceGate,
+	l := &v2Leaf{id: id, dir: dir, cg: cg, forceGate: m.forceGate, gate: m.gate,
 		// memory.events: oom_group_kill, or oom_kill on kernels < 5.17.
 		stats: newStatReader("v2", id, p, "usage_usec", time.Microsecond, "oom_group_kill", "oom_kill")}
 	closeWhenDropped(l, l.stats)
@@ -246,6 +251,7 @@ type v2Leaf struct {
 	dir       string
 	cg        *cgroup2.Manager
 	forceGate bool
+	gate      string
 	stats     *statReader
 }
 
@@ -264,7 +270,7 @@ func (l *v2Leaf) Start(cmd *exec.Cmd, opts ...StartOption) error {
 		}
 	}
 	if l.forceGate {
-		return startGated(cmd, func(pid int) error {
+		return startGated(cmd, l.gate, func(pid int) error {
 			return l.cg.AddProc(uint64(pid))
 		}, sc.iso)
 	}
@@ -288,7 +294,7 @@ func (l *v2Leaf) Start(cmd *exec.Cmd, opts ...StartOption) error {
 	spa.UseCgroupFD, spa.CgroupFD = true, fd
 	cmd.SysProcAttr = &spa
 	if sc.iso != nil {
-		err = startGated(cmd, nil, sc.iso)
+		err = startGated(cmd, l.gate, nil, sc.iso)
 	} else {
 		err = cmd.Start()
 	}
