@@ -267,7 +267,7 @@ func TestStartPreservesCmd(t *testing.T) {
 				t.Fatal(err)
 			}
 			extraW.Close()
-			if cmd.SysProcAttr != spa || spa.UseCgroupFD || cmd.Path != "/proc/self/exe" || cmd.Args[0] != "cgroup-test-helper" || len(cmd.ExtraFiles) != 1 {
+			if cmd.SysProcAttr != spa || spa.UseCgroupFD || cmd.Path != testHelperBin || cmd.Args[0] != "cgroup-test-helper" || len(cmd.ExtraFiles) != 1 {
 				t.Errorf("cmd fields changed by Start: path %q args %q sysprocattr %+v extra %d", cmd.Path, cmd.Args, cmd.SysProcAttr, len(cmd.ExtraFiles))
 			}
 			got := map[string]string{}
