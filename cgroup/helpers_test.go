@@ -73,11 +73,14 @@ func runHelper(mode string) int {
 	switch mode {
 	case "exit":
 		return 0
-	case "stamp":
+	case "stamp", "stamp-sleep":
 		// CLOCK_MONOTONIC as early as this binary's main can take it.
 		var ts unix.Timespec
 		_ = unix.ClockGettime(unix.CLOCK_MONOTONIC, &ts)
 		fmt.Println(ts.Nano())
+		if mode == "stamp-sleep" {
+			time.Sleep(helperMaxLife)
+		}
 		return 0
 	case "new-manager":
 		// Run as another user by TestUnprivilegedRefused.
