@@ -33,6 +33,7 @@ type v2Manager struct {
 	hasSwap   bool
 	forceGate bool
 	gate      string // spawn gate binary
+	spawner   *spawnerHandle
 }
 
 // v2Required are the controllers for workers/ and its leaves; memory and pids are
@@ -60,7 +61,7 @@ func newV2(opts Options) (*v2Manager, error) {
 	if err != nil {
 		return nil, err
 	}
-	m := &v2Manager{root: root, rel: "/" + rel, forceGate: opts.ForceGate, gate: gatePath}
+	m := &v2Manager{root: root, rel: "/" + rel, forceGate: opts.ForceGate, gate: gatePath, spawner: &spawnerHandle{}}
 	if !m.forceGate && !kernelAtLeast(5, 7) {
 		// No CLONE_INTO_CGROUP before 5.7; a failed clone3 cannot simply be
 		// retried with the caller's exec.Cmd (Start closes its pipes), so
@@ -219,7 +220,7 @@ func (m *v2Manager) leaf(id string) (*v2Leaf, error) {
 		statPeak: "memory.peak", statPids: "pids.current", statCPU: "cpu.stat"} {
 		p[slot] = filepath.Join(dir, name)
 	}
-	l := &v2Leaf{id: id, dir: dir, cg: cg, forceGate: m.forceGate, gate: m.gate,
+	l := &v2Leaf{id: id, dir: dir, cg: cg, forceGate: m.forceGate, gate: m.gate, spawner: m.spawner,
 		// memory.events: oom_group_kill, or oom_kill on kernels < 5.17.
 		stats: newStatReader("v2", id, p, "usage_usec", time.Microsecond, "oom_group_kill", "oom_kill")}
 	closeWhenDropped(l, l.stats)
@@ -252,6 +253,7 @@ type v2Leaf struct {
 	cg        *cgroup2.Manager
 	forceGate bool
 	gate      string
+	spawner   *spawnerHandle
 	stats     *statReader
 }
 
@@ -260,8 +262,9 @@ func (l *v2Leaf) ID() string { return l.id }
 // Start uses CLONE_INTO_CGROUP (SysProcAttr.UseCgroupFD, kernel >= 5.7): the
 // child is created inside the leaf, no gate needed. ForceGate selects the
 // spawn gate instead (old kernels, and tests of the fallback). WithIsolation
-// always goes through the gate, which drops privileges before exec; it is
-// still created inside the leaf by CLONE_INTO_CGROUP unless ForceGate.
+// starts from the manager's restricted spawner thread (spawner.go), also
+// without a gate; where that thread cannot be restricted it goes through
+// the gate, which drops privileges before exec.
 func (l *v2Leaf) Start(cmd *exec.Cmd, opts ...StartOption) error {
 	sc := applyStartOptions(opts)
 	if sc.iso != nil {
@@ -294,7 +297,18 @@ func (l *v2Leaf) Start(cmd *exec.Cmd, opts ...StartOption) error {
 	spa.UseCgroupFD, spa.CgroupFD = true, fd
 	cmd.SysProcAttr = &spa
 	if sc.iso != nil {
-		err = startGated(cmd, l.gate, nil, sc.iso)
+		if sp := l.spawner.get(); sp.err == nil {
+			// No gate: the restricted thread forks, the child switches
+			// identity and session, and CLONE_INTO_CGROUP places it.
+			spa.Credential = &syscall.Credential{Uid: sc.iso.UID, Gid: sc.iso.GID, Groups: sc.iso.Groups}
+			spa.Setsid = true
+			if err = sp.run(cmd.Start); err != nil && !errors.Is(err, os.ErrNotExist) {
+				// Go's child does not say which step failed.
+				err = fmt.Errorf("switch to uid %d gid %d (setgroups, setresgid, setresuid) or exec: %w", sc.iso.UID, sc.iso.GID, err)
+			}
+		} else {
+			err = startGated(cmd, l.gate, nil, sc.iso)
+		}
 	} else {
 		err = cmd.Start()
 	}

@@ -111,10 +111,6 @@ func (e *capError) Unwrap() error { return e.err }
 // they go before setresuid, which clears the permitted set on the way from
 // uid 0.
 func DropPrivileges(id *Identity) (Step, error) {
-	lastCap, err := CapLastCap()
-	if err != nil {
-		return StepCapLastCap, err
-	}
 	groups := make([]int, len(id.Groups))
 	for i, g := range id.Groups {
 		groups[i] = int(g)
@@ -127,24 +123,8 @@ func DropPrivileges(id *Identity) (Step, error) {
 	if err := syscall.Setresgid(int(id.GID), int(id.GID), int(id.GID)); err != nil {
 		return StepSetgid, err
 	}
-	for c := 0; c <= lastCap; c++ {
-		if err := unix.Prctl(unix.PR_CAPBSET_DROP, uintptr(c), 0, 0, 0); err != nil {
-			return StepBoundingSet, &capError{c, err}
-		}
-	}
-	if err := unix.Prctl(unix.PR_CAP_AMBIENT, unix.PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0); err != nil {
-		return StepAmbient, err
-	}
-	// NOROOT: uid 0 (a backend stated as root) gets no capabilities from
-	// exec; the locks keep the worker from undoing it or from keeping
-	// capabilities across a setuid.
-	bits := secbitNoroot | secbitNorootLocked | secbitNoSetuidFixupLocked | secbitKeepCapsLocked |
-		secbitNoCapAmbientRaise | secbitNoCapAmbientRaiseLocked
-	if err := unix.Prctl(unix.PR_SET_SECUREBITS, uintptr(bits), 0, 0, 0); err != nil {
-		return StepSecurebits, err
-	}
-	if err := unix.Prctl(unix.PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0); err != nil {
-		return StepNoNewPrivs, err
+	if step, err := RestrictThread(); err != nil {
+		return step, err
 	}
 	if err := syscall.Setresuid(int(id.UID), int(id.UID), int(id.UID)); err != nil {
 		return StepSetuid, err
@@ -171,6 +151,50 @@ func DropPrivileges(id *Identity) (Step, error) {
 		if d.Effective|d.Permitted|d.Inheritable != 0 {
 			return StepVerify, syscall.EPERM
 		}
+	}
+	return StepExec, nil
+}
+
+// RestrictThread makes the calling OS thread (which must be locked to its
+// goroutine) one that no exec from it, or from a child forked from it, can
+// gain a capability through: it empties the bounding, ambient and
+// inheritable sets, sets no_new_privs and locks securebits so that uid 0
+// gets no capabilities from exec. The thread keeps its own effective and
+// permitted capabilities (it may still switch uid in a child). All of it is
+// per thread and inherited by fork, never undone.
+func RestrictThread() (Step, error) {
+	lastCap, err := CapLastCap()
+	if err != nil {
+		return StepCapLastCap, err
+	}
+	for c := 0; c <= lastCap; c++ {
+		if err := unix.Prctl(unix.PR_CAPBSET_DROP, uintptr(c), 0, 0, 0); err != nil {
+			return StepBoundingSet, &capError{c, err}
+		}
+	}
+	if err := unix.Prctl(unix.PR_CAP_AMBIENT, unix.PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0); err != nil {
+		return StepAmbient, err
+	}
+	// NOROOT: uid 0 (a backend stated as root) gets no capabilities from
+	// exec; the locks keep the worker from undoing it or from keeping
+	// capabilities across a setuid.
+	bits := secbitNoroot | secbitNorootLocked | secbitNoSetuidFixupLocked | secbitKeepCapsLocked |
+		secbitNoCapAmbientRaise | secbitNoCapAmbientRaiseLocked
+	if err := unix.Prctl(unix.PR_SET_SECUREBITS, uintptr(bits), 0, 0, 0); err != nil {
+		return StepSecurebits, err
+	}
+	if err := unix.Prctl(unix.PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0); err != nil {
+		return StepNoNewPrivs, err
+	}
+	// capset/capget act on the calling thread (tid 0).
+	hdr := unix.CapUserHeader{Version: unix.LINUX_CAPABILITY_VERSION_3}
+	var data [2]unix.CapUserData
+	if err := unix.Capget(&hdr, &data[0]); err != nil {
+		return StepCapset, err
+	}
+	data[0].Inheritable, data[1].Inheritable = 0, 0
+	if err := unix.Capset(&hdr, &data[0]); err != nil {
+		return StepCapset, err
 	}
 	return StepExec, nil
 }
