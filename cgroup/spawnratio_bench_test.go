@@ -26,10 +26,11 @@ import (
 //   - main: until the worker's main records CLOCK_MONOTONIC (its first
 //     statement; includes the worker's own runtime start, equal in all).
 //
-// Variants: bare; root (no isolation: v1 through the gate, v2 by
-// CLONE_INTO_CGROUP); isolated (always through the gate); each gated one
-// both with the binary itself re-executed as the gate (self) and with the
-// rbee-gate binary (tiny). Each worker is placed in a leaf made once per
+// Variants: bare; root (no isolation) and isolated. On v1 every start goes
+// through a gate: the binary itself re-executed (self) or the rbee-gate
+// binary (tiny). On v2 neither needs one (CLONE_INTO_CGROUP; isolated from
+// the restricted spawner thread); the -gate-self and -gate-tiny variants
+// force the gate (ForceGate, the fallback for old kernels). Each worker is placed in a leaf made once per
 // variant, so leaf creation is not counted. Before every measured spawn the
 // loop sleeps RBEE_SPAWN_ISOLATE (default 20ms): a spawn on a live hive
 // follows a quiet spell, and back-to-back cgroup moves share the kernel's
@@ -56,23 +57,35 @@ func BenchmarkSpawnRatio(b *testing.B) {
 		opts []StartOption
 	}
 	var vs []variant
-	gates := []struct{ name, path string }{{"self", GateSelf}, {"tiny", gateBin}}
-	if hive := hiveBinary(b); hive != "" {
-		gates = append(gates, struct{ name, path string }{"hive", hive})
+	type mgr struct {
+		suffix string
+		opts   Options
+		root   bool // also a spawn without isolation
 	}
-	for _, g := range gates {
-		m := newTestManager(b, Options{GatePath: g.path})
+	var mgrs []mgr
+	if mgrMode() == "v2" {
+		// Without ForceGate no start uses a gate (isolated ones start from
+		// the restricted spawner thread); with it every start does.
+		mgrs = []mgr{{"", Options{GatePath: GateSelf}, true},
+			{"-gate-self", Options{ForceGate: true, GatePath: GateSelf}, false},
+			{"-gate-tiny", Options{ForceGate: true, GatePath: gateBin}, false}}
+	} else {
+		mgrs = []mgr{{"-self", Options{GatePath: GateSelf}, true}, {"-tiny", Options{GatePath: gateBin}, true}}
+		if hive := hiveBinary(b); hive != "" {
+			mgrs = append(mgrs, mgr{"-hive", Options{GatePath: hive}, true})
+		}
+	}
+	for _, g := range mgrs {
+		m := newTestManager(b, g.opts)
 		for _, isoOn := range []bool{false, true} {
+			if !isoOn && !g.root {
+				continue
+			}
 			name, opts := "root", []StartOption(nil)
 			if isoOn {
 				name, opts = "isolated", []StartOption{WithIsolation(iso)}
 			}
-			if !isoOn && mgrMode() == "v2" && g.name != "self" {
-				continue // CLONE_INTO_CGROUP: no gate, same as root-self
-			}
-			if !(mgrMode() == "v2" && !isoOn) {
-				name += "-" + g.name
-			}
+			name += g.suffix
 			l, err := m.Create(fmt.Sprintf("w-v%d", len(vs)), lim)
 			if err != nil {
 				b.Fatal(err)
