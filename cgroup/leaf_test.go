@@ -15,8 +15,8 @@ import (
 	"time"
 )
 
-// startModes are the ways Start can place a process: the driver's default,
-// and on v2 also the spawn gate (the fallback when CLONE_INTO_CGROUP fails).
+// startModes are the ways Start can place a process: the driver's default
+// (no gate), and the spawn gate, the fallback, in both of its forms.
 func startModes() []struct {
 	name string
 	opts Options
@@ -25,20 +25,13 @@ func startModes() []struct {
 		name string
 		opts Options
 	}{
-		// The hive's own binary re-executed as the gate (v1, and isolated
-		// starts on v2).
-		{"default", Options{GatePath: GateSelf}},
-		// The small rbee-gate binary instead.
-		{"tiny-gate", Options{GatePath: testGate.path}},
-	}
-	if mgrMode() == "v2" {
-		modes = append(modes, struct {
-			name string
-			opts Options
-		}{"gate", Options{ForceGate: true, GatePath: GateSelf}}, struct {
-			name string
-			opts Options
-		}{"tiny-gate-forced", Options{ForceGate: true, GatePath: testGate.path}})
+		// No gate: v1 forks from a spawner thread in the leaf, v2 uses
+		// CLONE_INTO_CGROUP (isolated: from a restricted spawner thread).
+		{"default", Options{}},
+		// The gate, the fallback: the binary itself re-executed ...
+		{"gate", Options{ForceGate: true, GatePath: GateSelf}},
+		// ... and the small rbee-gate binary.
+		{"tiny-gate", Options{ForceGate: true, GatePath: testGate.path}},
 	}
 	return modes
 }

@@ -25,8 +25,8 @@ import (
 //   - main: exec'd → the worker's main runs (its own runtime start).
 //
 // The reused variant skips delete and create: the next process goes into
-// the emptied leaf. Both variants run with the small gate (tiny) and with
-// the binary itself re-executed (self). No backoff is included: the
+// the emptied leaf. Each runs without a gate (nogate, the default) and with
+// the forced gate: the small rbee-gate (tiny) or the binary itself (self). No backoff is included: the
 // supervisor's configured minimum adds to every figure alike.
 //
 //	go test -run '^$' -bench RestartParts -benchtime 40x ./cgroup/
@@ -42,8 +42,11 @@ func BenchmarkRestartParts(b *testing.B) {
 		cmd   *exec1
 	}
 	var vs []*variant
-	for _, g := range []struct{ name, path string }{{"self", GateSelf}, {"tiny", gateBin}} {
-		m := newTestManager(b, Options{GatePath: g.path})
+	for _, g := range []struct {
+		name string
+		opts Options
+	}{{"nogate", Options{}}, {"self", Options{ForceGate: true, GatePath: GateSelf}}, {"tiny", Options{ForceGate: true, GatePath: gateBin}}} {
+		m := newTestManager(b, g.opts)
 		for _, reuse := range []bool{false, true} {
 			name := "fresh-" + g.name
 			if reuse {

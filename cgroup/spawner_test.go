@@ -1,7 +1,9 @@
 package cgroup
 
 import (
+	"fmt"
 	"os"
+	"sort"
 	"runtime"
 	"strings"
 	"sync"
@@ -32,7 +34,7 @@ func threadStatus(t *testing.T) map[string]string {
 // later root start inherit no_new_privs).
 func TestSpawnerThreadRestricted(t *testing.T) {
 	testkit.RequireRoot(t)
-	sp := newSpawner()
+	sp := newSpawner(true)
 	if sp.err != nil {
 		t.Fatal(sp.err)
 	}
@@ -59,4 +61,40 @@ func TestSpawnerThreadRestricted(t *testing.T) {
 		}()
 	}
 	wg.Wait()
+}
+
+// TestSpawnerLeavesLeaf: after Starts from the spawner threads (v1: forked
+// in the leaf; both: isolated ones from the restricted thread) no thread of
+// this process is left in a leaf, and the leaf holds exactly the workers.
+func TestSpawnerLeavesLeaf(t *testing.T) {
+	m := newTestManager(t, Options{})
+	l, err := m.Create("w-spawner", Limits{MemoryMax: 64 << 20, PidsMax: 16})
+	if err != nil {
+		t.Fatal(err)
+	}
+	var pids []int
+	for i, opts := range [][]StartOption{nil, {WithIsolation(Isolation{UID: testWorkerUID, GID: testWorkerGID})}, nil} {
+		c := helperCmd("sleep")
+		if err := l.Start(c, opts...); err != nil {
+			t.Fatalf("start %d: %v", i, err)
+		}
+		defer func() { _ = c.Process.Kill(); _ = c.Wait() }()
+		pids = append(pids, c.Process.Pid)
+	}
+	got, err := l.Pids()
+	if err != nil {
+		t.Fatal(err)
+	}
+	sort.Ints(got)
+	sort.Ints(pids)
+	if fmt.Sprint(got) != fmt.Sprint(pids) {
+		t.Errorf("leaf pids %v, want exactly the workers %v", got, pids)
+	}
+	tasks, _ := os.ReadDir("/proc/self/task")
+	for _, task := range tasks {
+		cg, err := os.ReadFile("/proc/self/task/" + task.Name() + "/cgroup")
+		if err == nil && strings.Contains(string(cg), "/workers/") {
+			t.Errorf("thread %s of this process is still in a leaf: %q", task.Name(), cg)
+		}
+	}
 }

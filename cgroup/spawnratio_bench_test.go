@@ -26,19 +26,19 @@ import (
 //   - main: until the worker's main records CLOCK_MONOTONIC (its first
 //     statement; includes the worker's own runtime start, equal in all).
 //
-// Variants: bare; root (no isolation) and isolated. On v1 every start goes
-// through a gate: the binary itself re-executed (self) or the rbee-gate
-// binary (tiny). On v2 neither needs one (CLONE_INTO_CGROUP; isolated from
-// the restricted spawner thread); the -gate-self and -gate-tiny variants
-// force the gate (ForceGate, the fallback for old kernels). Each worker is placed in a leaf made once per
+// Variants: bare; root (no isolation) and isolated, each without a gate
+// (the default: v1 forks from a spawner thread placed in the leaf, v2 uses
+// CLONE_INTO_CGROUP, isolated ones start from a restricted spawner thread)
+// and through the forced gate (ForceGate, the fallback): the binary itself
+// re-executed (-gate-self), the rbee-gate binary (-gate-tiny), and the hive
+// binary (-gate-hive, what every v1 spawn paid before). Each worker is placed in a leaf made once per
 // variant, so leaf creation is not counted. Before every measured spawn the
 // loop sleeps RBEE_SPAWN_ISOLATE (default 20ms): a spawn on a live hive
 // follows a quiet spell, and back-to-back cgroup moves share the kernel's
 // rcu_sync window, which would flatter the gated variants.
 //
-// With RBEE_HIVE_BIN=/path/to/rbee-hive (or where a Go toolchain can build
-// it) a third gate is the hive binary itself (hive): what every gated spawn
-// cost before rbee-gate, since the hive re-executed itself.
+// The hive binary is RBEE_HIVE_BIN=/path/to/rbee-hive, or built where a Go
+// toolchain is (not in the VM).
 //
 // Reported: the median of each variant and its ratio to bare's median.
 //
@@ -62,18 +62,14 @@ func BenchmarkSpawnRatio(b *testing.B) {
 		opts   Options
 		root   bool // also a spawn without isolation
 	}
-	var mgrs []mgr
-	if mgrMode() == "v2" {
-		// Without ForceGate no start uses a gate (isolated ones start from
-		// the restricted spawner thread); with it every start does.
-		mgrs = []mgr{{"", Options{GatePath: GateSelf}, true},
-			{"-gate-self", Options{ForceGate: true, GatePath: GateSelf}, false},
-			{"-gate-tiny", Options{ForceGate: true, GatePath: gateBin}, false}}
-	} else {
-		mgrs = []mgr{{"-self", Options{GatePath: GateSelf}, true}, {"-tiny", Options{GatePath: gateBin}, true}}
-		if hive := hiveBinary(b); hive != "" {
-			mgrs = append(mgrs, mgr{"-hive", Options{GatePath: hive}, true})
-		}
+	// Without ForceGate no start uses a gate (v1: forked from a spawner
+	// thread in the leaf; v2: CLONE_INTO_CGROUP; isolated ones from a
+	// restricted spawner thread); with it every start does.
+	mgrs := []mgr{{"", Options{}, true},
+		{"-gate-self", Options{ForceGate: true, GatePath: GateSelf}, true},
+		{"-gate-tiny", Options{ForceGate: true, GatePath: gateBin}, true}}
+	if hive := hiveBinary(b); hive != "" {
+		mgrs = append(mgrs, mgr{"-gate-hive", Options{ForceGate: true, GatePath: hive}, true})
 	}
 	for _, g := range mgrs {
 		m := newTestManager(b, g.opts)

@@ -28,6 +28,9 @@ type v1Manager struct {
 	hasCPU  bool
 	hasSwap bool
 	gate    string // spawn gate binary
+	// forceGate: start through the gate instead of the spawner threads.
+	forceGate bool
+	plain, restricted *spawnerHandle
 }
 
 var (
@@ -57,7 +60,8 @@ func newV1(opts Options) (*v1Manager, error) {
 	if err != nil {
 		return nil, err
 	}
-	m := &v1Manager{roots: make(map[cgroup1.Name]string), gate: gatePath}
+	m := &v1Manager{roots: make(map[cgroup1.Name]string), gate: gatePath, forceGate: opts.ForceGate,
+		plain: &spawnerHandle{}, restricted: &spawnerHandle{restrict: true}}
 	for _, n := range append(append([]cgroup1.Name(nil), v1Required...), v1Optional...) {
 		hier := filepath.Join(v1Mount, string(n))
 		if _, err := os.Stat(filepath.Join(hier, "cgroup.procs")); err != nil {
@@ -220,18 +224,41 @@ type v1Leaf struct {
 	cg    cgroup1.Cgroup
 	dirs  map[cgroup1.Name]string // absolute directories
 	gate  string
-	stats *statReader
+	// Without forceGate, Start forks from a spawner thread placed in the
+	// leaf (restricted for WithIsolation); the gate is the fallback.
+	forceGate         bool
+	plain, restricted *spawnerHandle
+	stats             *statReader
 }
 
 func (l *v1Leaf) ID() string { return l.id }
 
-// Start always goes through the spawn gate: CLONE_INTO_CGROUP is cgroup2-only
-// (a v1 directory fd makes clone3 fail with EBADF).
+// Start forks cmd from a spawner thread that sits in the leaf during the
+// fork (spawner.go): CLONE_INTO_CGROUP is cgroup2-only (a v1 directory fd
+// makes clone3 fail with EBADF), but v1 moves single threads. With
+// WithIsolation the thread is a restricted one and the child switches
+// identity before exec. ForceGate, or a thread that cannot be prepared,
+// selects the spawn gate instead.
 func (l *v1Leaf) Start(cmd *exec.Cmd, opts ...StartOption) error {
 	sc := applyStartOptions(opts)
 	if sc.iso != nil {
 		if err := checkIsolatedCmd(cmd); err != nil {
 			return err
+		}
+	}
+	if !l.forceGate {
+		h := l.plain
+		if sc.iso != nil {
+			h = l.restricted
+		}
+		if sp, err := h.get(); err == nil {
+			dirs := make(map[string]string, len(l.dirs))
+			for n, d := range l.dirs {
+				dirs[string(n)] = d
+			}
+			return startFromSpawner(sp, cmd, sc.iso, func(start func() error) error {
+				return sp.forkIn(dirs, start)
+			}, "cgroup v1", l.id)
 		}
 	}
 	return startGated(cmd, l.gate, func(pid int) error {
@@ -257,7 +284,7 @@ func (m *v1Manager) newLeaf(id string, cg cgroup1.Cgroup, dirs map[cgroup1.Name]
 	if d, ok := dirs[cgroup1.Cpuacct]; ok {
 		p[statCPU] = filepath.Join(d, "cpuacct.usage") // ns
 	}
-	l := &v1Leaf{id: id, cg: cg, dirs: dirs, gate: m.gate, stats: newStatReader("v1", id, p, "", time.Nanosecond, "oom_kill")}
+	l := &v1Leaf{id: id, cg: cg, dirs: dirs, gate: m.gate, forceGate: m.forceGate, plain: m.plain, restricted: m.restricted, stats: newStatReader("v1", id, p, "", time.Nanosecond, "oom_kill")}
 	closeWhenDropped(l, l.stats)
 	return l
 }

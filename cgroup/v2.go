@@ -61,7 +61,7 @@ func newV2(opts Options) (*v2Manager, error) {
 	if err != nil {
 		return nil, err
 	}
-	m := &v2Manager{root: root, rel: "/" + rel, forceGate: opts.ForceGate, gate: gatePath, spawner: &spawnerHandle{}}
+	m := &v2Manager{root: root, rel: "/" + rel, forceGate: opts.ForceGate, gate: gatePath, spawner: &spawnerHandle{restrict: true}}
 	if !m.forceGate && !kernelAtLeast(5, 7) {
 		// No CLONE_INTO_CGROUP before 5.7; a failed clone3 cannot simply be
 		// retried with the caller's exec.Cmd (Start closes its pipes), so
@@ -288,6 +288,16 @@ func (l *v2Leaf) Start(cmd *exec.Cmd, opts ...StartOption) error {
 		return fmt.Errorf("cgroup v2: open leaf %s: %w", l.dir, err)
 	}
 	defer unix.Close(fd)
+	if sc.iso != nil {
+		if sp, serr := l.spawner.get(); serr == nil {
+			// No gate: the restricted thread forks, the child switches
+			// identity and session, and CLONE_INTO_CGROUP places it.
+			return startFromSpawner(sp, cmd, sc.iso, func(start func() error) error {
+				cmd.SysProcAttr.UseCgroupFD, cmd.SysProcAttr.CgroupFD = true, fd
+				return start()
+			}, "cgroup v2", l.id)
+		}
+	}
 	// Copy SysProcAttr: the caller may share one struct between commands.
 	orig := cmd.SysProcAttr
 	var spa syscall.SysProcAttr
@@ -297,18 +307,7 @@ func (l *v2Leaf) Start(cmd *exec.Cmd, opts ...StartOption) error {
 	spa.UseCgroupFD, spa.CgroupFD = true, fd
 	cmd.SysProcAttr = &spa
 	if sc.iso != nil {
-		if sp := l.spawner.get(); sp.err == nil {
-			// No gate: the restricted thread forks, the child switches
-			// identity and session, and CLONE_INTO_CGROUP places it.
-			spa.Credential = &syscall.Credential{Uid: sc.iso.UID, Gid: sc.iso.GID, Groups: sc.iso.Groups}
-			spa.Setsid = true
-			if err = sp.run(cmd.Start); err != nil && !errors.Is(err, os.ErrNotExist) {
-				// Go's child does not say which step failed.
-				err = fmt.Errorf("switch to uid %d gid %d (setgroups, setresgid, setresuid) or exec: %w", sc.iso.UID, sc.iso.GID, err)
-			}
-		} else {
-			err = startGated(cmd, l.gate, nil, sc.iso)
-		}
+		err = startGated(cmd, l.gate, nil, sc.iso)
 	} else {
 		err = cmd.Start()
 	}
