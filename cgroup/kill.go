@@ -1,10 +1,10 @@
 package cgroup
 
 import (
-	"os"
 	"context"
 	"errors"
 	"fmt"
+	"os"
 	"time"
 
 	"golang.org/x/sys/unix"

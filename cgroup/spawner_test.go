@@ -3,8 +3,8 @@ package cgroup
 import (
 	"fmt"
 	"os"
-	"sort"
 	"runtime"
+	"sort"
 	"strings"
 	"sync"
 	"testing"

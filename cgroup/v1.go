@@ -29,7 +29,7 @@ type v1Manager struct {
 	hasSwap bool
 	gate    string // spawn gate binary
 	// forceGate: start through the gate instead of the spawner threads.
-	forceGate bool
+	forceGate         bool
 	plain, restricted *spawnerHandle
 }
 
@@ -220,10 +220,10 @@ func (m *v1Manager) LeafOf(pid int) (string, error) {
 
 // v1Leaf is one worker's cgroup in each v1 hierarchy.
 type v1Leaf struct {
-	id    string
-	cg    cgroup1.Cgroup
-	dirs  map[cgroup1.Name]string // absolute directories
-	gate  string
+	id   string
+	cg   cgroup1.Cgroup
+	dirs map[cgroup1.Name]string // absolute directories
+	gate string
 	// Without forceGate, Start forks from a spawner thread placed in the
 	// leaf (restricted for WithIsolation); the gate is the fallback.
 	forceGate         bool
