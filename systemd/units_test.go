@@ -69,6 +69,10 @@ func TestUnitSettings(t *testing.T) {
 		"Service.ExecReload":       "/usr/local/bin/rbee-hive upgrade --config /etc/rbee-hive/config.toml --pid $MAINPID",
 		"Service.ProtectSystem":    "strict",
 		"Unit.StartLimitBurst":     "5",
+		// docs/security.md: the smallest set the hive needs; checked under
+		// real systemd by test/systemd-vm (hive-capbnd).
+		"Service.CapabilityBoundingSet": "CAP_SETUID CAP_SETGID CAP_SETPCAP CAP_KILL CAP_CHOWN CAP_DAC_OVERRIDE",
+		"Service.AmbientCapabilities":   "",
 	}
 	template := map[string]string{}
 	for k, v := range hive {

@@ -151,7 +151,7 @@ func alive(pid int) bool {
 // while the worker kept writing (a pipe would have blocked it at 64 KiB).
 func TestKilledHiveWorkersAdopted(t *testing.T) {
 	d := startDaemon(t, adoptConfig)
-	model := filepath.Join(t.TempDir(), "m.gguf")
+	model := filepath.Join(d.stateDir, "models", "m.gguf") // below models.file_roots (default: model_dir)
 	if err := os.WriteFile(model, []byte("x"), 0o600); err != nil {
 		t.Fatal(err)
 	}
@@ -328,7 +328,7 @@ func (d *daemon) requestAs(token, method, path, body string) (int, []byte) {
 // starts, adopting nothing and killing the leftovers.
 func TestBadRegistryHiveStarts(t *testing.T) {
 	d := startDaemon(t, adoptConfig)
-	model := filepath.Join(t.TempDir(), "m.gguf")
+	model := filepath.Join(d.stateDir, "models", "m.gguf") // below models.file_roots (default: model_dir)
 	if err := os.WriteFile(model, []byte("x"), 0o600); err != nil {
 		t.Fatal(err)
 	}
@@ -387,7 +387,7 @@ func TestBadRegistryHiveStarts(t *testing.T) {
 // workers are killed at the next start, as before the registry.
 func TestAdoptOffKillsLeftovers(t *testing.T) {
 	d := startDaemon(t, strings.Replace(adoptConfig, "[workers]\n", "[workers]\nadopt = false\n", 1))
-	model := filepath.Join(t.TempDir(), "m.gguf")
+	model := filepath.Join(d.stateDir, "models", "m.gguf") // below models.file_roots (default: model_dir)
 	if err := os.WriteFile(model, []byte("x"), 0o600); err != nil {
 		t.Fatal(err)
 	}

@@ -64,17 +64,37 @@ type daemon struct {
 	bin      string // "": the shared build
 	logs     *testkit.SyncBuffer
 	done     chan error
+	client   *http.Client // nil: http.DefaultClient
+}
+
+func (d *daemon) httpClient() *http.Client {
+	if d.client != nil {
+		return d.client
+	}
+	return http.DefaultClient
 }
 
 // startDaemon runs the hive with a config whose paths live in a temp dir;
 // extra is appended to the config file.
 func startDaemon(t *testing.T, extra string, env ...string) *daemon {
 	t.Helper()
-	return startDaemonFrom(t, "", extra, env...)
+	return startDaemonWith(t, "http", nil, extra, env...)
 }
 
 // startDaemonFrom is startDaemon running the binary bin ("": the shared build).
 func startDaemonFrom(t *testing.T, bin, extra string, env ...string) *daemon {
+	t.Helper()
+	return startDaemonBin(t, bin, "http", nil, extra, env...)
+}
+
+// startDaemonWith is startDaemon for an API served over scheme ("http" or
+// "https") and polled with client (nil: http.DefaultClient).
+func startDaemonWith(t *testing.T, scheme string, client *http.Client, extra string, env ...string) *daemon {
+	t.Helper()
+	return startDaemonBin(t, "", scheme, client, extra, env...)
+}
+
+func startDaemonBin(t *testing.T, bin, scheme string, client *http.Client, extra string, env ...string) *daemon {
 	t.Helper()
 	dir := t.TempDir()
 	port := testkit.FreePort(t)
@@ -84,7 +104,8 @@ func startDaemonFrom(t *testing.T, bin, extra string, env ...string) *daemon {
 	if err := os.WriteFile(cfgPath, []byte(cfg), 0o600); err != nil {
 		t.Fatal(err)
 	}
-	d := &daemon{t: t, url: fmt.Sprintf("http://127.0.0.1:%d", port), stateDir: filepath.Join(dir, "state"), cfgPath: cfgPath, env: env, bin: bin}
+	d := &daemon{t: t, url: fmt.Sprintf("%s://127.0.0.1:%d", scheme, port), stateDir: filepath.Join(dir, "state"),
+		cfgPath: cfgPath, env: env, bin: bin, client: client}
 	d.launch()
 	return d
 }
@@ -92,7 +113,7 @@ func startDaemonFrom(t *testing.T, bin, extra string, env ...string) *daemon {
 // restart starts another hive on d's configuration (d must have exited).
 func (d *daemon) restart() *daemon {
 	d.t.Helper()
-	n := &daemon{t: d.t, url: d.url, stateDir: d.stateDir, cfgPath: d.cfgPath, env: d.env, bin: d.bin}
+	n := &daemon{t: d.t, url: d.url, stateDir: d.stateDir, cfgPath: d.cfgPath, env: d.env, bin: d.bin, client: d.client}
 	n.launch()
 	return n
 }
@@ -129,7 +150,7 @@ func (d *daemon) launch() {
 	})
 	deadline := time.Now().Add(20 * time.Second)
 	for time.Now().Before(deadline) {
-		resp, err := http.Get(d.url + "/v1/health")
+		resp, err := d.httpClient().Get(d.url + "/v1/health")
 		if err == nil {
 			resp.Body.Close()
 			if resp.StatusCode == 200 {
@@ -169,7 +190,7 @@ func (d *daemon) request(method, path, body string) (int, []byte) {
 	if body != "" {
 		req.Header.Set("Content-Type", "application/json")
 	}
-	resp, err := http.DefaultClient.Do(req)
+	resp, err := d.httpClient().Do(req)
 	if err != nil {
 		d.t.Fatal(err)
 	}

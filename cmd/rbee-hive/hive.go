@@ -57,9 +57,12 @@ type hive struct {
 func newHive(ctx context.Context, cfg *config.Config, log *slog.Logger, reg *prometheus.Registry, hiveURL string, notifyFile *os.File) (h *hive, err error) {
 	h = &hive{cfg: cfg, log: log}
 	h.ctx, h.cancel = context.WithCancel(context.WithoutCancel(ctx))
+	// built, not h: a failing `return nil, err` sets h to nil before this
+	// runs, and a nil h would panic here and hide err.
+	built := h
 	defer func() {
 		if err != nil {
-			h.close()
+			built.close()
 		}
 	}()
 	if h.notifier, err = systemd.NewNotifier(log); err != nil {
@@ -95,7 +98,11 @@ func newHive(ctx context.Context, cfg *config.Config, log *slog.Logger, reg *pro
 	reg.MustRegister(h.ledger.Collector())
 
 	h.models, err = model.New(model.Options{
-		Dir:          cfg.ModelDir,
+		Dir:       cfg.ModelDir,
+		FileRoots: cfg.Models.FileRoots,
+		// The catalog names the paths the hive deletes: it lives in the state
+		// dir, not in the model dir that a model-reading group can see.
+		CatalogPath:  filepath.Join(cfg.StateDir, "catalog.db"),
 		Endpoint:     cfg.Models.HFEndpoint,
 		TokenFile:    cfg.Models.HFTokenFile,
 		DiskReserve:  uint64(cfg.Resources.DiskReserve),
@@ -262,9 +269,10 @@ func (h *hive) release() {
 }
 
 // spawnDemo starts one worker of the sim backend, for `make run`. The
-// simworker loads nothing; its model is a placeholder file in the state dir.
+// simworker loads nothing; its model is a placeholder file in the model dir
+// (the default models.file_roots; the store created the dir).
 func (h *hive) spawnDemo(ctx context.Context) error {
-	path := filepath.Join(h.cfg.StateDir, "demo-model.gguf")
+	path := filepath.Join(h.cfg.ModelDir, "demo-model.gguf")
 	if err := os.WriteFile(path, []byte("rbee-simworker demo placeholder\n"), 0o640); err != nil {
 		return fmt.Errorf("demo model: %w", err)
 	}
