@@ -267,6 +267,43 @@ c_watchdog_restart() {
 	[ "$(mainpid)" != "$pid0" ] || { say "same pid"; return 1; }
 	say "SIGSTOP $pid0 -> $(journalctl -u rbee-hive --no-pager -o cat | grep -m1 'Watchdog timeout') -> restarted as $(mainpid)"
 }
+# A hive crash (SIGKILL to the main process only; plain `systemctl kill`
+# ignores KillMode and signals every process) leaves the workers
+# (KillMode=process); the restarted hive adopts them: same pid, adopted_at.
+c_adopt_kill_main() {
+	local pid0 n0 id wpid w
+	id=$(cat $OUT/w1)
+	wpid=$(api "$API/v1/workers/$id" | jq -r .pid)
+	[ -n "$wpid" ] && [ -d /proc/$wpid ] || { say "worker $id pid '$wpid' not running"; return 1; }
+	pid0=$(mainpid) n0=$(prop rbee-hive NRestarts)
+	systemctl kill --kill-whom=main -s SIGKILL rbee-hive
+	waitfor 60 sh -c "[ \$(systemctl show -P NRestarts rbee-hive) -gt $n0 ] && [ \$(systemctl show -P ActiveState rbee-hive) = active ]" ||
+		{ say "no restart after SIGKILL of the main process"; return 1; }
+	[ "$(mainpid)" != "$pid0" ] || { say "same hive pid"; return 1; }
+	w=$(api "$API/v1/workers/$id")
+	echo "$w"
+	[ "$(printf '%s\n' "$w" | jq -r .pid)" = "$wpid" ] && printf '%s\n' "$w" | jq -e '.adopted_at != null' >/dev/null ||
+		{ say "worker $id not adopted: $(printf '%s\n' "$w" | jq -c '{state,pid,adopted_at}')"; return 1; }
+	waitfor 30 is_state "$id" idle || { say "adopted $id is $(worker_state "$id")"; return 1; }
+	say "kill --kill-whom=main $pid0 -> hive $(mainpid) adopted $id (pid $wpid, idle); $(journalctl -u rbee-hive --no-pager -o cat | grep 'workers adopted' | tail -n1 | cut -c1-80)"
+}
+# systemctl reload: ExecReload= (rbee-hive upgrade) re-execs the hive in its
+# pid; the worker keeps its pid, the API answers from the new binary.
+c_reload_upgrade() {
+	local pid0 id wpid s0 s1 w
+	id=$(cat $OUT/w1)
+	wpid=$(api "$API/v1/workers/$id" | jq -r .pid)
+	pid0=$(mainpid)
+	s0=$(curl -sS --max-time 5 "$API/v1/health" | jq -r .started_at)
+	timeout $((120 * SCALE)) systemctl reload rbee-hive || { say "systemctl reload failed: $(journalctl -u rbee-hive --no-pager -o cat | tail -n 3)"; return 1; }
+	s1=$(curl -sS --max-time 5 "$API/v1/health" | jq -r .started_at)
+	[ "$(mainpid)" = "$pid0" ] || { say "hive pid $pid0 -> $(mainpid)"; return 1; }
+	[ "$s1" != "$s0" ] || { say "started_at unchanged: no exec"; return 1; }
+	[ "$(prop rbee-hive ActiveState)" = active ] || { say "$(prop rbee-hive ActiveState) after reload"; return 1; }
+	w=$(api "$API/v1/workers/$id")
+	[ "$(printf '%s\n' "$w" | jq -r .pid)" = "$wpid" ] || { say "worker pid $wpid -> $(printf '%s\n' "$w" | jq -r .pid)"; return 1; }
+	say "reload: hive pid $pid0 kept, started_at $s0 -> $s1, worker $id pid $wpid kept, version $(curl -sS "$API/v1/health" | jq -r .version)"
+}
 c_sigkill_restart() {
 	local pid0 n0
 	pid0=$(mainpid) n0=$(prop rbee-hive NRestarts)

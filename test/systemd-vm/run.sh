@@ -41,7 +41,7 @@ MAKE=${MAKE:-make}
 EXPECTED=(
 	start-ready status-line credential-token supervisor-leaf worker-cgroup
 	hive-capbnd worker-privs file-roots journal-worker oom-continue journal-err instance-gpu1 watchdog-restart
-	sigkill-restart stop-drain notify-socket security
+	adopt-kill-main reload-upgrade sigkill-restart stop-drain notify-socket security
 )
 
 log() { printf 'systemdtest: %s\n' "$*" >&2; }
