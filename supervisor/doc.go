@@ -21,6 +21,11 @@
 //   - notify_intake.go: sd_notify datagrams, attributed by the sender's
 //     cgroup; readiness.go: ready and heartbeat; health.go: the http-mode
 //     probe.
+//   - persist.go: the durable registry (internal/workerstore, workers.adopt):
+//     every change adoption needs, written off the request path; adopt.go:
+//     Adopt at start (live processes taken over, gone ones handled as
+//     lost), the exit of a process that is not our child; stop.go's Detach
+//     readies an in-place upgrade.
 //   - deadlines.go: the load, stale and restart deadlines the Run loop fires.
 //   - exit.go: waiting for a run (watchExit: internal/reaper's one epoll
 //     loop reports every exit), then onExit(w, r, status): tree kill, leaf
