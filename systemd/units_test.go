@@ -57,7 +57,7 @@ func TestUnitSettings(t *testing.T) {
 		"Service.NotifyAccess":     "main",
 		"Service.WatchdogSec":      "30s",
 		"Service.Restart":          "on-failure",
-		"Service.KillMode":         "process",
+		"Service.KillMode":         "mixed",
 		"Service.TimeoutStopSec":   "90s",
 		"Service.Delegate":         "yes",
 		"Service.OOMPolicy":        "continue",
@@ -108,8 +108,8 @@ func TestUnitSettings(t *testing.T) {
 			"Socket.SocketMode":      "0660",
 			"Socket.Service":         "rbee-hive.service",
 		}, nil},
-		{"rbee-hive.service.d/50-systemd-254.conf", map[string]string{"Service.DelegateSubgroup": "supervisor"}, nil},
-		{"rbee-hive@.service.d/50-systemd-254.conf", map[string]string{"Service.DelegateSubgroup": "supervisor"}, nil},
+		{"rbee-hive.service.d/50-systemd-254.conf", map[string]string{"Service.DelegateSubgroup": "supervisor", "Service.KillMode": "process"}, nil},
+		{"rbee-hive@.service.d/50-systemd-254.conf", map[string]string{"Service.DelegateSubgroup": "supervisor", "Service.KillMode": "process"}, nil},
 	}
 	for _, tt := range tests {
 		t.Run(tt.file, func(t *testing.T) {

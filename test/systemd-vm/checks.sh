@@ -268,24 +268,35 @@ c_watchdog_restart() {
 	say "SIGSTOP $pid0 -> $(journalctl -u rbee-hive --no-pager -o cat | grep -m1 'Watchdog timeout') -> restarted as $(mainpid)"
 }
 # A hive crash (SIGKILL to the main process only; plain `systemctl kill`
-# ignores KillMode and signals every process) leaves the workers
-# (KillMode=process); the restarted hive adopts them: same pid, adopted_at.
+# ignores KillMode and signals every process). systemd >= 254 (the drop-in's
+# KillMode=process with DelegateSubgroup=): the worker stays and the
+# restarted hive adopts it, same pid, adopted_at. Older systemd (the base
+# unit's KillMode=mixed): systemd kills the worker with the failed unit and
+# the restarted hive finds it lost and restarts it by its policy, same id.
 c_adopt_kill_main() {
-	local pid0 n0 id wpid w
+	local pid0 n0 id wpid w ver lost
 	id=$(cat $OUT/w1)
 	wpid=$(api "$API/v1/workers/$id" | jq -r .pid)
 	[ -n "$wpid" ] && [ -d /proc/$wpid ] || { say "worker $id pid '$wpid' not running"; return 1; }
+	ver=$(systemctl --version | awk 'NR==1 {print $2}')
 	pid0=$(mainpid) n0=$(prop rbee-hive NRestarts)
 	systemctl kill --kill-whom=main -s SIGKILL rbee-hive
 	waitfor 60 sh -c "[ \$(systemctl show -P NRestarts rbee-hive) -gt $n0 ] && [ \$(systemctl show -P ActiveState rbee-hive) = active ]" ||
-		{ say "no restart after SIGKILL of the main process"; return 1; }
+		{ say "no restart after SIGKILL of the main process: $(systemctl status rbee-hive --no-pager | grep -m1 Active:)"; return 1; }
 	[ "$(mainpid)" != "$pid0" ] || { say "same hive pid"; return 1; }
+	waitfor 60 is_state "$id" idle || { say "$id is $(worker_state "$id") after the restart"; return 1; }
 	w=$(api "$API/v1/workers/$id")
 	echo "$w"
-	[ "$(printf '%s\n' "$w" | jq -r .pid)" = "$wpid" ] && printf '%s\n' "$w" | jq -e '.adopted_at != null' >/dev/null ||
-		{ say "worker $id not adopted: $(printf '%s\n' "$w" | jq -c '{state,pid,adopted_at}')"; return 1; }
-	waitfor 30 is_state "$id" idle || { say "adopted $id is $(worker_state "$id")"; return 1; }
-	say "kill --kill-whom=main $pid0 -> hive $(mainpid) adopted $id (pid $wpid, idle); $(journalctl -u rbee-hive --no-pager -o cat | grep 'workers adopted' | tail -n1 | cut -c1-80)"
+	if [ "$ver" -ge 254 ]; then
+		[ "$(printf '%s\n' "$w" | jq -r .pid)" = "$wpid" ] && printf '%s\n' "$w" | jq -e '.adopted_at != null' >/dev/null ||
+			{ say "worker $id not adopted: $(printf '%s\n' "$w" | jq -c '{state,pid,adopted_at}')"; return 1; }
+		say "systemd $ver: kill --kill-whom=main $pid0 -> hive $(mainpid) adopted $id (pid $wpid)"
+		return 0
+	fi
+	lost=$(metric 'rbee_hive_worker_exits_total{reason="lost"}')
+	[ "${lost:-0}" -ge 1 ] && [ "$(printf '%s\n' "$w" | jq -r .pid)" != "$wpid" ] ||
+		{ say "systemd $ver: worker $id not handled as lost (exits lost=$lost): $(printf '%s\n' "$w" | jq -c '{state,pid,restart_count}')"; return 1; }
+	say "systemd $ver (KillMode=mixed): kill --kill-whom=main $pid0 -> hive $(mainpid) found $id lost and restarted it (pid $wpid -> $(printf '%s\n' "$w" | jq -r .pid))"
 }
 # systemctl reload: ExecReload= (rbee-hive upgrade) re-execs the hive in its
 # pid; the worker keeps its pid, the API answers from the new binary.
