@@ -55,7 +55,7 @@ func TestMain(m *testing.M) {
 
 // daemon is a running `rbee-hive daemon` child process.
 type daemon struct {
-	t        *testing.T
+	t        testing.TB
 	cmd      *exec.Cmd
 	url      string
 	stateDir string
@@ -94,7 +94,7 @@ func startDaemonWith(t *testing.T, scheme string, client *http.Client, extra str
 	return startDaemonBin(t, "", scheme, client, extra, env...)
 }
 
-func startDaemonBin(t *testing.T, bin, scheme string, client *http.Client, extra string, env ...string) *daemon {
+func startDaemonBin(t testing.TB, bin, scheme string, client *http.Client, extra string, env ...string) *daemon {
 	t.Helper()
 	dir := t.TempDir()
 	port := testkit.FreePort(t)

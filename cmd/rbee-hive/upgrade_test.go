@@ -127,3 +127,105 @@ func tail(s string) string {
 	}
 	return s
 }
+
+// probeHealth hits /v1/health on fresh connections until stop closes and
+// returns the longest time the API did not answer: the longest request
+// plus, for failed ones (refused), the time until the next success.
+func probeHealth(url string, stop <-chan struct{}) (worst time.Duration, failed int) {
+	c := &http.Client{Transport: &http.Transport{DisableKeepAlives: true}, Timeout: 30 * time.Second}
+	var downSince time.Time
+	for {
+		select {
+		case <-stop:
+			return worst, failed
+		default:
+		}
+		t0 := time.Now()
+		resp, err := c.Get(url + "/v1/health")
+		if err == nil {
+			resp.Body.Close()
+		}
+		now := time.Now()
+		switch {
+		case err != nil || resp.StatusCode != 200:
+			failed++
+			if downSince.IsZero() {
+				downSince = t0
+			}
+			time.Sleep(time.Millisecond)
+		default:
+			gap := now.Sub(t0)
+			if !downSince.IsZero() {
+				gap = now.Sub(downSince)
+				downSince = time.Time{}
+			}
+			worst = max(worst, gap)
+		}
+	}
+}
+
+// BenchmarkReloadVsRestart: how long the API does not answer during an
+// in-place upgrade (SIGHUP; connections wait in the backlog) against a
+// full restart (SIGTERM, a new process, adoption), same round, a worker
+// running. One round per b.N (run with -benchtime 1x).
+func BenchmarkReloadVsRestart(b *testing.B) {
+	for range b.N {
+		d := startDaemonBin(b, "", "http", nil, `
+[backends.slow]
+command = ["`+bins.dir+`/rbee-simworker", "--port", "{port}", "--worker-id", "{worker_id}"]
+health = "notify"
+memory_limit = "256MiB"
+`)
+		model := filepath.Join(d.stateDir, "models", "m.gguf")
+		if err := os.WriteFile(model, []byte("x"), 0o600); err != nil {
+			b.Fatal(err)
+		}
+		id := d.spawnBackend("slow", model, "on-failure")
+		d.waitWorker("idle", id, 20*time.Second, func(w apiWorker) bool { return w.State == "idle" })
+		started := func() string {
+			var h healthView
+			r, err := http.Get(d.url + "/v1/health")
+			if err != nil {
+				return ""
+			}
+			defer r.Body.Close()
+			_ = json.NewDecoder(r.Body).Decode(&h)
+			return h.StartedAt
+		}
+		measure := func(act func()) (time.Duration, int) {
+			stop := make(chan struct{})
+			res := make(chan [2]int64, 1)
+			go func() { w, f := probeHealth(d.url, stop); res <- [2]int64{int64(w), int64(f)} }()
+			time.Sleep(200 * time.Millisecond)
+			act()
+			time.Sleep(200 * time.Millisecond)
+			close(stop)
+			r := <-res
+			return time.Duration(r[0]), int(r[1])
+		}
+		s0 := started()
+		reload, rfail := measure(func() {
+			if err := d.cmd.Process.Signal(syscall.SIGHUP); err != nil {
+				b.Fatal(err)
+			}
+			for deadline := time.Now().Add(60 * time.Second); started() == s0 || started() == ""; time.Sleep(5 * time.Millisecond) {
+				if time.Now().After(deadline) {
+					b.Fatal("no upgrade")
+				}
+			}
+		})
+		var d2 *daemon
+		restart, sfail := measure(func() {
+			d.stop(syscall.SIGKILL)
+			d2 = d.restart()
+		})
+		if w := d2.worker(id); w.AdoptedAt == nil {
+			b.Fatalf("worker not adopted after the restart: %+v", w)
+		}
+		b.ReportMetric(float64(reload.Microseconds())/1000, "reload-ms")
+		b.ReportMetric(float64(rfail), "reload-refused")
+		b.ReportMetric(float64(restart.Microseconds())/1000, "restart-ms")
+		b.ReportMetric(float64(sfail), "restart-refused")
+		b.ReportMetric(float64(reload)/float64(restart), "reload/restart")
+	}
+}
