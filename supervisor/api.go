@@ -40,6 +40,9 @@ type WorkerInfo struct {
 	VRAMBytes        int64             `json:"vram_bytes,omitempty"`
 	GPUUUID          string            `json:"gpu_uuid,omitempty"`
 	Port             int               `json:"port"`
+	// User is who the worker runs as: its uid (a uid of its own), the
+	// backend's system user, or "root"; empty before its first start.
+	User string `json:"user,omitempty"`
 	CreatedAt        time.Time         `json:"created_at"`
 	StartedAt        *time.Time        `json:"started_at,omitempty"`
 	InFlight         int               `json:"in_flight"`
@@ -79,7 +82,8 @@ func (s *Supervisor) info(w *worker) WorkerInfo {
 		State: w.state, LastActivity: w.lastActivity, SlotsTotal: 1, FailedHealthChecks: w.failedHealthChecks,
 		RestartCount: w.restartCount, StateReason: w.stateReason, Health: w.reportedHealth, Status: w.statusLine,
 		HealthMode: w.backendCfg.Health, RestartPolicy: w.restartPolicy, MemoryLimitBytes: w.memoryLimit, VRAMBytes: int64(w.vramRequested),
-		GPUUUID: w.gpuUUID, Port: w.port, CreatedAt: w.createdAt, InFlight: w.inFlight, ExitReason: w.exitReason}
+		GPUUUID: w.gpuUUID, Port: w.port, CreatedAt: w.createdAt, InFlight: w.inFlight, ExitReason: w.exitReason,
+		User: userName(w.backendCfg, w.iso)}
 	if w.state == StateIdle {
 		wi.SlotsAvailable = 1
 	}

@@ -48,6 +48,11 @@ func runTests(m *testing.M) int {
 		return 1
 	}
 	defer os.RemoveAll(dir)
+	// Workers run under uids of their own: they must reach the binary.
+	if err := os.Chmod(dir, 0o755); err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		return 1
+	}
 	out, err := exec.Command("go", "build", "-o", filepath.Join(dir, "rbee-simworker"), "github.com/rbee/rbee-hive/cmd/rbee-simworker").CombinedOutput()
 	if err != nil {
 		fmt.Fprintf(os.Stderr, "building rbee-simworker: %v\n%s", err, out)
@@ -76,6 +81,11 @@ func testConfig(t testing.TB) *config.Config {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { os.RemoveAll(rt) })
+	// The notify socket is reached through workers.model_group (mode 0660);
+	// its directory must let workers pass, as /run/rbee-hive (0755) does.
+	if err := os.Chmod(rt, 0o711); err != nil {
+		t.Fatal(err)
+	}
 	cfg.RuntimeDir = rt
 	cfg.Heartbeat.NotifySocket = filepath.Join(rt, "notify.sock")
 	cfg.Heartbeat.Interval = config.Duration(500 * time.Millisecond)
@@ -206,6 +216,10 @@ func newHarnessWrapped(t testing.TB, wrap func(cgroup.Manager) cgroup.Manager, m
 	ln, err := notify.Listen(cfg.Heartbeat.NotifySocket)
 	if err != nil {
 		t.Fatalf("notify.Listen: %v", err)
+	}
+	// As the daemon does (it binds before New, which sets the group).
+	if err := os.Chown(cfg.Heartbeat.NotifySocket, 0, int(s.ids.group)); err != nil {
+		t.Fatal(err)
 	}
 	s.deps.NotifyDrops = func() map[string]uint64 { return ln.Stats().Dropped() }
 	ctx, cancel := context.WithCancel(context.Background())

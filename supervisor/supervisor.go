@@ -14,6 +14,7 @@ import (
 	"time"
 
 	"github.com/rbee/rbee-hive/config"
+	"github.com/rbee/rbee-hive/procfs"
 )
 
 // Supervisor runs the workers of one host.
@@ -27,6 +28,8 @@ type Supervisor struct {
 	devices []GPUDevice  // GPUs known at start, for metric series
 	// portFree probes whether a port can be bound (a seam for tests).
 	portFree func(host string, port int) bool
+	ids      *identities
+	portCheck   PortChecker
 
 	mu       sync.Mutex
 	workers  map[string]*worker
@@ -76,7 +79,25 @@ func New(cfg *config.Config, deps Deps) (*Supervisor, error) {
 		probe:    make(chan chan struct{}),
 		wedge:    make(chan (<-chan struct{})),
 	}
+	ids, err := newIdentities(cfg, deps.HostFiles)
+	if err != nil {
+		return nil, fmt.Errorf("supervisor: %w", err)
+	}
+	s.ids = ids
+	s.portCheck = deps.Ports
+	if s.portCheck == nil {
+		r, err := procfs.New("")
+		if err != nil {
+			return nil, fmt.Errorf("supervisor: %w", err)
+		}
+		s.portCheck = r
+	}
+	// Worker logs stay root's: workers are in the state dir's group, not
+	// in this dir's.
 	if err := os.MkdirAll(s.logDir, 0o750); err != nil {
+		return nil, fmt.Errorf("supervisor: worker log dir: %w", err)
+	}
+	if err := os.Chmod(s.logDir, 0o750); err != nil {
 		return nil, fmt.Errorf("supervisor: worker log dir: %w", err)
 	}
 	if n, err := removeStaleLogs(s.logDir); err != nil {

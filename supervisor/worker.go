@@ -37,6 +37,10 @@ type worker struct {
 	releaseModel  func() // ends the model store's in-use mark
 	logs          *logSink
 	log           *slog.Logger
+	// iso is who the worker runs as, set at its first start (under s.mu)
+	// and kept across restarts; home is its HOME.
+	iso  *cgroup.Isolation
+	home string
 
 	// guarded by s.mu
 	state          State
@@ -80,6 +84,11 @@ type run struct {
 	pid     int
 	started time.Time
 	ready   bool
+	// portOwned: the proxy found the port held by this run (checked at the
+	// first request after readiness, again after a failed health check);
+	// squatterLogged: a squatter on the port was logged and counted once.
+	portOwned      bool
+	squatterLogged bool
 	cancel  context.CancelFunc // health poller, OOM watch
 	done    chan struct{}      // closed after the exit was handled
 	// monitor results, guarded by Supervisor.mu
