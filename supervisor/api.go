@@ -2,6 +2,8 @@ package supervisor
 
 import (
 	"context"
+	"errors"
+	"log/slog"
 	"net/http"
 	"net/url"
 	"sort"
@@ -11,6 +13,7 @@ import (
 
 	"github.com/rbee/rbee-hive/api"
 	"github.com/rbee/rbee-hive/config"
+	"github.com/rbee/rbee-hive/procfs"
 	workerproto "github.com/rbee/rbee-hive/worker"
 )
 
@@ -42,16 +45,16 @@ type WorkerInfo struct {
 	Port             int               `json:"port"`
 	// User is who the worker runs as: its uid (a uid of its own), the
 	// backend's system user, or "root"; empty before its first start.
-	User string `json:"user,omitempty"`
-	CreatedAt        time.Time         `json:"created_at"`
-	StartedAt        *time.Time        `json:"started_at,omitempty"`
-	InFlight         int               `json:"in_flight"`
-	ExitReason       ExitReason        `json:"exit_reason,omitempty"`
-	ExitCode         *int              `json:"exit_code,omitempty"`
-	ExitSignal       *int              `json:"exit_signal,omitempty"`
-	ContextSize      int               `json:"context_size,omitempty"` // what an OpenAI engine reports (engine.go)
-	Figures          map[string]string `json:"figures,omitempty"`
-	Resources        *Resources        `json:"resources,omitempty"`
+	User        string            `json:"user,omitempty"`
+	CreatedAt   time.Time         `json:"created_at"`
+	StartedAt   *time.Time        `json:"started_at,omitempty"`
+	InFlight    int               `json:"in_flight"`
+	ExitReason  ExitReason        `json:"exit_reason,omitempty"`
+	ExitCode    *int              `json:"exit_code,omitempty"`
+	ExitSignal  *int              `json:"exit_signal,omitempty"`
+	ContextSize int               `json:"context_size,omitempty"` // what an OpenAI engine reports (engine.go)
+	Figures     map[string]string `json:"figures,omitempty"`
+	Resources   *Resources        `json:"resources,omitempty"`
 }
 
 // Resources are a running worker's figures from its latest monitor sample
@@ -244,9 +247,15 @@ func (s *Supervisor) HandleInference(w http.ResponseWriter, r *http.Request) err
 	target := ProxyTarget{WorkerID: id, Backend: wk.backend, Model: wk.modelRef, Token: wk.token,
 		API: string(wk.backendCfg.API), Route: engineRoute(r, id)}
 	workerURL := wk.url // a restart may move the worker to another port
+	checkPort := r0 != nil && !r0.portOwned
 	s.mu.Unlock()
 	if s.deps.Proxy == nil {
 		return api.Errorf(http.StatusServiceUnavailable, api.CodeUnavailable, "no inference proxy configured")
+	}
+	if checkPort {
+		if err := s.proxyPortCheck(wk, r0); err != nil {
+			return err
+		}
 	}
 	u, err := url.Parse(workerURL)
 	if err != nil {
@@ -286,6 +295,34 @@ func (s *Supervisor) HandleInference(w http.ResponseWriter, r *http.Request) err
 	}
 	defer target.OnEnd()
 	s.deps.Proxy.Forward(w, r, target)
+	return nil
+}
+
+// proxyPortCheck runs at the first request to a run after its readiness
+// (and after a failed health check): the proxy connects only to a port the
+// run holds. Once it holds it, no other uid can bind the same address
+// (SO_REUSEPORT groups need one uid), so later requests are not checked.
+func (s *Supervisor) proxyPortCheck(wk *worker, r0 *run) error {
+	err := s.portHeld(wk, r0)
+	if err == nil {
+		s.mu.Lock()
+		r0.portOwned = true
+		s.mu.Unlock()
+		return nil
+	}
+	if errors.Is(err, procfs.ErrSquatter) {
+		s.mu.Lock()
+		first := !r0.squatterLogged
+		r0.squatterLogged = true
+		s.mu.Unlock()
+		if first {
+			s.m.portSquatters.Inc()
+		}
+		wk.log.Error("request not proxied: another process listens on the worker's port", slog.Int("port", wk.port), slog.Any("err", err))
+		return api.Errorf(http.StatusBadGateway, api.CodeUpstream, "worker %s: its port %d is held by another process", wk.id, wk.port)
+	}
+	// Nothing listens, or the check failed: the proxy's own connect
+	// error tells the caller; the next request checks again.
 	return nil
 }
 

@@ -27,9 +27,9 @@ type Supervisor struct {
 	client  *http.Client // health polls
 	devices []GPUDevice  // GPUs known at start, for metric series
 	// portFree probes whether a port can be bound (a seam for tests).
-	portFree func(host string, port int) bool
-	ids      *identities
-	portCheck   PortChecker
+	portFree  func(host string, port int) bool
+	ids       *identities
+	portCheck PortChecker
 
 	mu       sync.Mutex
 	workers  map[string]*worker

@@ -89,8 +89,8 @@ type run struct {
 	// squatterLogged: a squatter on the port was logged and counted once.
 	portOwned      bool
 	squatterLogged bool
-	cancel  context.CancelFunc // health poller, OOM watch
-	done    chan struct{}      // closed after the exit was handled
+	cancel         context.CancelFunc // health poller, OOM watch
+	done           chan struct{}      // closed after the exit was handled
 	// monitor results, guarded by Supervisor.mu
 	sample   *resourceSample
 	overVRAM bool // over the VRAM limit at the last sample (one log per crossing)
