@@ -1,0 +1,236 @@
+package supervisor
+
+import (
+	"fmt"
+	"net"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/rbee/rbee-hive/config"
+)
+
+// attackScript runs as the worker itself (the hive's isolated process,
+// before it execs the simworker with the same pid) and reports each attempt
+// as "ATTACK <name>: refused|succeeded" on stdout.
+const attackScript = `
+try() { n=$1; shift; if "$@" >/dev/null 2>&1; then echo "ATTACK $n: succeeded"; else echo "ATTACK $n: refused"; fi; }
+cg=$(grep -E '^[0-9]+:memory:' /proc/self/cgroup | cut -d: -f3)
+if [ -n "$cg" ]; then d=/sys/fs/cgroup/memory$cg; lim=$d/memory.limit_in_bytes
+else cg=$(grep '^0::' /proc/self/cgroup | cut -d: -f3); d=/sys/fs/cgroup$cg; lim=$d/memory.max; fi
+try memory_limit sh -c "echo 9999999999 > $lim"
+try parent_procs sh -c "echo $$ > $d/../cgroup.procs"
+try own_procs sh -c "echo $$ > $d/cgroup.procs"
+try token cat "$ATTACK_TOKEN"
+try environ cat /proc/$ATTACK_VICTIM/environ
+try kill_victim kill -9 $ATTACK_VICTIM
+try kill_hive kill -9 $ATTACK_HIVE
+try forge_pid /usr/bin/python3 -c "$ATTACK_FORGE" $ATTACK_VICTIM
+try home sh -c 'echo x > "$HOME/probe" && mkdir "$XDG_CACHE_HOME/m"'
+try state_dir ls "$ATTACK_STATE"
+echo "ATTACK done"
+exec "$0" --port "$1" --worker-id "$2" --model x --tokens-per-second 0
+`
+
+// deviceScript opens each of $DEVS read-write as the worker.
+const deviceScript = `
+for f in $DEVS; do if ( : <> "$f" ) 2>/dev/null; then echo "OPEN $(basename $f): ok"; else echo "OPEN $(basename $f): refused"; fi; done
+echo "CUDA=$CUDA_VISIBLE_DEVICES"
+exec "$0" --port "$1" --worker-id "$2" --model x --tokens-per-second 0
+`
+
+var attackEnv = []string{"ATTACK_TOKEN", "ATTACK_VICTIM", "ATTACK_HIVE", "ATTACK_STATE", "ATTACK_FORGE", "DEVS"}
+
+// forgeScript sends WATCHDOG=1 to the notify socket with SCM_CREDENTIALS
+// naming the pid in argv[1]: the kernel refuses it (EPERM) without
+// CAP_SYS_ADMIN. (systemd-notify --pid would retry without the pid on
+// EPERM and exit 0, so it cannot show the refusal.)
+const forgeScript = `import os, socket, struct, sys
+s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+cred = struct.pack("iII", int(sys.argv[1]), os.getuid(), os.getgid())
+s.sendmsg([b"WATCHDOG=1"], [(socket.SOL_SOCKET, socket.SCM_CREDENTIALS, cred)], 0, os.environ["NOTIFY_SOCKET"])`
+
+// isolationHarness has the attacker and device backends, and a state dir
+// whose parent lets anyone pass, so that what stops a worker is the state
+// dir's own mode, not the test's temp dir.
+func isolationHarness(t *testing.T) *harness {
+	return newHarness(t, func(c *config.Config) {
+		if err := os.Chmod(filepath.Dir(c.StateDir), 0o755); err != nil {
+			t.Fatal(err)
+		}
+		sh := func(script string) []string {
+			return []string{"/bin/sh", "-c", script, "{self_dir}/rbee-simworker", "{port}", "{worker_id}"}
+		}
+		c.Backends["attacker"] = config.Backend{Command: sh(attackScript), Health: "notify",
+			LoadTimeout: config.Duration(20 * time.Second), MemoryLimit: 256 << 20, EnvAllow: attackEnv}
+		c.Backends["gpuopen"] = config.Backend{Command: sh(deviceScript), Health: "notify", CUDA: true,
+			LoadTimeout: config.Duration(20 * time.Second), MemoryLimit: 256 << 20, EnvAllow: attackEnv}
+	})
+}
+
+func (h *harness) stdout(id string) string {
+	_, out := h.do("GET", "/v1/workers/"+id+"/logs?stream=stdout", nil)
+	return string(out)
+}
+
+// procStatus returns the fields of /proc/<pid>/status.
+func procStatus(t *testing.T, pid int) map[string]string {
+	t.Helper()
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
+	if err != nil {
+		t.Fatal(err)
+	}
+	m := map[string]string{}
+	for _, l := range strings.Split(string(b), "\n") {
+		if k, v, ok := strings.Cut(l, ":"); ok {
+			m[k] = strings.TrimSpace(v)
+		}
+	}
+	return m
+}
+
+func TestIsolatedWorkerAttacks(t *testing.T) {
+	h := isolationHarness(t)
+	tokenFile := filepath.Join(h.cfg.StateDir, "api-token")
+	if err := os.WriteFile(tokenFile, []byte("secret\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	victim := h.spawn(map[string]any{"model_ref": "hf:a/victim", "backend": "sim", "device": 0})
+	v := h.waitState(victim.WorkerID, StateIdle, 20*time.Second)
+	att := h.spawn(map[string]any{"model_ref": "hf:a/attacker", "backend": "attacker", "device": 0, "env": map[string]string{
+		"ATTACK_TOKEN": tokenFile, "ATTACK_VICTIM": strconv.Itoa(*v.PID), "ATTACK_HIVE": strconv.Itoa(os.Getpid()),
+		"ATTACK_STATE": h.cfg.StateDir, "ATTACK_FORGE": forgeScript}})
+	a := h.waitState(att.WorkerID, StateIdle, 20*time.Second)
+	out := h.stdout(att.WorkerID)
+	if !strings.Contains(out, "ATTACK done") {
+		t.Fatalf("attack script did not finish:\n%s", out)
+	}
+	for _, name := range []string{"memory_limit", "parent_procs", "own_procs", "token", "environ", "kill_victim", "kill_hive", "forge_pid", "state_dir"} {
+		if !strings.Contains(out, "ATTACK "+name+": refused") {
+			t.Errorf("attack %s was not refused:\n%s", name, out)
+		}
+	}
+	if !strings.Contains(out, "ATTACK home: succeeded") {
+		t.Errorf("the worker could not write its own home:\n%s", out)
+	}
+	if !alive(*v.PID) || h.get(victim.WorkerID).State != StateIdle {
+		t.Errorf("victim worker harmed: %+v", h.get(victim.WorkerID))
+	}
+	st := procStatus(t, *a.PID)
+	for _, k := range []string{"Uid", "Gid"} {
+		for _, f := range strings.Fields(st[k]) {
+			if f == "0" || f != a.User {
+				t.Errorf("%s: %q, want %s four times", k, st[k], a.User)
+			}
+		}
+	}
+	for _, k := range []string{"CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb"} {
+		if st[k] != "0000000000000000" {
+			t.Errorf("%s: %s, want none", k, st[k])
+		}
+	}
+	if st["NoNewPrivs"] != "1" {
+		t.Errorf("NoNewPrivs: %q", st["NoNewPrivs"])
+	}
+	vs := procStatus(t, *v.PID)
+	if vs["Uid"] == st["Uid"] {
+		t.Errorf("victim and attacker share uid %s", st["Uid"])
+	}
+	// The home goes with the worker, and its uid is released.
+	home := filepath.Join(h.cfg.StateDir, "homes", att.WorkerID)
+	if fi, err := os.Stat(home); err != nil || fi.Mode().Perm() != 0o700 {
+		t.Fatalf("home %s: %v %v", home, fi, err)
+	}
+	if code, out := h.do("DELETE", "/v1/workers/"+att.WorkerID, nil); code != 200 {
+		t.Fatalf("delete: %d %s", code, out)
+	}
+	h.waitFor("home removed", 20*time.Second, func() bool { _, err := os.Stat(home); return os.IsNotExist(err) })
+	uid, _ := strconv.ParseUint(a.User, 10, 32)
+	if id, ok := h.s.ids.alloc.WorkerOf(uint32(uid)); ok {
+		t.Errorf("uid %d still allocated to %s", uid, id)
+	}
+}
+
+// An isolated GPU worker gets its CUDA_VISIBLE_DEVICES and opens device
+// nodes by their modes: 0666 and 0660 with the workers' group open, 0660
+// root:root does not. The "nodes" are regular files in a temp dir (the
+// fake GPU has no /dev entries): this proves the worker's uid and groups
+// against the modes docs/security.md asks of /dev/nvidia*, not the driver.
+func TestIsolatedGPUWorkerOpensDevices(t *testing.T) {
+	h := isolationHarness(t)
+	dir := t.TempDir()
+	if err := os.Chmod(dir, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	mk := func(name string, mode os.FileMode, gid int) string {
+		p := filepath.Join(dir, name)
+		if err := os.WriteFile(p, nil, mode); err != nil {
+			t.Fatal(err)
+		}
+		if err := os.Chmod(p, mode); err != nil {
+			t.Fatal(err)
+		}
+		if err := os.Chown(p, 0, gid); err != nil {
+			t.Fatal(err)
+		}
+		return p
+	}
+	devs := []string{mk("nvidia0", 0o666, 0), mk("nvidiactl", 0o660, int(h.s.ids.group)), mk("private", 0o660, 0)}
+	w := h.spawn(map[string]any{"model_ref": "hf:a/b", "backend": "gpuopen", "device": 1, "env": map[string]string{"DEVS": strings.Join(devs, " ")}})
+	h.waitState(w.WorkerID, StateIdle, 20*time.Second)
+	out := h.stdout(w.WorkerID)
+	for _, want := range []string{"OPEN nvidia0: ok", "OPEN nvidiactl: ok", "OPEN private: refused", "CUDA=GPU-bbbb"} {
+		if !strings.Contains(out, want) {
+			t.Errorf("worker output lacks %q:\n%s", want, out)
+		}
+	}
+}
+
+// A process that listens on a worker's port before the worker binds it
+// answers the http health check; it is a squatter, and the worker is not
+// marked ready.
+func TestPortSquatterNotReady(t *testing.T) {
+	h := newHarness(t, func(c *config.Config) {
+		c.Backends["sleeper"] = config.Backend{Command: []string{"/bin/sleep", "600"}, Health: "http", HealthPath: "/health",
+			LoadTimeout: config.Duration(20 * time.Second), MemoryLimit: 64 << 20}
+	})
+	var squatter *exec.Cmd
+	h.s.portFree = func(host string, port int) bool {
+		if !portFree(host, port) {
+			return false
+		}
+		// A real process of another uid (root here) binds the port in the
+		// window between the hive's check and the worker's own bind.
+		squatter = exec.Command(filepath.Join(simDir, "rbee-simworker"), "--port", strconv.Itoa(port), "--worker-id", "squatter", "--model", "x")
+		if err := squatter.Start(); err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { _ = squatter.Process.Kill(); _ = squatter.Wait() })
+		h.waitFor("squatter listening", 10*time.Second, func() bool {
+			c, err := net.Dial("tcp", net.JoinHostPort(host, strconv.Itoa(port)))
+			if err == nil {
+				c.Close()
+			}
+			return err == nil
+		})
+		return true
+	}
+	w := h.spawn(map[string]any{"model_ref": "hf:a/b", "backend": "sleeper", "device": 0})
+	h.waitFor("squatter counted", 20*time.Second, func() bool {
+		return counter(t, h.reg, "rbee_hive_port_squatters_total", nil) == 1
+	})
+	if got := h.get(w.WorkerID).State; got != StateLoading {
+		t.Errorf("state %s with a squatter on the port, want loading", got)
+	}
+	if !strings.Contains(h.logs.String(), "another process listens on its port") {
+		t.Errorf("squatter not logged")
+	}
+	// The proxy does not reach the squatter either: the worker is not ready.
+	if code, _ := h.do("POST", "/v1/workers/"+w.WorkerID+"/inference", map[string]any{"prompt": "x"}); code != 409 {
+		t.Errorf("inference to a squatted worker: %d, want 409", code)
+	}
+}
