@@ -2,13 +2,19 @@ package supervisor
 
 import (
 	"context"
+	"os"
 	"os/exec"
+	"runtime"
+	"runtime/debug"
 	"sort"
+	"strconv"
+	"strings"
 	"syscall"
 	"testing"
 	"time"
 
 	"github.com/rbee/rbee-hive/config"
+	"github.com/rbee/rbee-hive/supervisor/notify"
 )
 
 // report adds median and p99 of samples to the benchmark's output.
@@ -106,17 +112,22 @@ func BenchmarkHandleDatagram(b *testing.B) {
 	h := newHarness(b)
 	res := h.spawn(map[string]any{"backend": "sim"})
 	wi := h.waitState(res.WorkerID, StateIdle, 10*time.Second)
-	fields := map[string]string{"WATCHDOG": "1", "RBEE_HEALTH": "healthy"}
+	var fields notify.Fields
+	if err := fields.Parse([]byte("WATCHDOG=1\nRBEE_HEALTH=healthy")); err != nil {
+		b.Fatal(err)
+	}
 	b.Run("worker", func(b *testing.B) {
+		b.ReportAllocs()
 		pid := int32(*wi.PID)
 		for i := 0; i < b.N; i++ {
-			h.s.HandleDatagram(pid, fields)
+			h.s.handleDatagram(pid, &fields)
 		}
 	})
 	b.Run("unknown_sender", func(b *testing.B) {
+		b.ReportAllocs()
 		pid := int32(syscall.Getpid())
 		for i := 0; i < b.N; i++ {
-			h.s.HandleDatagram(pid, fields)
+			h.s.handleDatagram(pid, &fields)
 		}
 	})
 }
@@ -171,6 +182,7 @@ func BenchmarkMonitorPass(b *testing.B) {
 			ctx := context.Background()
 			m.pass(ctx) // the first pass has no CPU rate to compute
 			b.Run("pass", func(b *testing.B) {
+				b.ReportAllocs()
 				cpu0 := cpuTime(b)
 				for i := 0; i < b.N; i++ {
 					m.pass(ctx)
@@ -210,4 +222,81 @@ func cpuTime(b *testing.B) time.Duration {
 		b.Fatal(err)
 	}
 	return time.Duration(ru.Utime.Nano() + ru.Stime.Nano())
+}
+
+// BenchmarkIdleWorkers: what each idle worker costs the hive: sleeping
+// /bin/sleep workers (no notify socket, no health probe, nothing written)
+// are spawned up to 100, then up to 1000, in one hive; goroutines, OS
+// threads and anonymous memory are compared with the same hive before the
+// spawns (per worker at 100 and 1000) and between 100 and 1000 (marginal,
+// free of fixed costs such as the first heap growth). Figures are taken
+// after a GC. Run it with -benchtime 1x.
+func BenchmarkIdleWorkers(b *testing.B) {
+	h := newHarness(b, func(c *config.Config) {
+		c.Resources.SampleInterval = config.Duration(time.Hour)
+		c.Workers.ShutdownBudget = config.Duration(time.Minute)
+		c.Backends["sleeper"] = config.Backend{Command: []string{"/bin/sleep", "3600"}, Health: "callback",
+			LoadTimeout: config.Duration(time.Hour), MemoryLimit: 64 << 20}
+	})
+	if b.N > 1 {
+		b.Fatal("run with -benchtime 1x")
+	}
+	type figures struct{ goroutines, threads, anonKiB, heapKiB int }
+	measure := func() figures {
+		g, th, anon := idleFigures(b)
+		var ms runtime.MemStats
+		runtime.ReadMemStats(&ms)
+		return figures{g, th, anon, int(ms.HeapInuse >> 10)}
+	}
+	per := func(a, z figures, n int, label string) {
+		b.ReportMetric(float64(z.goroutines-a.goroutines)/float64(n), "goroutines/worker"+label)
+		b.ReportMetric(float64(z.threads-a.threads)/float64(n), "threads/worker"+label)
+		b.ReportMetric(float64(z.anonKiB-a.anonKiB)/float64(n), "anon-KiB/worker"+label)
+		b.ReportMetric(float64(z.heapKiB-a.heapKiB)/float64(n), "heap-KiB/worker"+label)
+	}
+	base := measure()
+	b.ResetTimer()
+	for range 100 {
+		h.spawn(map[string]any{"backend": "sleeper"})
+	}
+	b.StopTimer()
+	at100 := measure()
+	b.StartTimer()
+	for range 900 {
+		h.spawn(map[string]any{"backend": "sleeper"})
+	}
+	b.StopTimer()
+	at1000 := measure()
+	per(base, at100, 100, "@100")
+	per(base, at1000, 1000, "@1000")
+	per(at100, at1000, 900, "@100-1000")
+	b.ReportMetric(float64(at1000.threads), "threads@1000")
+	b.ReportMetric(float64(at1000.goroutines), "goroutines@1000")
+	b.ReportMetric(float64(at1000.anonKiB)/1024, "anon-MiB@1000")
+}
+
+// idleFigures settles the heap, then reads the goroutine count and this
+// process's thread count and anonymous resident memory (KiB).
+func idleFigures(b *testing.B) (goroutines, threads, anonKiB int) {
+	time.Sleep(200 * time.Millisecond) // let starts and pumps settle
+	runtime.GC()
+	debug.FreeOSMemory()
+	st, err := os.ReadFile("/proc/self/status")
+	if err != nil {
+		b.Fatal(err)
+	}
+	for _, line := range strings.Split(string(st), "\n") {
+		k, v, _ := strings.Cut(line, ":")
+		f := strings.Fields(v)
+		if len(f) == 0 {
+			continue
+		}
+		switch k {
+		case "Threads":
+			threads, _ = strconv.Atoi(f[0])
+		case "RssAnon":
+			anonKiB, _ = strconv.Atoi(f[0])
+		}
+	}
+	return runtime.NumGoroutine(), threads, anonKiB
 }

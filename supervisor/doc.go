@@ -11,13 +11,16 @@
 //     inspection, at most maxTerminal).
 //   - validate.go, spawn.go: checking a spawn request, admission, the model,
 //     registration; start.go: starting one run (argv, environment, leaf);
-//     output_pipes.go and logs.go: the run's stdout/stderr and the log sink.
+//     output_pipes.go, output_poller.go (one goroutine and one epoll for
+//     every run's pipes), output_lines.go (cutting lines) and logs.go: the
+//     run's stdout/stderr and the log sink.
 //   - notify_intake.go: sd_notify datagrams, attributed by the sender's
 //     cgroup; readiness.go: ready and heartbeat; health.go: the http-mode
 //     probe.
 //   - deadlines.go: the load, stale and restart deadlines the Run loop fires.
-//   - exit.go: the one goroutine per run that waits for it and classifies
-//     the exit; restart.go: the restart policy, backoff and circuit breaker;
+//   - exit.go: waiting for a run (watchExit: internal/reaper's one epoll
+//     loop reports every exit), then onExit(w, r, status): tree kill, leaf
+//     removal, the exit classified (OOM from the leaf's counter); restart.go: the restart policy, backoff and circuit breaker;
 //     stop.go: stop, shutdown and leftover cleanup.
 //   - monitor.go: resource samples and the VRAM limit; metrics.go; api.go:
 //     the HTTP handlers.
@@ -28,8 +31,12 @@
 // file removal (queued for Supervisor.unlock). One loop (Run) owns time: load
 // timeouts, stale deadlines and restart backoffs are deadlines on the
 // workers, and the loop sleeps until the earliest one (no polling). Each
-// process has exactly one goroutine calling cmd.Wait, which then kills what
-// is left of the tree, removes the leaf and reports the exit. A second
+// process has exactly one goroutine waiting for the reaper's report of its
+// exit (parked on a channel; the reaper's loop is the one thread blocked for
+// all of them), which then kills what is left of the tree, removes the leaf
+// and reports the exit; that and, in http mode, the health poller are all
+// an idle worker's goroutines (its output is read by the shared poller,
+// notify datagrams by the listener). A second
 // goroutine of Run, the monitor, samples every running worker each
 // resources.sample_interval (cgroup memory and CPU; for cuda workers the
 // GPU's per-process memory of the pids in the leaf), stores the sample on the

@@ -3,41 +3,101 @@ package supervisor
 import (
 	"context"
 	"log/slog"
-	"os"
-	"sync"
 	"syscall"
 	"time"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/rbee/rbee-hive/internal/reaper"
 )
 
-// oomJoinWindow bounds the wait for the leaf's OOM event when its counters
-// cannot be read. The kernel counts an OOM kill before the victim dies (the
-// v1 eventfd fires ~10 ms before Wait returns), so after Wait the counter is
-// the joined evidence; the event stream is only the fallback.
-const oomJoinWindow = 100 * time.Millisecond
+// watchExit waits for r's main process and hands its status to onExit, on
+// a goroutine of r's own that waits on the shared reaper's report (a
+// goroutine parked on a channel: no OS thread per run). Should the reaper
+// be unavailable, or close before the exit, the goroutine waits in waitid
+// itself, as every run did before the reaper.
+func (s *Supervisor) watchExit(w *worker, r *run) {
+	var exits <-chan reaper.Exit
+	if rp := s.exitReaper(w); rp != nil {
+		var err error
+		// hold: the zombie keeps the pid ours until forgetMainPID ran.
+		if exits, err = rp.Watch(r.pid, true); err != nil {
+			w.log.Warn("reaper cannot watch the worker; waiting for it with a thread of its own", slog.Any("err", err))
+		}
+	}
+	s.wg.Add(1)
+	go func() {
+		defer s.wg.Done()
+		if exits != nil {
+			if ex, ok := <-exits; ok && ex.Known {
+				s.forgetMainPID(w, r)
+				if err := ex.Release(); err != nil {
+					w.log.Warn("reaping the worker's process failed", slog.Any("err", err))
+				}
+				_ = r.cmd.Process.Release() // reaped: no cmd.Wait
+				s.onExit(w, r, waitStatus(ex))
+				return
+			}
+		}
+		// The main pid stays in mainPID only while its zombie pins the
+		// number: wait for the exit without reaping, forget the pid, then
+		// reap. Reaping first would leave a window (the tree kill, the
+		// readers, the leaf removal) in which a new process with the
+		// recycled pid is taken for w.
+		waitExited(r.pid)
+		s.forgetMainPID(w, r)
+		_ = r.cmd.Wait() // the exit status is in ProcessState
+		ws, _ := r.cmd.ProcessState.Sys().(syscall.WaitStatus)
+		s.onExit(w, r, ws)
+	}()
+}
 
-// wait is the one goroutine that calls cmd.Wait for a run. After the main
-// process exits it kills whatever is left in the leaf (forked children),
-// removes the leaf and reports the exit.
-func (s *Supervisor) wait(w *worker, r *run, oom *oomWatch, readers *sync.WaitGroup) {
-	defer s.wg.Done()
-	// The main pid stays in mainPID only while its zombie pins the number:
-	// wait for the exit without reaping, forget the pid, then reap. Reaping
-	// first would leave a window (the tree kill, the readers, the leaf
-	// removal) in which a new process with the recycled pid is taken for w.
-	waitExited(r.pid)
+// exitReaper is the supervisor's reaper, started at the first run; nil
+// when it cannot be started (then every run waits for itself).
+func (s *Supervisor) exitReaper(w *worker) *reaper.Reaper {
+	s.reaperOnce.Do(func() {
+		rp, err := reaper.New(context.Background())
+		if err != nil {
+			w.log.Warn("process reaper unavailable; each worker is waited for by a thread of its own", slog.Any("err", err))
+			return
+		}
+		s.reaper = rp
+	})
+	return s.reaper
+}
+
+// waitStatus is a reaper's report as the kernel's wait status word.
+func waitStatus(ex reaper.Exit) syscall.WaitStatus {
+	if ex.Exited {
+		return syscall.WaitStatus(ex.Code&0xff) << 8
+	}
+	ws := syscall.WaitStatus(ex.Signal & 0x7f)
+	if ex.CoreDumped {
+		ws |= 0x80
+	}
+	return ws
+}
+
+// forgetMainPID stops attributing r's pid to w. Whoever reaps r's process
+// calls it first, while the zombie still pins the pid.
+func (s *Supervisor) forgetMainPID(w *worker, r *run) {
 	s.mu.Lock()
 	if s.mainPID[r.pid] == w {
 		delete(s.mainPID, r.pid)
 	}
 	s.noteExited(r.pid, time.Now())
 	s.mu.Unlock()
-	_ = r.cmd.Wait() // the exit status is in ProcessState
-	st := r.cmd.ProcessState
+}
+
+// onExit handles the end of r's main process, reaped with wait status ws:
+// it kills whatever is left in the leaf (forked children), waits for the
+// output to drain, removes the leaf and records the exit. It blocks for
+// all that (up to the tree kill's 10 s), so it runs on a goroutine that
+// s.wg counts, never on a reaper's loop.
+func (s *Supervisor) onExit(w *worker, r *run, ws syscall.WaitStatus) {
 	oomed := false
-	if sigkilled(st) {
-		oomed = s.oomEvidence(r, oom)
+	if ws.Signaled() && ws.Signal() == syscall.SIGKILL {
+		oomed = s.oomEvidence(w, r)
 	}
 	kctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	if err := r.leaf.Kill(kctx); err != nil {
@@ -48,7 +108,7 @@ func (s *Supervisor) wait(w *worker, r *run, oom *oomWatch, readers *sync.WaitGr
 	// Readers end when every writer (grandchildren included) is gone; after
 	// the tree kill that is at once, but never let a stuck fd hold us.
 	done := make(chan struct{})
-	go func() { readers.Wait(); close(done) }()
+	go func() { r.output.Wait(); close(done) }()
 	select {
 	case <-done:
 	case <-time.After(2 * time.Second):
@@ -58,7 +118,7 @@ func (s *Supervisor) wait(w *worker, r *run, oom *oomWatch, readers *sync.WaitGr
 	if err := r.leaf.Delete(); err != nil {
 		w.log.Warn("removing the worker's cgroup failed", slog.Any("err", err))
 	}
-	s.onExit(w, r, st, oomed)
+	s.recordExit(w, r, ws, oomed)
 	close(r.done)
 }
 
@@ -93,50 +153,34 @@ func waitExited(pid int) {
 	}
 }
 
-// sigOrCode reports whether the process ended by a signal.
-func sigOrCode(st *os.ProcessState) bool {
-	ws, ok := st.Sys().(syscall.WaitStatus)
-	return ok && ws.Signaled()
-}
-
-func sigkilled(st *os.ProcessState) bool {
-	ws, ok := st.Sys().(syscall.WaitStatus)
-	return ok && ws.Signaled() && ws.Signal() == syscall.SIGKILL
-}
-
-// oomEvidence joins the leaf's OOM counter and its event stream.
-func (s *Supervisor) oomEvidence(r *run, oom *oomWatch) bool {
-	if oom.n.Load() > 0 {
-		return true
-	}
-	if st, err := r.leaf.Stats(); err == nil {
-		return st.OOMKills > 0
-	}
-	select {
-	case <-oom.seen:
-		return true
-	case <-time.After(oomJoinWindow):
+// oomEvidence reports whether the OOM killer ended the run: the leaf's OOM
+// counter, which the kernel bumps before the victim dies, so it is final by
+// the time the exit is seen (no event stream to wait for).
+func (s *Supervisor) oomEvidence(w *worker, r *run) bool {
+	st, err := r.leaf.Stats()
+	if err != nil {
+		w.log.Warn("reading the worker's OOM count after a SIGKILL failed; not counted as an OOM kill", slog.Any("err", err))
 		return false
 	}
+	return st.OOMKills > 0
 }
 
 // classify turns a wait status into an exit reason and code.
-func classify(st *os.ProcessState, oomed bool) (ExitReason, *int) {
+func classify(ws syscall.WaitStatus, oomed bool) (ExitReason, *int) {
 	if oomed {
 		return ReasonOOM, nil
 	}
-	ws, ok := st.Sys().(syscall.WaitStatus)
-	if ok && ws.Signaled() {
+	if ws.Signaled() {
 		sig := int(ws.Signal())
 		return ReasonSignaled, &sig
 	}
-	code := st.ExitCode()
+	code := ws.ExitStatus()
 	return ReasonExited, &code
 }
 
-// onExit records a run's end and applies the restart policy.
-func (s *Supervisor) onExit(w *worker, r *run, st *os.ProcessState, oomed bool) {
-	reason, code := classify(st, oomed)
+// recordExit records a run's end and applies the restart policy.
+func (s *Supervisor) recordExit(w *worker, r *run, ws syscall.WaitStatus, oomed bool) {
+	reason, code := classify(ws, oomed)
 	if reason == ReasonOOM {
 		s.m.oomKills.Inc()
 	}
@@ -175,7 +219,7 @@ func (s *Supervisor) onExit(w *worker, r *run, st *os.ProcessState, oomed bool) 
 	}
 	s.m.exits.WithLabelValues(string(reason)).Inc()
 	w.exitReason, w.exitCode = reason, code
-	w.exitSignaled = code != nil && sigOrCode(st)
+	w.exitSignaled = code != nil && ws.Signaled()
 	if w.killReason == ReasonStopped || w.noRestart || s.closing {
 		s.finish(w, StateStopped, string(reason))
 		return

@@ -10,6 +10,7 @@ import (
 	"time"
 
 	"github.com/rbee/rbee-hive/cgroup"
+	"github.com/rbee/rbee-hive/internal/reaper"
 )
 
 // stallKill wraps a cgroup manager so that Leaf.Kill waits for a release.
@@ -82,5 +83,30 @@ func TestLastWordsAfterReapAreNotUnknownSender(t *testing.T) {
 	h.s.HandleDatagram(int32(pid), map[string]string{"STOPPING": "1"})
 	if got := counter(t, h.reg, "rbee_hive_heartbeats_rejected_total", map[string]string{"reason": "unknown_sender"}); got != 0 {
 		t.Errorf("unknown_sender = %v for a datagram of a worker just reaped", got)
+	}
+}
+
+// TestWaitStatusFromReaper: the reaper's report reads back as the kernel's
+// wait status word that classify and the API use.
+func TestWaitStatusFromReaper(t *testing.T) {
+	tests := []struct {
+		ex               reaper.Exit
+		exited, signaled bool
+		code             int
+		sig              syscall.Signal
+		core             bool
+	}{
+		{reaper.Exit{Known: true, Exited: true, Code: 0}, true, false, 0, 0, false},
+		{reaper.Exit{Known: true, Exited: true, Code: 3}, true, false, 3, 0, false},
+		{reaper.Exit{Known: true, Exited: true, Code: 255}, true, false, 255, 0, false},
+		{reaper.Exit{Known: true, Signal: syscall.SIGKILL}, false, true, -1, syscall.SIGKILL, false},
+		{reaper.Exit{Known: true, Signal: syscall.SIGSEGV, CoreDumped: true}, false, true, -1, syscall.SIGSEGV, true},
+	}
+	for _, tt := range tests {
+		ws := waitStatus(tt.ex)
+		if ws.Exited() != tt.exited || ws.Signaled() != tt.signaled || ws.ExitStatus() != tt.code || ws.CoreDump() != tt.core ||
+			(tt.signaled && ws.Signal() != tt.sig) {
+			t.Errorf("%v: exited %v signaled %v code %d signal %v core %v", tt.ex, ws.Exited(), ws.Signaled(), ws.ExitStatus(), ws.Signal(), ws.CoreDump())
+		}
 	}
 }

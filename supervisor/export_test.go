@@ -3,8 +3,11 @@ package supervisor
 import (
 	"context"
 	"fmt"
+	"maps"
+	"slices"
 
 	"github.com/rbee/rbee-hive/api"
+	"github.com/rbee/rbee-hive/supervisor/notify"
 )
 
 // WedgeLoop blocks the Run loop until release is closed, so
@@ -20,8 +23,17 @@ func (s *Supervisor) WedgeLoop(ctx context.Context, release <-chan struct{}) err
 
 // HandleDatagram feeds one datagram to the notify intake as if the kernel
 // had vouched for pid.
+// The fields go in sorted order, so a test's datagram is reproducible.
 func (s *Supervisor) HandleDatagram(pid int32, fields map[string]string) {
-	s.handleDatagram(pid, fields)
+	var b []byte
+	for _, k := range slices.Sorted(maps.Keys(fields)) {
+		b = append(append(append(append(b, k...), '='), fields[k]...), '\n')
+	}
+	var f notify.Fields
+	if err := f.Parse(b); err != nil {
+		panic(fmt.Sprintf("HandleDatagram: %v", err))
+	}
+	s.handleDatagram(pid, &f)
 }
 
 // workerRoutes mounts the worker API the way cmd/rbee-hive's route table

@@ -11,6 +11,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus/testutil"
 
 	"github.com/rbee/rbee-hive/config"
+	"github.com/rbee/rbee-hive/supervisor/notify"
 	workerproto "github.com/rbee/rbee-hive/worker"
 )
 
@@ -291,10 +292,40 @@ func TestEarlyFieldsBounded(t *testing.T) {
 
 func TestTruncateKeepsUTF8(t *testing.T) {
 	s := strings.Repeat("a", maxStatus-1) + "é"
-	if got := truncate(s, maxStatus); got != strings.Repeat("a", maxStatus-1) {
+	if got := string(truncate([]byte(s), maxStatus)); got != strings.Repeat("a", maxStatus-1) {
 		t.Errorf("truncate cut inside a rune: %q", got[len(got)-3:])
 	}
-	if got := truncate("héllo", 10); got != "héllo" {
+	if got := string(truncate([]byte("héllo"), 10)); got != "héllo" {
 		t.Errorf("short string changed: %q", got)
+	}
+}
+
+// TestHeartbeatAllocatesNothing: a heartbeat from a ready worker's main pid
+// (attribution, health, unchanged figures and status, the stale deadline
+// re-armed) allocates nothing; a changed STATUS allocates its string.
+func TestHeartbeatAllocatesNothing(t *testing.T) {
+	h := newHarness(t, func(c *config.Config) { c.Resources.SampleInterval = config.Duration(time.Hour) })
+	res := h.spawn(map[string]any{"backend": "sim", "env": map[string]string{"RBEE_SIM_NO_HEARTBEAT": "true"}})
+	wi := h.waitState(res.WorkerID, StateIdle, 10*time.Second)
+	pid := int32(*wi.PID)
+	var f notify.Fields
+	if err := f.Parse([]byte("WATCHDOG=1\nRBEE_HEALTH=degraded\nRBEE_BUSY=1\nSTATUS=serving\n")); err != nil {
+		t.Fatal(err)
+	}
+	h.s.handleDatagram(pid, &f) // the first one stores the figure and the status
+	before := h.get(res.WorkerID).LastHeartbeat
+	if n := testing.AllocsPerRun(200, func() { h.s.handleDatagram(pid, &f) }); n != 0 {
+		t.Errorf("%v allocations per heartbeat, want 0", n)
+	}
+	wi = h.get(res.WorkerID)
+	if wi.Health != "degraded" || wi.Status != "serving" || wi.Figures["RBEE_BUSY"] != "1" || !wi.LastHeartbeat.After(*before) {
+		t.Fatalf("heartbeats not applied: %+v", wi)
+	}
+	if err := f.Parse([]byte("WATCHDOG=1\nSTATUS=serving 2")); err != nil {
+		t.Fatal(err)
+	}
+	h.s.handleDatagram(pid, &f)
+	if wi := h.get(res.WorkerID); wi.Status != "serving 2" || wi.Health != "degraded" {
+		t.Fatalf("changed status not applied: %+v", wi)
 	}
 }

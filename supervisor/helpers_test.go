@@ -34,6 +34,9 @@ var simDir string
 
 func TestMain(m *testing.M) {
 	cgroup.MaybeRunGate()
+	if os.Getenv(senderEnv) != "" {
+		os.Exit(runSender())
+	}
 	os.Exit(runTests(m))
 }
 

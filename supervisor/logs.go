@@ -1,10 +1,8 @@
 package supervisor
 
 import (
-	"bufio"
 	"bytes"
 	"fmt"
-	"io"
 	"log/slog"
 	"os"
 	"path/filepath"
@@ -65,21 +63,6 @@ type logSink struct {
 func newLogSink(id, dir string, maxBytes int64, keep int, sink LineSink) *logSink {
 	return &logSink{id: id, path: filepath.Join(dir, id+".log"), maxBytes: maxBytes, keep: keep, sink: sink,
 		retryAfter: logRetryAfter}
-}
-
-// pump reads one stream until EOF (every writer gone) and closes it.
-func (l *logSink) pump(stream string, r io.ReadCloser) {
-	defer r.Close()
-	br := bufio.NewReaderSize(r, maxLine)
-	for {
-		line, err := br.ReadSlice('\n')
-		if len(line) > 0 {
-			l.write(stream, bytes.TrimSuffix(line, []byte("\n")))
-		}
-		if err != nil && err != bufio.ErrBufferFull {
-			return
-		}
-	}
 }
 
 // stream tags in the tail buffer; lines never hold '\n' (pump splits on it).

@@ -4,6 +4,7 @@ import (
 	"context"
 	"log/slog"
 	"math"
+	"slices"
 	"strconv"
 	"time"
 
@@ -27,15 +28,24 @@ type resourceSample struct {
 }
 
 // monitor samples every running worker's RAM, CPU and VRAM. Its state
-// belongs to the one goroutine that runs it.
+// belongs to the one goroutine that runs it; the slices and maps are kept
+// from pass to pass so that a pass allocates nothing of its own.
 type monitor struct {
 	s *Supervisor
 	// gpuDown remembers which GPUs failed their last query, so a broken
 	// driver is logged when it breaks and when it recovers, not each pass.
 	gpuDown map[int]bool
+	targets []sampleTarget
+	samples []resourceSample // samples[i] is targets[i]'s; at.IsZero(): none
+	// gpuProcs is this pass's per-process VRAM by device (pid → bytes); a
+	// device present with a nil map failed its query.
+	gpuProcs map[int]map[int]uint64
+	gpuSpare map[int]map[int]uint64 // last pass's maps, reused by device
 }
 
-func newMonitor(s *Supervisor) *monitor { return &monitor{s: s, gpuDown: make(map[int]bool)} }
+func newMonitor(s *Supervisor) *monitor {
+	return &monitor{s: s, gpuDown: make(map[int]bool), gpuProcs: make(map[int]map[int]uint64), gpuSpare: make(map[int]map[int]uint64)}
+}
 
 // run samples every resources.sample_interval until ctx ends.
 func (m *monitor) run(ctx context.Context) {
@@ -56,7 +66,10 @@ type sampleTarget struct {
 	r      *run
 	cuda   bool
 	device int
-	prev   *resourceSample
+	// the run's previous sample, for the CPU rate (hasPrev false: none)
+	prevAt  time.Time
+	prevCPU time.Duration
+	hasPrev bool
 }
 
 // pass reads every running worker's cgroup and, for cuda workers, its
@@ -66,19 +79,28 @@ type sampleTarget struct {
 func (m *monitor) pass(ctx context.Context) {
 	s := m.s
 	s.mu.Lock()
-	targets := make([]sampleTarget, 0, len(s.workers))
+	targets := m.targets[:0]
 	for _, w := range s.workers {
-		if w.run != nil {
-			targets = append(targets, sampleTarget{w: w, r: w.run, cuda: w.backendCfg.CUDA, device: w.device, prev: w.run.sample})
+		if w.run == nil {
+			continue
 		}
+		t := sampleTarget{w: w, r: w.run, cuda: w.backendCfg.CUDA, device: w.device}
+		if p := w.run.sample; p != nil {
+			t.prevAt, t.prevCPU, t.hasPrev = p.at, p.stats.CPUUsage, true
+		}
+		targets = append(targets, t)
 	}
 	s.mu.Unlock()
+	m.targets = targets
+	defer clear(m.targets) // drop the worker pointers until the next pass
 	if len(targets) == 0 {
 		return
 	}
-	samples := make([]*resourceSample, len(targets))
-	gpuProcs := make(map[int]map[int]uint64) // device → pid → bytes; nil: the query failed
+	samples := slices.Grow(m.samples[:0], len(targets))[:len(targets)]
+	m.samples = samples
+	m.startGPUPass()
 	for i, t := range targets {
+		samples[i] = resourceSample{}
 		if ctx.Err() != nil {
 			return
 		}
@@ -87,32 +109,47 @@ func (m *monitor) pass(ctx context.Context) {
 			continue // the run is ending; its waiter removes the leaf
 		}
 		now := time.Now()
-		smp := &resourceSample{at: now, stats: st}
-		if p := t.prev; p != nil && now.After(p.at) && st.CPUUsage >= p.stats.CPUUsage {
-			smp.cpuRate = (st.CPUUsage - p.stats.CPUUsage).Seconds() / now.Sub(p.at).Seconds()
+		smp := &samples[i]
+		smp.at, smp.stats = now, st
+		if t.hasPrev && now.After(t.prevAt) && st.CPUUsage >= t.prevCPU {
+			smp.cpuRate = (st.CPUUsage - t.prevCPU).Seconds() / now.Sub(t.prevAt).Seconds()
 			smp.hasRate = true
 		}
 		if t.cuda && s.deps.GPUs != nil {
-			procs, ok := gpuProcs[t.device]
+			procs, ok := m.gpuProcs[t.device]
 			if !ok {
 				procs = m.gpuProcesses(ctx, t.device)
-				gpuProcs[t.device] = procs
+				m.gpuProcs[t.device] = procs
 			}
 			if procs != nil {
 				smp.vram, smp.hasVRAM = vramOf(t.r.leaf, procs)
 			}
 		}
-		samples[i] = smp
 	}
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	for i, t := range targets {
-		if samples[i] == nil || t.w.run != t.r {
+		if samples[i].at.IsZero() || t.w.run != t.r {
 			continue
 		}
-		t.r.sample = samples[i]
+		if t.r.sample == nil {
+			t.r.sample = new(resourceSample) // once per run, overwritten after
+		}
+		*t.r.sample = samples[i]
 		s.checkVRAM(t.w, t.r)
 	}
+}
+
+// startGPUPass forgets the last pass's GPU answers, keeping their maps for
+// reuse.
+func (m *monitor) startGPUPass() {
+	for dev, procs := range m.gpuProcs {
+		if procs != nil {
+			clear(procs)
+			m.gpuSpare[dev] = procs
+		}
+	}
+	clear(m.gpuProcs)
 }
 
 // gpuProcesses returns GPU index's processes as pid → bytes, or nil when
@@ -132,7 +169,10 @@ func (m *monitor) gpuProcesses(ctx context.Context, index int) map[int]uint64 {
 		m.s.log.Info("reading GPU processes works again", slog.Int("device", index))
 		delete(m.gpuDown, index)
 	}
-	out := make(map[int]uint64, len(procs))
+	out := m.gpuSpare[index]
+	if out == nil {
+		out = make(map[int]uint64, len(procs))
+	}
 	for _, p := range procs {
 		out[p.PID] += p.UsedBytes
 	}

@@ -10,6 +10,7 @@ import (
 
 	"github.com/prometheus/client_golang/prometheus/testutil"
 
+	"github.com/rbee/rbee-hive/cgroup"
 	"github.com/rbee/rbee-hive/config"
 )
 
@@ -250,5 +251,50 @@ func TestMonitorStopsWithRun(t *testing.T) {
 	case <-done:
 	case <-time.After(5 * time.Second):
 		t.Fatal("Run did not return after its context ended")
+	}
+}
+
+// fixedStats wraps a cgroup manager so that Leaf.Stats answers a constant
+// without reading the kernel: what is left of a monitor pass is the
+// supervisor's own work.
+type fixedStats struct{ cgroup.Manager }
+
+func (m fixedStats) Create(id string, l cgroup.Limits) (cgroup.Leaf, error) {
+	leaf, err := m.Manager.Create(id, l)
+	if err != nil {
+		return nil, err
+	}
+	return fixedStatsLeaf{leaf}, nil
+}
+
+type fixedStatsLeaf struct{ cgroup.Leaf }
+
+func (fixedStatsLeaf) Stats() (cgroup.Stats, error) {
+	return cgroup.Stats{MemoryCurrent: 1 << 20, CPUUsage: time.Second}, nil
+}
+
+// TestMonitorPassAllocatesNothing: beyond the cgroup reads, a pass over
+// running workers allocates nothing (no per-pass lists, no per-worker
+// samples), and it still stores every worker's sample.
+func TestMonitorPassAllocatesNothing(t *testing.T) {
+	const workers = 20
+	h := newHarnessWrapped(t, func(m cgroup.Manager) cgroup.Manager { return fixedStats{m} }, func(c *config.Config) {
+		c.Resources.SampleInterval = config.Duration(time.Hour)
+		c.Backends["sleeper"] = config.Backend{Command: []string{"/bin/sleep", "3600"}, Health: "callback",
+			LoadTimeout: config.Duration(time.Hour), MemoryLimit: 64 << 20}
+	})
+	for i := 0; i < workers; i++ {
+		h.spawn(map[string]any{"backend": "sleeper"})
+	}
+	m := newMonitor(h.s)
+	ctx := context.Background()
+	m.pass(ctx) // sizes the monitor's lists and each run's sample
+	if n := testing.AllocsPerRun(20, func() { m.pass(ctx) }); n != 0 {
+		t.Errorf("%v allocations per pass over %d workers, want 0", n, workers)
+	}
+	for _, wi := range h.s.List() {
+		if wi.Resources == nil || wi.Resources.MemoryCurrentBytes != 1<<20 {
+			t.Fatalf("worker %s not sampled: %+v", wi.ID, wi.Resources)
+		}
 	}
 }

@@ -1,8 +1,8 @@
 package supervisor
 
 import (
+	"bytes"
 	"log/slog"
-	"strings"
 	"time"
 	"unicode/utf8"
 
@@ -33,25 +33,42 @@ const (
 )
 
 // HandleNotify is the notify listener's handler (notify.Listener.Serve).
-func (s *Supervisor) HandleNotify(msg notify.Message) { s.handleDatagram(msg.PID, msg.Fields) }
+func (s *Supervisor) HandleNotify(msg notify.Message) { s.handleDatagram(msg.PID, &msg.Fields) }
 
 // handleDatagram takes one sd_notify datagram whose sender the kernel vouched
 // for (SO_PASSCRED). The sender must live in a worker's cgroup leaf; a worker
-// id in the payload is never trusted.
-func (s *Supervisor) handleDatagram(pid int32, fields map[string]string) {
-	if len(fields) == 1 && fields[workerproto.KeyBarrier] != "" {
+// id in the payload is never trusted. A heartbeat from a run's main pid takes
+// one lock section and allocates nothing (fields views the receive buffer;
+// strings are made only for a STATUS or figure that changed).
+func (s *Supervisor) handleDatagram(pid int32, fields *notify.Fields) {
+	if onlyBarrier(fields) {
 		// systemd-notify (without --no-block) follows each message with
 		// BARRIER=1 from its own short-lived pid, not --pid's; it often exits
 		// before we look its cgroup up. The barrier carries no state, so it
 		// is neither attributed nor counted as unknown_sender.
 		return
 	}
-	w := s.workerForPID(int(pid))
+	if pid <= 0 {
+		s.m.heartbeatsRejected.WithLabelValues(rejectUnknownSender).Inc()
+		return
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	// A run's main pid is exact until we reap it (the zombie pins the
+	// number), so it is a map lookup; anything else (a child of the worker)
+	// is looked up in the cgroup tree each time, never cached, because pids
+	// are reused. The lookup reads /proc: not under s.mu.
+	w := s.mainPID[int(pid)]
 	if w == nil {
-		s.mu.Lock()
-		at, late := s.exited[int(pid)]
 		s.mu.Unlock()
-		if late && time.Since(at) <= exitedGrace {
+		id, err := s.deps.Cgroups.LeafOf(int(pid))
+		s.mu.Lock()
+		if err == nil {
+			w = s.workers[id]
+		}
+	}
+	if w == nil {
+		if at, late := s.exited[int(pid)]; late && time.Since(at) <= exitedGrace {
 			// A worker's last words, read after its exit: nothing to do.
 			// A newer process with that pid would have been found above.
 			return
@@ -60,29 +77,11 @@ func (s *Supervisor) handleDatagram(pid int32, fields map[string]string) {
 		s.log.Debug("notify datagram from a process outside every worker cgroup", slog.Int("pid", int(pid)))
 		return
 	}
-	s.mu.Lock()
-	defer s.mu.Unlock()
 	if w.run == nil {
 		if w.startInFlight {
 			// The worker spoke before Start returned; its run is being
 			// registered. Keep the fields and apply them then.
-			if w.earlyFields == nil {
-				w.earlyFields = make(map[string]string)
-			}
-			for k, v := range fields {
-				switch {
-				case k == workerproto.KeyReady || k == workerproto.KeyWatchdog || k == workerproto.KeyStatus || k == workerproto.KeyStopping:
-				case strings.HasPrefix(k, workerproto.FigurePrefix):
-					// Bounded like figures: a worker may not grow the hive's
-					// memory by naming new keys before its run is registered.
-					if _, ok := w.earlyFields[k]; !ok && len(w.earlyFields) >= maxEarly {
-						continue
-					}
-				default:
-					continue // applyFields ignores it
-				}
-				w.earlyFields[k] = v
-			}
+			s.keepEarly(w, fields)
 			return
 		}
 		s.m.heartbeatsRejected.WithLabelValues(rejectUnknownSender).Inc()
@@ -91,76 +90,110 @@ func (s *Supervisor) handleDatagram(pid int32, fields map[string]string) {
 	s.applyFields(w, fields)
 }
 
-// applyFields acts on a datagram from w's current run. Caller holds s.mu.
-func (s *Supervisor) applyFields(w *worker, fields map[string]string) {
-	if v, ok := fields[workerproto.KeyStatus]; ok {
-		w.statusLine = truncate(v, maxStatus)
+// onlyBarrier reports whether every assignment is a non-empty BARRIER.
+func onlyBarrier(f *notify.Fields) bool {
+	for i := range f.Len() {
+		if string(f.Key(i)) != workerproto.KeyBarrier {
+			return false
+		}
 	}
-	if fields[workerproto.KeyStopping] == "1" && !w.stoppingLogged {
+	v, ok := f.Lookup(workerproto.KeyBarrier)
+	return ok && len(v) > 0
+}
+
+// keepEarly stores what applyFields will need from a datagram that beat its
+// run's registration. Caller holds s.mu.
+func (s *Supervisor) keepEarly(w *worker, fields *notify.Fields) {
+	if w.earlyFields == nil {
+		w.earlyFields = make(map[string]string)
+	}
+	for i := range fields.Len() {
+		k := fields.Key(i)
+		switch {
+		case string(k) == workerproto.KeyReady || string(k) == workerproto.KeyWatchdog || string(k) == workerproto.KeyStatus || string(k) == workerproto.KeyStopping:
+		case bytes.HasPrefix(k, []byte(workerproto.FigurePrefix)):
+			// Bounded like figures: a worker may not grow the hive's
+			// memory by naming new keys before its run is registered.
+			if _, ok := w.earlyFields[string(k)]; !ok && len(w.earlyFields) >= maxEarly {
+				continue
+			}
+		default:
+			continue // applyFields ignores it
+		}
+		w.earlyFields[string(k)] = string(fields.Value(i))
+	}
+}
+
+// applyEarly applies the fields kept by keepEarly. Caller holds s.mu.
+func (s *Supervisor) applyEarly(w *worker) {
+	var b []byte
+	for k, v := range w.earlyFields {
+		b = append(append(append(append(b, k...), '='), v...), '\n')
+	}
+	var f notify.Fields
+	if len(b) > 0 && f.Parse(b) == nil { // they were parsed once already
+		s.applyFields(w, &f)
+	}
+}
+
+// applyFields acts on a datagram from w's current run. Caller holds s.mu.
+func (s *Supervisor) applyFields(w *worker, fields *notify.Fields) {
+	if v, ok := fields.Lookup(workerproto.KeyStatus); ok {
+		if v = truncate(v, maxStatus); string(v) != w.statusLine {
+			w.statusLine = string(v)
+		}
+	}
+	if fields.Is(workerproto.KeyStopping, "1") && !w.stoppingLogged {
 		w.stoppingLogged = true
 		w.log.Info("worker says it is stopping")
 	}
-	for k, v := range fields {
-		if k == workerproto.KeyHealth {
-			if h := workerproto.HealthStatus(v); h == workerproto.Healthy || h == workerproto.Degraded {
-				w.reportedHealth = v
+	if v, ok := fields.Lookup(workerproto.KeyHealth); ok {
+		// The constants, not string(v): a heartbeat must not allocate.
+		switch workerproto.HealthStatus(v) {
+		case workerproto.Healthy:
+			w.reportedHealth = string(workerproto.Healthy)
+		case workerproto.Degraded:
+			w.reportedHealth = string(workerproto.Degraded)
+		}
+	}
+	// In order, so a repeated figure ends with its last value.
+	for i := range fields.Len() {
+		k := fields.Key(i)
+		if !bytes.HasPrefix(k, []byte(workerproto.FigurePrefix)) || string(k) == workerproto.KeyHealth {
+			continue
+		}
+		v := truncate(fields.Value(i), maxFigureValue)
+		old, ok := w.figures[string(k)]
+		switch {
+		case ok && old == string(v):
+		case ok || len(w.figures) < maxFigures:
+			if w.figures == nil {
+				w.figures = make(map[string]string)
 			}
-			continue
-		}
-		if !strings.HasPrefix(k, workerproto.FigurePrefix) {
-			continue
-		}
-		if w.figures == nil {
-			w.figures = make(map[string]string)
-		}
-		if _, ok := w.figures[k]; ok || len(w.figures) < maxFigures {
-			w.figures[k] = truncate(v, maxFigureValue)
+			w.figures[string(k)] = string(v)
 		}
 	}
 	// In http mode the health probe alone decides readiness.
-	if fields[workerproto.KeyReady] == "1" && w.backendCfg.Health != config.HealthHTTP {
+	if fields.Is(workerproto.KeyReady, "1") && w.backendCfg.Health != config.HealthHTTP {
 		via := "READY=1"
 		if w.earlyReadyVia != "" {
 			via, w.earlyReadyVia = w.earlyReadyVia, ""
 		}
 		s.markReady(w, via)
 	}
-	if fields[workerproto.KeyWatchdog] == "1" {
+	if fields.Is(workerproto.KeyWatchdog, "1") {
 		s.heartbeat(w)
 	}
 }
 
-// truncate cuts s to at most n bytes at a rune boundary: the datagram was
+// truncate cuts b to at most n bytes at a rune boundary: the datagram was
 // valid UTF-8 and the API's JSON should stay so.
-func truncate(s string, n int) string {
-	if len(s) <= n {
-		return s
+func truncate(b []byte, n int) []byte {
+	if len(b) <= n {
+		return b
 	}
-	for n > 0 && !utf8.RuneStart(s[n]) {
+	for n > 0 && !utf8.RuneStart(b[n]) {
 		n--
 	}
-	return s[:n]
-}
-
-// workerForPID attributes a pid to a worker. A run's main pid is exact
-// until we reap it (the zombie pins the number), so it is a map lookup;
-// anything else (a child of the worker) is looked up in the cgroup tree
-// each time, never cached, because pids are reused.
-func (s *Supervisor) workerForPID(pid int) *worker {
-	if pid <= 0 {
-		return nil
-	}
-	s.mu.Lock()
-	w := s.mainPID[pid]
-	s.mu.Unlock()
-	if w != nil {
-		return w
-	}
-	id, err := s.deps.Cgroups.LeafOf(pid)
-	if err != nil {
-		return nil
-	}
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.workers[id]
+	return b[:n]
 }

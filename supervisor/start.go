@@ -9,8 +9,6 @@ import (
 	"sort"
 	"strconv"
 	"strings"
-	"sync"
-	"sync/atomic"
 	"syscall"
 	"time"
 
@@ -165,12 +163,6 @@ func (s *Supervisor) startRun(w *worker, why string) error {
 	}
 	rctx, cancel := context.WithCancel(context.Background())
 	r := &run{leaf: leaf, cmd: cmd, cancel: cancel, done: make(chan struct{})}
-	oom := &oomWatch{seen: make(chan struct{})}
-	if ch, err := leaf.OOMEvents(rctx); err != nil {
-		w.log.Warn("OOM events unavailable; relying on the leaf's counters", slog.Any("err", err))
-	} else {
-		go oom.drain(ch)
-	}
 	if err := leaf.Start(cmd, cgroup.WithIsolation(iso)); err != nil {
 		cancel()
 		pipes.close()
@@ -180,8 +172,7 @@ func (s *Supervisor) startRun(w *worker, why string) error {
 	pipes.closeWriteEnds()
 	r.pid = cmd.Process.Pid
 	r.started = time.Now()
-	var readers sync.WaitGroup
-	pipes.pump(w.logs, &readers)
+	pipes.pump(&s.out, w.logs, &r.output, w.log)
 
 	s.mu.Lock()
 	w.run = r
@@ -191,8 +182,7 @@ func (s *Supervisor) startRun(w *worker, why string) error {
 		w.killReason, w.noRestart = ReasonStopped, true
 		s.mu.Unlock()
 		s.killRun(r)
-		s.wg.Add(1)
-		go s.wait(w, r, oom, &readers)
+		s.watchExit(w, r)
 		return nil
 	}
 	w.killReason, w.noRestart = "", false
@@ -205,7 +195,7 @@ func (s *Supervisor) startRun(w *worker, why string) error {
 	s.setState(w, StateLoading, why)
 	s.setDeadline(w, dlLoad, r.started.Add(w.backendCfg.LoadTimeout.D()))
 	if w.earlyFields != nil {
-		s.applyFields(w, w.earlyFields)
+		s.applyEarly(w)
 	}
 	w.startInFlight, w.earlyFields = false, nil
 	s.mu.Unlock()
@@ -214,23 +204,8 @@ func (s *Supervisor) startRun(w *worker, why string) error {
 	if w.backendCfg.Health == config.HealthHTTP {
 		go s.pollHealth(rctx, w, r)
 	}
-	s.wg.Add(1)
-	go s.wait(w, r, oom, &readers)
+	s.watchExit(w, r)
 	return nil
-}
-
-// oomWatch collects the leaf's OOM events for one run.
-type oomWatch struct {
-	once sync.Once
-	seen chan struct{} // closed at the first OOM event
-	n    atomic.Uint64
-}
-
-func (o *oomWatch) drain(ch <-chan cgroup.OOMEvent) {
-	for range ch {
-		o.n.Add(1)
-		o.once.Do(func() { close(o.seen) })
-	}
 }
 
 // startFailed handles a start that failed after the spawn request returned

@@ -163,6 +163,12 @@ func (s *Supervisor) Shutdown(ctx context.Context) ShutdownReport {
 	case <-done:
 	case <-ctx.Done():
 	}
+	// Runs still watched (past the budget) fall back to waiting for
+	// themselves once the reaper closes.
+	s.reaperOnce.Do(func() {})
+	if s.reaper != nil {
+		_ = s.reaper.Close()
+	}
 	rep := ShutdownReport{Total: len(victims), Graceful: graceful, Forced: forced, Duration: time.Since(start)}
 	s.log.Info("workers shut down", slog.Int("total", rep.Total), slog.Int("graceful", rep.Graceful),
 		slog.Int("forced", rep.Forced), slog.Duration("duration", rep.Duration))

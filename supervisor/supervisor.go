@@ -14,6 +14,7 @@ import (
 	"time"
 
 	"github.com/rbee/rbee-hive/config"
+	"github.com/rbee/rbee-hive/internal/reaper"
 	"github.com/rbee/rbee-hive/procfs"
 )
 
@@ -44,6 +45,12 @@ type Supervisor struct {
 	// model store's release writes its catalog and a removal unlinks log
 	// files, disk I/O that must not stall everything else behind s.mu.
 	afterUnlock []func()
+
+	out outputPoller // every run's stdout and stderr
+	// reaper reports every run's exit (exitReaper starts it; nil if it
+	// could not start); Shutdown closes it.
+	reaperOnce sync.Once
+	reaper     *reaper.Reaper
 
 	kick  chan struct{}
 	probe chan chan struct{}

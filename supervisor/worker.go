@@ -4,6 +4,7 @@ import (
 	"context"
 	"log/slog"
 	"os/exec"
+	"sync"
 	"time"
 
 	"github.com/rbee/rbee-hive/cgroup"
@@ -89,8 +90,9 @@ type run struct {
 	// squatterLogged: a squatter on the port was logged and counted once.
 	portOwned      bool
 	squatterLogged bool
-	cancel         context.CancelFunc // health poller, OOM watch
+	cancel         context.CancelFunc // health poller
 	done           chan struct{}      // closed after the exit was handled
+	output         sync.WaitGroup     // the stdout and stderr readers
 	// monitor results, guarded by Supervisor.mu
 	sample   *resourceSample
 	overVRAM bool // over the VRAM limit at the last sample (one log per crossing)

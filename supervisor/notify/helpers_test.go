@@ -77,12 +77,12 @@ func runHelper(mode string) int {
 		defer cancel()
 		fmt.Println("serving") // SO_PASSCRED is on from here
 		var got Message
-		l.Serve(ctx, func(m Message) { got = m; cancel() })
+		l.Serve(ctx, func(m Message) { got = m.Clone(); cancel() })
 		json.NewEncoder(os.Stdout).Encode(struct {
 			PID    int32
 			Fields map[string]string
 			Stats  Stats
-		}{got.PID, got.Fields, l.Stats()})
+		}{got.PID, got.Fields.Map(), l.Stats()})
 	case "nsrecv":
 		return nsReceiver(sock)
 	default:

@@ -64,12 +64,21 @@ const (
 type Message struct {
 	PID      int32 // sender's pid, as attested by the kernel (never 0)
 	UID, GID uint32
-	Fields   map[string]string
+	// Fields views the receive buffer: valid only during the Handler call
+	// (Clone keeps a message).
+	Fields   Fields
 	Received time.Time
 }
 
+// Clone returns a copy of m that stays valid after the Handler returns.
+func (m Message) Clone() Message {
+	m.Fields = m.Fields.Clone()
+	return m
+}
+
 // Handler is called in the receive loop, one message at a time; it must
-// not block (hand off to a channel if it has work to do).
+// not block (hand off to a channel if it has work to do) nor keep
+// m.Fields past its return.
 type Handler func(Message)
 
 // Stats is a snapshot of the counters. Received == Delivered + Oversize +
@@ -303,28 +312,46 @@ func (l *Listener) Close() error {
 // in the hive (it sets MSG_CTRUNC and closes them).
 var oobSize = unix.CmsgSpace(unix.SizeofUcred)
 
-// receiver holds everything recvmsg needs, allocated once per Serve: the
-// loop itself does not allocate until a message is parsed.
+// recvBatch is how many datagrams one recvmmsg call may take: under load
+// (many workers, or a burst) the syscall is paid once per batch; a lone
+// datagram costs what recvmsg would.
+const recvBatch = 8
+
+// mmsghdr is struct mmsghdr (x/sys/unix has no type for it): Go pads it as
+// C does, to the alignment of the pointers in Msghdr.
+type mmsghdr struct {
+	hdr unix.Msghdr
+	len uint32
+}
+
+// receiver holds everything recvmmsg and the parser need, allocated once
+// per Serve: the loop itself does not allocate.
 type receiver struct {
-	buf   [MaxDatagram]byte
-	oob   [64]byte
-	iov   unix.Iovec
-	msg   unix.Msghdr
-	n     int
-	errno syscall.Errno
-	read  func(fd uintptr) bool
+	bufs   [recvBatch][MaxDatagram]byte
+	oobs   [recvBatch][64]byte
+	iovs   [recvBatch]unix.Iovec
+	msgs   [recvBatch]mmsghdr
+	fields Fields
+	n      int // datagrams in msgs after a read
+	errno  syscall.Errno
+	read   func(fd uintptr) bool
 }
 
 func newReceiver() *receiver {
 	r := &receiver{}
-	r.iov.Base = &r.buf[0]
-	r.iov.SetLen(len(r.buf))
+	for i := range r.iovs {
+		r.iovs[i].Base = &r.bufs[i][0]
+		r.iovs[i].SetLen(MaxDatagram)
+	}
 	r.read = func(fd uintptr) bool {
-		r.msg = unix.Msghdr{Iov: &r.iov, Control: &r.oob[0]}
-		r.msg.SetIovlen(1)
-		r.msg.SetControllen(oobSize)
+		for i := range r.msgs {
+			r.msgs[i] = mmsghdr{hdr: unix.Msghdr{Iov: &r.iovs[i], Control: &r.oobs[i][0]}}
+			r.msgs[i].hdr.SetIovlen(1)
+			r.msgs[i].hdr.SetControllen(oobSize)
+		}
 		for {
-			n, _, e := syscall.Syscall(unix.SYS_RECVMSG, fd, uintptr(unsafe.Pointer(&r.msg)), unix.MSG_DONTWAIT|unix.MSG_CMSG_CLOEXEC)
+			n, _, e := syscall.Syscall6(unix.SYS_RECVMMSG, fd, uintptr(unsafe.Pointer(&r.msgs[0])), recvBatch,
+				unix.MSG_DONTWAIT|unix.MSG_CMSG_CLOEXEC, 0, 0)
 			switch e {
 			case unix.EINTR:
 				continue
@@ -338,9 +365,9 @@ func newReceiver() *receiver {
 	return r
 }
 
-// creds finds SCM_CREDENTIALS in the control data.
-func (r *receiver) creds() (pid int32, uid, gid uint32, ok bool) {
-	oob := r.oob[:r.msg.Controllen]
+// creds finds SCM_CREDENTIALS in datagram i's control data.
+func (r *receiver) creds(i int) (pid int32, uid, gid uint32, ok bool) {
+	oob := r.oobs[i][:r.msgs[i].hdr.Controllen]
 	hdr := unix.CmsgLen(0)
 	for len(oob) >= hdr {
 		h := (*unix.Cmsghdr)(unsafe.Pointer(&oob[0]))
@@ -392,26 +419,39 @@ func (l *Listener) Serve(ctx context.Context, h Handler) error {
 			}
 			l.c.readErrors.Add(1)
 			if r.errno == unix.EBADF || r.errno == unix.ENOTSOCK {
-				return fmt.Errorf("notify: recvmsg: %w", r.errno)
+				return fmt.Errorf("notify: recvmmsg: %w", r.errno)
 			}
 			continue
 		}
-		l.c.received.Add(1)
-		if r.msg.Flags&unix.MSG_TRUNC != 0 {
-			l.c.oversize.Add(1)
-			continue
+		now := time.Now() // one batch, one moment of reception
+		for i := range r.n {
+			l.deliver(r, i, now, h)
 		}
-		pid, uid, gid, ok := r.creds()
-		if !ok {
-			l.c.noCreds.Add(1)
-			continue
-		}
-		fields, err := Parse(r.buf[:r.n])
-		if err != nil {
-			l.c.malformed.Add(1)
-			continue
-		}
-		l.c.delivered.Add(1)
-		h(Message{PID: pid, UID: uid, GID: gid, Fields: fields, Received: time.Now()})
 	}
+}
+
+// deliver counts datagram i of r's batch and hands it to h unless it is
+// dropped. The outcome is counted before Received, so a reader that sees
+// Received reach n also sees the outcomes of those n datagrams.
+func (l *Listener) deliver(r *receiver, i int, now time.Time, h Handler) {
+	m := &r.msgs[i]
+	if m.hdr.Flags&unix.MSG_TRUNC != 0 {
+		l.c.oversize.Add(1)
+		l.c.received.Add(1)
+		return
+	}
+	pid, uid, gid, ok := r.creds(i)
+	if !ok {
+		l.c.noCreds.Add(1)
+		l.c.received.Add(1)
+		return
+	}
+	if err := r.fields.Parse(r.bufs[i][:m.len]); err != nil {
+		l.c.malformed.Add(1)
+		l.c.received.Add(1)
+		return
+	}
+	l.c.delivered.Add(1)
+	l.c.received.Add(1)
+	h(Message{PID: pid, UID: uid, GID: gid, Fields: r.fields, Received: now})
 }
