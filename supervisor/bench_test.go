@@ -119,15 +119,17 @@ func BenchmarkHandleDatagram(b *testing.B) {
 	b.Run("worker", func(b *testing.B) {
 		b.ReportAllocs()
 		pid := int32(*wi.PID)
+		uid := procUID(pid)
 		for i := 0; i < b.N; i++ {
-			h.s.handleDatagram(pid, &fields)
+			h.s.handleDatagram(pid, uid, &fields)
 		}
 	})
 	b.Run("unknown_sender", func(b *testing.B) {
 		b.ReportAllocs()
 		pid := int32(syscall.Getpid())
+		uid := uint32(syscall.Getuid())
 		for i := 0; i < b.N; i++ {
-			h.s.handleDatagram(pid, &fields)
+			h.s.handleDatagram(pid, uid, &fields)
 		}
 	})
 }

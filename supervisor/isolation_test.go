@@ -234,3 +234,65 @@ func TestPortSquatterNotReady(t *testing.T) {
 		t.Errorf("inference to a squatted worker: %d, want 409", code)
 	}
 }
+
+// The sender's uid must be the worker's: a datagram whose pid is in a
+// worker's leaf but whose uid is not the worker's is rejected and counted;
+// one whose pid is gone but whose uid is a worker's own is that worker's.
+func TestNotifyUIDAttribution(t *testing.T) {
+	h := newHarness(t)
+	res := h.spawn(map[string]any{"model_ref": "hf:a/b", "backend": "sim", "device": 0, "env": map[string]string{"RBEE_SIM_NO_HEARTBEAT": "true"}})
+	wi := h.waitState(res.WorkerID, StateIdle, 20*time.Second)
+	pid := int32(*wi.PID)
+	uid := procUID(pid)
+	if uid == 0 || wi.User != strconv.Itoa(int(uid)) {
+		t.Fatalf("worker runs as uid %d, API says user %q", uid, wi.User)
+	}
+	h.s.HandleDatagramAs(pid, uid+1, map[string]string{"STATUS": "forged"})
+	if got := counter(t, h.reg, "rbee_hive_heartbeats_rejected_total", map[string]string{"reason": "uid_mismatch"}); got != 1 {
+		t.Errorf("uid_mismatch rejections: %v, want 1", got)
+	}
+	if st := h.get(res.WorkerID).Status; st == "forged" {
+		t.Errorf("a datagram with another uid was applied")
+	}
+	// A sender that is gone: a real process that has exited.
+	gone := exec.Command("/bin/true")
+	if err := gone.Run(); err != nil {
+		t.Fatal(err)
+	}
+	h.s.HandleDatagramAs(int32(gone.Process.Pid), uid, map[string]string{"STATUS": "by uid"})
+	if st := h.get(res.WorkerID).Status; st != "by uid" {
+		t.Errorf("status %q: a gone sender with the worker's uid was not attributed to it", st)
+	}
+	before := counter(t, h.reg, "rbee_hive_heartbeats_rejected_total", map[string]string{"reason": "unknown_sender"})
+	h.s.HandleDatagramAs(int32(gone.Process.Pid), uid+1, map[string]string{"STATUS": "nobody's"})
+	if got := counter(t, h.reg, "rbee_hive_heartbeats_rejected_total", map[string]string{"reason": "unknown_sender"}); got != before+1 {
+		t.Errorf("unknown_sender %v, want %v: a uid of no worker must not be attributed", got, before+1)
+	}
+}
+
+// The shell-worker pattern of docs/worker-protocol.md, unprivileged and
+// without --pid: real systemd-notify, run as the worker's uid, sends from
+// its own short-lived pid (--no-block: it exits without waiting for the
+// hive, so the hive often reads a datagram whose sender is gone); the hive
+// attributes it (by pid while it lives, by uid once it is gone), so the
+// worker becomes ready and every heartbeat and status arrives. Without the
+// uid attribution some datagrams land in unknown_sender.
+func TestShellWorkerSystemdNotify(t *testing.T) {
+	h := newHarness(t, func(c *config.Config) {
+		c.Backends["shell"] = config.Backend{Command: []string{"/bin/sh", "-c",
+			`systemd-notify --no-block --ready --status=loaded; n=0; while :; do n=$((n+1)); systemd-notify --no-block --status="beat $n" WATCHDOG=1 || true; sleep 0.2; done`},
+			Health: "notify", LoadTimeout: config.Duration(20 * time.Second), MemoryLimit: 64 << 20}
+	})
+	res := h.spawn(map[string]any{"model_ref": "hf:a/b", "backend": "shell", "device": 0})
+	h.waitState(res.WorkerID, StateIdle, 20*time.Second)
+	h.waitFor("heartbeats with status", 20*time.Second, func() bool {
+		st := h.get(res.WorkerID).Status
+		return strings.HasPrefix(st, "beat ") && st != "beat 1" && st != "beat 2"
+	})
+	if got := counter(t, h.reg, "rbee_hive_heartbeats_rejected_total", map[string]string{"reason": "unknown_sender"}); got != 0 {
+		t.Errorf("%v datagrams of the shell worker rejected as unknown_sender", got)
+	}
+	if got := h.get(res.WorkerID).State; got != StateIdle {
+		t.Errorf("state %s, want idle", got)
+	}
+}
