@@ -128,7 +128,7 @@ type Backend struct {
 	Env         map[string]string `toml:"env" comment:"fixed environment for this backend"`
 	EnvAllow    []string          `toml:"env_allow" comment:"environment keys a spawn request may set"`
 	User        string            `toml:"user" comment:"empty: each worker gets its own uid from workers.uid_range; a system user name: every worker of this backend runs as it; root: runs as uid 0 (still without capabilities; warned at every spawn)"`
-	Writable    []string          `toml:"writable" comment:"absolute paths the workers may write besides their own home (created if missing; made group workers.model_group, mode 2770)"`
+	Writable    []string          `toml:"writable" comment:"absolute paths the workers may write besides their own home (created if missing; made root:workers.model_group, mode 0770; under the systemd unit also list them in ReadWritePaths=)"`
 
 	// The engine's protocol and shape (docs/engines.md).
 	API              API  `toml:"api" comment:"rbee (POST /v1/inference) or openai (/v1/chat/completions, /v1/completions)"`

@@ -112,9 +112,10 @@ func lookupGroup(g string) (uint32, error) {
 // root:<group> 0710: workers may pass through it (to the model dir and
 // their homes) but not list it; the token (0600) and the worker logs (a
 // root-only 0750 dir) stay out of reach. The model dir gets the group and
-// g+rx (setgid, so new model dirs keep the group), the homes dir 0710, the
+// g+rx (what the hive writes below it is 0755/0644), the homes dir 0710, the
 // notify socket the group (its mode is 0660), and each backend's writable
-// paths root:<group> 2770.
+// paths root:<group> 0770. No setgid bits: the unit's RestrictSUIDSGID=yes
+// refuses them.
 func (ids *identities) prepareDirs(cfg *config.Config) error {
 	chown := func(p string, mode os.FileMode) error {
 		if err := os.Chown(p, 0, int(ids.group)); err != nil {
@@ -148,7 +149,7 @@ func (ids *identities) prepareDirs(cfg *config.Config) error {
 		if err != nil {
 			return fmt.Errorf("model dir: %w", err)
 		}
-		if err := chown(cfg.ModelDir, st.Mode().Perm()|0o050|os.ModeSetgid); err != nil {
+		if err := chown(cfg.ModelDir, st.Mode().Perm()|0o050); err != nil {
 			return err
 		}
 	}
@@ -162,7 +163,7 @@ func (ids *identities) prepareDirs(cfg *config.Config) error {
 			if err := os.MkdirAll(p, 0o770); err != nil {
 				return fmt.Errorf("backends.%s.writable: %w", name, err)
 			}
-			if err := chown(p, 0o770|os.ModeSetgid); err != nil {
+			if err := chown(p, 0o770); err != nil {
 				return fmt.Errorf("backends.%s.writable: %w", name, err)
 			}
 		}
