@@ -154,7 +154,13 @@ func (ids *identities) prepareDirs(cfg *config.Config) error {
 		}
 	}
 	if p := cfg.Heartbeat.NotifySocket; p != "" && p[0] != '@' {
-		if err := os.Chown(p, 0, int(ids.group)); err != nil && !errors.Is(err, os.ErrNotExist) {
+		// notify.Listen and the shipped .socket unit make it 0660; a socket
+		// handed over by another activator may not be.
+		err := os.Chown(p, 0, int(ids.group))
+		if err == nil {
+			err = os.Chmod(p, 0o660)
+		}
+		if err != nil && !errors.Is(err, os.ErrNotExist) {
 			return fmt.Errorf("worker isolation: notify socket: %w", err)
 		}
 	}
