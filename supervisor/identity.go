@@ -7,7 +7,9 @@ import (
 	"os"
 	"os/user"
 	"path/filepath"
+	"slices"
 	"strconv"
+	"syscall"
 
 	"github.com/rbee/rbee-hive/cgroup"
 	"github.com/rbee/rbee-hive/config"
@@ -226,4 +228,63 @@ func (ids *identities) release(w *worker, log *slog.Logger) {
 		log.Warn("removing the worker's home", slog.Any("err", err))
 	}
 	ids.alloc.Release(w.id)
+}
+
+// canExec reports, without trying, whether iso may execute prog: each
+// directory on the way must grant it search permission and the file
+// execute permission, by owner, group or other as the kernel picks
+// (without capabilities, as the worker runs). The error names the first
+// path that stops it, so a spawn fails with a cause rather than EACCES.
+func canExec(prog string, iso cgroup.Isolation) error {
+	if iso.UID == 0 {
+		return nil // root owns most paths; exec reports the rare exception
+	}
+	allowed := func(p string, want os.FileMode) error {
+		fi, err := os.Stat(p)
+		if err != nil {
+			return err
+		}
+		st, ok := fi.Sys().(*syscall.Stat_t)
+		if !ok {
+			return nil
+		}
+		perm := fi.Mode().Perm()
+		var bits os.FileMode
+		switch {
+		case st.Uid == iso.UID:
+			bits = perm >> 6
+		case st.Gid == iso.GID || slices.Contains(iso.Groups, st.Gid):
+			bits = perm >> 3
+		default:
+			bits = perm
+		}
+		if bits&want == 0 {
+			return fmt.Errorf("workers (uid %d, groups %d %v) cannot use %s (%s %d:%d): make it reachable, or install the program elsewhere", iso.UID, iso.GID, iso.Groups, p, perm, st.Uid, st.Gid)
+		}
+		return nil
+	}
+	p := filepath.Clean(prog)
+	for d := filepath.Dir(p); ; d = filepath.Dir(d) {
+		if err := allowed(d, 0o1); err != nil {
+			return err
+		}
+		if d == "/" || d == "." {
+			break
+		}
+	}
+	return allowed(p, 0o1)
+}
+
+// WorkersCanExec reports whether a worker with a uid of its own from cfg's
+// range could execute prog (see canExec).
+func WorkersCanExec(cfg *config.Config, prog string) error {
+	first, _, err := config.ParseUIDRange(cfg.Workers.UIDRange)
+	if err != nil {
+		return err
+	}
+	gid, err := lookupGroup(cfg.Workers.ModelGroup)
+	if err != nil {
+		return err
+	}
+	return canExec(prog, cgroup.Isolation{UID: first, GID: first, Groups: []uint32{gid}})
 }

@@ -296,3 +296,20 @@ func TestShellWorkerSystemdNotify(t *testing.T) {
 		t.Errorf("state %s, want idle", got)
 	}
 }
+
+// A program workers cannot reach fails the spawn with the path that stops
+// them, not a bare EACCES from exec.
+func TestSpawnUnreachableProgram(t *testing.T) {
+	dir := t.TempDir() // 0700 root, as a checkout under /root would be
+	prog := filepath.Join(dir, "worker")
+	if err := os.WriteFile(prog, []byte("#!/bin/sh\nexit 0\n"), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	h := newHarness(t, func(c *config.Config) {
+		c.Backends["hidden"] = config.Backend{Command: []string{prog}, Health: "notify", LoadTimeout: config.Duration(20 * time.Second), MemoryLimit: 64 << 20}
+	})
+	code, out := h.do("POST", "/v1/workers/spawn", map[string]any{"model_ref": "hf:a/b", "backend": "hidden", "device": 0})
+	if code != 500 || !strings.Contains(string(out), "cannot use "+filepath.Dir(dir)) {
+		t.Errorf("spawn: %d %s", code, out)
+	}
+}

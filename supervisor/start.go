@@ -146,6 +146,9 @@ func (s *Supervisor) startRun(w *worker, why string) error {
 		s.mu.Unlock()
 	}()
 
+	if err := canExec(argv[0], iso); err != nil {
+		return &spawnError{reason: failExec, err: err}
+	}
 	leaf, err := s.createLeaf(w)
 	if err != nil {
 		return &spawnError{reason: failCgroup, err: err}
