@@ -6,6 +6,7 @@ import (
 	"crypto/rand"
 	"encoding/hex"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"io"
 	"log/slog"
@@ -14,8 +15,10 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"sync"
+	"syscall"
 	"testing"
 	"time"
 
@@ -37,10 +40,30 @@ func TestMain(m *testing.M) {
 	if os.Getenv(senderEnv) != "" {
 		os.Exit(runSender())
 	}
+	if pid := os.Getenv(forgeEnv); pid != "" {
+		os.Exit(forgeCredentials(pid))
+	}
 	os.Exit(runTests(m))
 }
 
 func runTests(m *testing.M) int {
+	// This binary doubles as the forger of TestIsolatedWorkerAttacks; a
+	// worker must be able to run it, and the go build cache is 0700.
+	fdir, err := os.MkdirTemp("", "rbee-sup-forger")
+	if err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		return 1
+	}
+	defer os.RemoveAll(fdir)
+	forgerPath = filepath.Join(fdir, "forger")
+	if err := copyTestBinary(forgerPath); err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		return 1
+	}
+	if err := os.Chmod(fdir, 0o755); err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		return 1
+	}
 	if p := os.Getenv("RBEE_SIMWORKER"); p != "" {
 		simDir = filepath.Dir(p)
 		return m.Run()
@@ -63,6 +86,51 @@ func runTests(m *testing.M) int {
 	}
 	simDir = dir
 	return m.Run()
+}
+
+// forgerPath is a copy of this test binary that workers can execute; run
+// with forgeEnv=<pid> it sends a datagram naming that pid (forgeCredentials).
+var forgerPath string
+
+const forgeEnv = "RBEE_TEST_FORGE_PID"
+
+func copyTestBinary(dst string) error {
+	self, err := os.Executable()
+	if err != nil {
+		return err
+	}
+	b, err := os.ReadFile(self)
+	if err != nil {
+		return err
+	}
+	return os.WriteFile(dst, b, 0o755)
+}
+
+// forgeCredentials sends WATCHDOG=1 to $NOTIFY_SOCKET with SCM_CREDENTIALS
+// naming pid (and the sender's own uid and gid). Exit status: 0 sent,
+// 1 refused by the kernel with EPERM, 2 anything else.
+func forgeCredentials(pid string) int {
+	n, err := strconv.Atoi(pid)
+	if err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		return 2
+	}
+	fd, err := syscall.Socket(syscall.AF_UNIX, syscall.SOCK_DGRAM|syscall.SOCK_CLOEXEC, 0)
+	if err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		return 2
+	}
+	defer syscall.Close(fd)
+	oob := syscall.UnixCredentials(&syscall.Ucred{Pid: int32(n), Uid: uint32(os.Getuid()), Gid: uint32(os.Getgid())})
+	err = syscall.Sendmsg(fd, []byte("WATCHDOG=1"), oob, &syscall.SockaddrUnix{Name: os.Getenv("NOTIFY_SOCKET")}, 0)
+	switch {
+	case err == nil:
+		return 0
+	case errors.Is(err, syscall.EPERM):
+		return 1
+	}
+	fmt.Fprintln(os.Stderr, "forge:", err)
+	return 2
 }
 
 // simEnv are the simworker knobs a spawn request may set in tests.

@@ -12,6 +12,8 @@ import (
 	"time"
 
 	"github.com/rbee/rbee-hive/config"
+	"github.com/rbee/rbee-hive/internal/testkit"
+	"github.com/rbee/rbee-hive/internal/workeruser"
 )
 
 // attackScript runs as the worker itself (the hive's isolated process,
@@ -29,7 +31,7 @@ try token cat "$ATTACK_TOKEN"
 try environ cat /proc/$ATTACK_VICTIM/environ
 try kill_victim kill -9 $ATTACK_VICTIM
 try kill_hive kill -9 $ATTACK_HIVE
-try forge_pid /usr/bin/python3 -c "$ATTACK_FORGE" $ATTACK_VICTIM
+env RBEE_TEST_FORGE_PID=$ATTACK_VICTIM "$ATTACK_FORGE"; echo "ATTACK forge_pid: rc $?"
 try home sh -c 'echo x > "$HOME/probe" && mkdir "$XDG_CACHE_HOME/m"'
 try state_dir ls "$ATTACK_STATE"
 echo "ATTACK done"
@@ -44,15 +46,6 @@ exec "$0" --port "$1" --worker-id "$2" --model x --tokens-per-second 0
 `
 
 var attackEnv = []string{"ATTACK_TOKEN", "ATTACK_VICTIM", "ATTACK_HIVE", "ATTACK_STATE", "ATTACK_FORGE", "DEVS"}
-
-// forgeScript sends WATCHDOG=1 to the notify socket with SCM_CREDENTIALS
-// naming the pid in argv[1]: the kernel refuses it (EPERM) without
-// CAP_SYS_ADMIN. (systemd-notify --pid would retry without the pid on
-// EPERM and exit 0, so it cannot show the refusal.)
-const forgeScript = `import os, socket, struct, sys
-s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-cred = struct.pack("iII", int(sys.argv[1]), os.getuid(), os.getgid())
-s.sendmsg([b"WATCHDOG=1"], [(socket.SOL_SOCKET, socket.SCM_CREDENTIALS, cred)], 0, os.environ["NOTIFY_SOCKET"])`
 
 // isolationHarness has the attacker and device backends, and a state dir
 // whose parent lets anyone pass, so that what stops a worker is the state
@@ -103,16 +96,20 @@ func TestIsolatedWorkerAttacks(t *testing.T) {
 	v := h.waitState(victim.WorkerID, StateIdle, 20*time.Second)
 	att := h.spawn(map[string]any{"model_ref": "hf:a/attacker", "backend": "attacker", "device": 0, "env": map[string]string{
 		"ATTACK_TOKEN": tokenFile, "ATTACK_VICTIM": strconv.Itoa(*v.PID), "ATTACK_HIVE": strconv.Itoa(os.Getpid()),
-		"ATTACK_STATE": h.cfg.StateDir, "ATTACK_FORGE": forgeScript}})
+		"ATTACK_STATE": h.cfg.StateDir, "ATTACK_FORGE": forgerPath}})
 	a := h.waitState(att.WorkerID, StateIdle, 20*time.Second)
 	out := h.stdout(att.WorkerID)
 	if !strings.Contains(out, "ATTACK done") {
 		t.Fatalf("attack script did not finish:\n%s", out)
 	}
-	for _, name := range []string{"memory_limit", "parent_procs", "own_procs", "token", "environ", "kill_victim", "kill_hive", "forge_pid", "state_dir"} {
+	for _, name := range []string{"memory_limit", "parent_procs", "own_procs", "token", "environ", "kill_victim", "kill_hive", "state_dir"} {
 		if !strings.Contains(out, "ATTACK "+name+": refused") {
 			t.Errorf("attack %s was not refused:\n%s", name, out)
 		}
+	}
+	// SCM_CREDENTIALS naming the victim's pid: the kernel says EPERM (rc 1).
+	if !strings.Contains(out, "ATTACK forge_pid: rc 1") {
+		t.Errorf("datagram with another worker's pid not refused by the kernel:\n%s", out)
 	}
 	if !strings.Contains(out, "ATTACK home: succeeded") {
 		t.Errorf("the worker could not write its own home:\n%s", out)
@@ -278,6 +275,7 @@ func TestNotifyUIDAttribution(t *testing.T) {
 // worker becomes ready and every heartbeat and status arrives. Without the
 // uid attribution some datagrams land in unknown_sender.
 func TestShellWorkerSystemdNotify(t *testing.T) {
+	testkit.RequireCommand(t, "systemd-notify") // not in the VM's busybox
 	h := newHarness(t, func(c *config.Config) {
 		c.Backends["shell"] = config.Backend{Command: []string{"/bin/sh", "-c",
 			`systemd-notify --no-block --ready --status=loaded; n=0; while :; do n=$((n+1)); systemd-notify --no-block --status="beat $n" WATCHDOG=1 || true; sleep 0.2; done`},
@@ -311,5 +309,28 @@ func TestSpawnUnreachableProgram(t *testing.T) {
 	code, out := h.do("POST", "/v1/workers/spawn", map[string]any{"model_ref": "hf:a/b", "backend": "hidden", "device": 0})
 	if code != 500 || !strings.Contains(string(out), "cannot use "+filepath.Dir(dir)) {
 		t.Errorf("spawn: %d %s", code, out)
+	}
+}
+
+// The hive refuses to start when an account uses the uid range, naming it.
+func TestStartRefusesClashingAccount(t *testing.T) {
+	testkit.RequireRoot(t)
+	dir := t.TempDir()
+	passwd := filepath.Join(dir, "passwd")
+	if err := os.WriteFile(passwd, []byte("root:x:0:0::/root:/bin/sh\nllm:x:70005:70005::/:/bin/false\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	cfg := testConfig(t)
+	_, err := New(cfg, Deps{Cgroups: newCgroups(t), HostFiles: &workeruser.HostFiles{Passwd: passwd}})
+	if err == nil || !strings.Contains(err.Error(), "llm") || !strings.Contains(err.Error(), "uid_range") {
+		t.Fatalf("New: %v, want an error naming llm and workers.uid_range", err)
+	}
+	// The same range is fine when only root-run backends exist.
+	for name, b := range cfg.Backends {
+		b.User = "root"
+		cfg.Backends[name] = b
+	}
+	if _, err := New(cfg, Deps{Cgroups: newCgroups(t), HostFiles: &workeruser.HostFiles{Passwd: passwd}}); err != nil {
+		t.Fatalf("New with root backends only: %v", err)
 	}
 }
