@@ -135,6 +135,7 @@ func (s *Supervisor) startRun(w *worker, why string) error {
 		return &spawnError{reason: failExec, err: err}
 	}
 	env := s.workerEnv(w)
+	noIsolation := s.noIsolation
 	s.mu.Unlock()
 	if w.backendCfg.User == userRoot {
 		w.log.Warn("worker runs as root (backend user = \"root\"): it is not isolated from the hive", slog.String("home", home))
@@ -166,7 +167,11 @@ func (s *Supervisor) startRun(w *worker, why string) error {
 	}
 	rctx, cancel := context.WithCancel(context.Background())
 	r := &run{leaf: leaf, cmd: cmd, cancel: cancel, done: make(chan struct{})}
-	if err := leaf.Start(cmd, cgroup.WithIsolation(iso)); err != nil {
+	opts := []cgroup.StartOption{cgroup.WithIsolation(iso)}
+	if noIsolation {
+		opts = nil
+	}
+	if err := leaf.Start(cmd, opts...); err != nil {
 		cancel()
 		pipes.close()
 		_ = leaf.Delete()

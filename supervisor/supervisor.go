@@ -28,9 +28,13 @@ type Supervisor struct {
 	client  *http.Client // health polls
 	devices []GPUDevice  // GPUs known at start, for metric series
 	// portFree probes whether a port can be bound (a seam for tests).
-	portFree  func(host string, port int) bool
-	ids       *identities
-	portCheck PortChecker
+	portFree func(host string, port int) bool
+	ids      *identities
+	// noIsolation starts workers as the hive's own root with every
+	// capability, as before isolation: only BenchmarkSpawnIsolation's
+	// baseline sets it (guarded by mu).
+	noIsolation bool
+	portCheck   PortChecker
 
 	mu       sync.Mutex
 	workers  map[string]*worker
