@@ -10,6 +10,7 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"net"
 	"net/http"
 	"net/http/httptest"
 	"os"
@@ -42,6 +43,9 @@ func TestMain(m *testing.M) {
 	}
 	if pid := os.Getenv(forgeEnv); pid != "" {
 		os.Exit(forgeCredentials(pid))
+	}
+	if msg := os.Getenv(sendEnv); msg != "" {
+		os.Exit(sendOnce(msg))
 	}
 	os.Exit(runTests(m))
 }
@@ -93,6 +97,24 @@ func runTests(m *testing.M) int {
 var forgerPath string
 
 const forgeEnv = "RBEE_TEST_FORGE_PID"
+
+// sendEnv makes the binary send its value as one datagram to
+// $NOTIFY_SOCKET and exit at once, as systemd-notify --no-block does
+// (the stand-in where systemd-notify is not installed: the VM).
+const sendEnv = "RBEE_TEST_SEND"
+
+func sendOnce(msg string) int {
+	c, err := net.DialUnix("unixgram", nil, &net.UnixAddr{Name: os.Getenv("NOTIFY_SOCKET"), Net: "unixgram"})
+	if err == nil {
+		_, err = c.Write([]byte(msg))
+		c.Close()
+	}
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "send:", err)
+		return 1
+	}
+	return 0
+}
 
 func copyTestBinary(dst string) error {
 	self, err := os.Executable()
