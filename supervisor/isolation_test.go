@@ -34,6 +34,9 @@ try kill_hive kill -9 $ATTACK_HIVE
 env RBEE_TEST_FORGE_PID=$ATTACK_VICTIM "$ATTACK_FORGE"; echo "ATTACK forge_pid: rc $?"
 try home sh -c 'echo x > "$HOME/probe" && mkdir "$XDG_CACHE_HOME/m"'
 try state_dir ls "$ATTACK_STATE"
+try writable sh -c 'echo x > "$ATTACK_WRITABLE/$RBEE_WORKER_ID"'
+try models sh -c 'ls "$ATTACK_STATE/models" && cat "$ATTACK_STATE/models/m.gguf"'
+try write_models sh -c 'echo x > "$ATTACK_STATE/models/evil"'
 echo "ATTACK done"
 exec "$0" --port "$1" --worker-id "$2" --model x --tokens-per-second 0
 `
@@ -45,7 +48,7 @@ echo "CUDA=$CUDA_VISIBLE_DEVICES"
 exec "$0" --port "$1" --worker-id "$2" --model x --tokens-per-second 0
 `
 
-var attackEnv = []string{"ATTACK_TOKEN", "ATTACK_VICTIM", "ATTACK_HIVE", "ATTACK_STATE", "ATTACK_FORGE", "DEVS"}
+var attackEnv = []string{"ATTACK_TOKEN", "ATTACK_VICTIM", "ATTACK_HIVE", "ATTACK_STATE", "ATTACK_FORGE", "ATTACK_WRITABLE", "DEVS"}
 
 // isolationHarness has the attacker and device backends, and a state dir
 // whose parent lets anyone pass, so that what stops a worker is the state
@@ -58,8 +61,10 @@ func isolationHarness(t *testing.T) *harness {
 		sh := func(script string) []string {
 			return []string{"/bin/sh", "-c", script, "{self_dir}/rbee-simworker", "{port}", "{worker_id}"}
 		}
+		c.ModelDir = filepath.Join(c.StateDir, "models")
 		c.Backends["attacker"] = config.Backend{Command: sh(attackScript), Health: "notify",
-			LoadTimeout: config.Duration(20 * time.Second), MemoryLimit: 256 << 20, EnvAllow: attackEnv}
+			LoadTimeout: config.Duration(20 * time.Second), MemoryLimit: 256 << 20, EnvAllow: attackEnv,
+			Writable: []string{filepath.Join(filepath.Dir(c.StateDir), "scratch")}}
 		c.Backends["gpuopen"] = config.Backend{Command: sh(deviceScript), Health: "notify", CUDA: true,
 			LoadTimeout: config.Duration(20 * time.Second), MemoryLimit: 256 << 20, EnvAllow: attackEnv}
 	})
@@ -92,17 +97,22 @@ func TestIsolatedWorkerAttacks(t *testing.T) {
 	if err := os.WriteFile(tokenFile, []byte("secret\n"), 0o600); err != nil {
 		t.Fatal(err)
 	}
+	// A model as the model store writes it.
+	if err := os.WriteFile(filepath.Join(h.cfg.ModelDir, "m.gguf"), []byte("GGUF"), 0o644); err != nil {
+		t.Fatal(err)
+	}
 	victim := h.spawn(map[string]any{"model_ref": "hf:a/victim", "backend": "sim", "device": 0})
 	v := h.waitState(victim.WorkerID, StateIdle, 20*time.Second)
 	att := h.spawn(map[string]any{"model_ref": "hf:a/attacker", "backend": "attacker", "device": 0, "env": map[string]string{
 		"ATTACK_TOKEN": tokenFile, "ATTACK_VICTIM": strconv.Itoa(*v.PID), "ATTACK_HIVE": strconv.Itoa(os.Getpid()),
-		"ATTACK_STATE": h.cfg.StateDir, "ATTACK_FORGE": forgerPath}})
+		"ATTACK_STATE": h.cfg.StateDir, "ATTACK_FORGE": forgerPath,
+		"ATTACK_WRITABLE": h.cfg.Backends["attacker"].Writable[0]}})
 	a := h.waitState(att.WorkerID, StateIdle, 20*time.Second)
 	out := h.stdout(att.WorkerID)
 	if !strings.Contains(out, "ATTACK done") {
 		t.Fatalf("attack script did not finish:\n%s", out)
 	}
-	for _, name := range []string{"memory_limit", "parent_procs", "own_procs", "token", "environ", "kill_victim", "kill_hive", "state_dir"} {
+	for _, name := range []string{"memory_limit", "parent_procs", "own_procs", "token", "environ", "kill_victim", "kill_hive", "state_dir", "write_models"} {
 		if !strings.Contains(out, "ATTACK "+name+": refused") {
 			t.Errorf("attack %s was not refused:\n%s", name, out)
 		}
@@ -111,8 +121,10 @@ func TestIsolatedWorkerAttacks(t *testing.T) {
 	if !strings.Contains(out, "ATTACK forge_pid: rc 1") {
 		t.Errorf("datagram with another worker's pid not refused by the kernel:\n%s", out)
 	}
-	if !strings.Contains(out, "ATTACK home: succeeded") {
-		t.Errorf("the worker could not write its own home:\n%s", out)
+	for _, name := range []string{"home", "writable", "models"} {
+		if !strings.Contains(out, "ATTACK "+name+": succeeded") {
+			t.Errorf("the worker could not use %s:\n%s", name, out)
+		}
 	}
 	if !alive(*v.PID) || h.get(victim.WorkerID).State != StateIdle {
 		t.Errorf("victim worker harmed: %+v", h.get(victim.WorkerID))
