@@ -298,6 +298,26 @@ func (s *Supervisor) HandleInference(w http.ResponseWriter, r *http.Request) err
 	return nil
 }
 
+// CheckPort is the proxy's port check for callers that connect to a worker
+// themselves (the served-model router): nil when the worker's current run
+// holds its port, or nothing listens yet (the connect then fails on its
+// own); a 502 *api.Error when another process holds it. Cheap after the
+// first success of a run.
+func (s *Supervisor) CheckPort(id string) error {
+	s.mu.Lock()
+	wk := s.workers[id]
+	if wk == nil || wk.run == nil {
+		s.mu.Unlock()
+		return workerNotFound(id)
+	}
+	r0, owned := wk.run, wk.run.portOwned
+	s.mu.Unlock()
+	if owned {
+		return nil
+	}
+	return s.proxyPortCheck(wk, r0)
+}
+
 // proxyPortCheck runs at the first request to a run after its readiness
 // (and after a failed health check): the proxy connects only to a port the
 // run holds. Once it holds it, no other uid can bind the same address

@@ -242,6 +242,10 @@ func TestPortSquatterNotReady(t *testing.T) {
 	if code, _ := h.do("POST", "/v1/workers/"+w.WorkerID+"/inference", map[string]any{"prompt": "x"}); code != 409 {
 		t.Errorf("inference to a squatted worker: %d, want 409", code)
 	}
+	// A caller that connects by itself (the served-model router) asks first.
+	if err := h.s.CheckPort(w.WorkerID); err == nil || !strings.Contains(err.Error(), "held by another process") {
+		t.Errorf("CheckPort with a squatter: %v", err)
+	}
 }
 
 // The sender's uid must be the worker's: a datagram whose pid is in a
@@ -255,6 +259,9 @@ func TestNotifyUIDAttribution(t *testing.T) {
 	uid := procUID(pid)
 	if uid == 0 || wi.User != strconv.Itoa(int(uid)) {
 		t.Fatalf("worker runs as uid %d, API says user %q", uid, wi.User)
+	}
+	if err := h.s.CheckPort(res.WorkerID); err != nil {
+		t.Errorf("CheckPort of a worker on its own port: %v", err)
 	}
 	h.s.HandleDatagramAs(pid, uid+1, map[string]string{"STATUS": "forged"})
 	if got := counter(t, h.reg, "rbee_hive_heartbeats_rejected_total", map[string]string{"reason": "uid_mismatch"}); got != 1 {
