@@ -8,6 +8,7 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
@@ -283,6 +284,18 @@ func TestNotifyUIDAttribution(t *testing.T) {
 	h.s.HandleDatagramAs(int32(gone.Process.Pid), uid+1, map[string]string{"STATUS": "nobody's"})
 	if got := counter(t, h.reg, "rbee_hive_heartbeats_rejected_total", map[string]string{"reason": "unknown_sender"}); got != before+1 {
 		t.Errorf("unknown_sender %v, want %v: a uid of no worker must not be attributed", got, before+1)
+	}
+	// A restart keeps the worker's uid and home.
+	if err := syscall.Kill(int(pid), syscall.SIGKILL); err != nil {
+		t.Fatal(err)
+	}
+	h.waitFor("restarted and ready", 20*time.Second, func() bool {
+		wi := h.get(res.WorkerID)
+		return wi.State == StateIdle && wi.PID != nil && *wi.PID != int(pid)
+	})
+	wi = h.get(res.WorkerID)
+	if got := procUID(int32(*wi.PID)); got != uid || wi.User != strconv.Itoa(int(uid)) {
+		t.Errorf("after a restart: uid %d (API %q), want %d", got, wi.User, uid)
 	}
 }
 
