@@ -33,6 +33,10 @@ type Config struct {
 	LogLevel   LogLevel  `toml:"log_level" comment:"debug, info, warn, error"`
 	TokenFile  string    `toml:"token_file" comment:"API token file; empty: $CREDENTIALS_DIRECTORY/api-token, $LLORCH_API_TOKEN, or <state_dir>/api-token (created)"`
 	WorkerHost string    `toml:"worker_host" comment:"host workers bind to and that appears in their URLs"`
+	// The optional second listener and TLS for the API listener.
+	MetricsListen string `toml:"metrics_listen" comment:"optional second address serving only GET /metrics and /v1/health, without a token (e.g. \":9464\" for a Prometheus on another host while listen stays on loopback); empty: none"`
+	TLSCert       string `toml:"tls_cert" comment:"PEM certificate (chain) for the API listener; with tls_key, both or neither; empty: plain HTTP"`
+	TLSKey        string `toml:"tls_key" comment:"PEM private key for tls_cert"`
 
 	Heartbeat Heartbeat          `toml:"heartbeat"`
 	Workers   Workers            `toml:"workers"`
@@ -113,6 +117,7 @@ type Models struct {
 	HFEndpoint   string   `toml:"hf_endpoint" comment:"HuggingFace endpoint; empty: $HF_ENDPOINT or https://huggingface.co"`
 	HFTokenFile  string   `toml:"hf_token_file" comment:"file holding a HuggingFace token; empty: $HF_TOKEN"`
 	StallTimeout Duration `toml:"stall_timeout" comment:"a download that receives nothing this long fails (at least 1s)"`
+	FileRoots    []string `toml:"file_roots" comment:"absolute directories a file: model reference must lie below (symlinks may not leave them); empty: model_dir only"`
 }
 
 // Backend is a kind of worker the hive may start: a command template, never
@@ -375,6 +380,30 @@ func (c *Config) finish() error {
 	for _, p := range []struct{ key, val string }{{"model_dir", c.ModelDir}, {"heartbeat.notify_socket", c.Heartbeat.NotifySocket}} {
 		if !filepath.IsAbs(p.val) {
 			return bad(p.key, "%q must be an absolute path", p.val)
+		}
+	}
+	if c.MetricsListen != "" {
+		if _, _, err := net.SplitHostPort(c.MetricsListen); err != nil {
+			return bad("metrics_listen", "%q is not host:port", c.MetricsListen)
+		}
+	}
+	if (c.TLSCert == "") != (c.TLSKey == "") {
+		if c.TLSCert == "" {
+			return badPair("tls_cert", "tls_key", "must be set with tls_key (both or neither)")
+		}
+		return badPair("tls_key", "tls_cert", "must be set with tls_cert (both or neither)")
+	}
+	for _, p := range []struct{ key, val string }{{"tls_cert", c.TLSCert}, {"tls_key", c.TLSKey}} {
+		if p.val != "" && !filepath.IsAbs(p.val) {
+			return bad(p.key, "%q must be an absolute path", p.val)
+		}
+	}
+	if len(c.Models.FileRoots) == 0 {
+		c.Models.FileRoots = []string{filepath.Clean(c.ModelDir)}
+	}
+	for i, r := range c.Models.FileRoots {
+		if !filepath.IsAbs(r) || filepath.Clean(r) != r {
+			return bad("models.file_roots", "entry %d %q must be a clean absolute path", i+1, r)
 		}
 	}
 	// go-toml decodes string-kinded types without calling UnmarshalText, so

@@ -40,6 +40,12 @@ func TestDefaults(t *testing.T) {
 			cfg.Heartbeat.StaleThreshold.D() != 60*time.Second || cfg.Workers.MemoryLimit != 8<<30 {
 			t.Errorf("root=%v: unexpected defaults %+v", tc.root, cfg)
 		}
+		if len(cfg.Models.FileRoots) != 1 || cfg.Models.FileRoots[0] != tc.models {
+			t.Errorf("root=%v: models.file_roots %q, want [model_dir]", tc.root, cfg.Models.FileRoots)
+		}
+		if cfg.MetricsListen != "" || cfg.TLSCert != "" || cfg.TLSKey != "" {
+			t.Errorf("root=%v: metrics_listen/tls set by default", tc.root)
+		}
 		sim, ok := cfg.Backends["sim"]
 		if !ok || sim.Command[0] != "{self_dir}/rbee-simworker" || sim.Health != "notify" {
 			t.Errorf("default sim backend missing or wrong: %+v", sim)
@@ -133,6 +139,12 @@ func TestLoadErrors(t *testing.T) {
 		{"port range", "[workers]\nport_min = 9000\nport_max = 8000\n", []string{"workers.port_min"}},
 		{"cgroup root traversal", "[cgroup]\nroot = \"a/../../b\"\n", []string{":2:", "cgroup.root"}},
 		{"jitter", "[workers.restart]\njitter = 1.5\n", []string{":2:", "workers.restart.jitter"}},
+		{"relative file root", "[models]\nfile_roots = [\"/srv/models\", \"models\"]\n", []string{":2:", "models.file_roots", "entry 2"}},
+		{"unclean file root", "[models]\nfile_roots = [\"/srv/../etc\"]\n", []string{":2:", "models.file_roots"}},
+		{"bad metrics_listen", "metrics_listen = \"9464\"\n", []string{":1:", "metrics_listen"}},
+		{"tls cert without key", "tls_cert = \"/etc/rbee-hive/cert.pem\"\n", []string{":1:", "tls_cert", "tls_key"}},
+		{"tls key without cert", "\ntls_key = \"/etc/rbee-hive/key.pem\"\n", []string{":2:", "tls_key", "tls_cert"}},
+		{"relative tls cert", "tls_cert = \"cert.pem\"\ntls_key = \"/k.pem\"\n", []string{":1:", "tls_cert", "absolute"}},
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {

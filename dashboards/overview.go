@@ -179,6 +179,21 @@ func Overview() (dashboard.Dashboard, error) {
 		WithPanel(series("Errors by type", "Failed or abandoned inference requests per second by type.", "reqps", true,
 			target{rate("rbee_hive_inference_errors_total", "type"), "{{type}}"}))
 
+	b = b.WithRow(dashboard.NewRowBuilder("OpenAI endpoint (served models)")).
+		WithPanel(series("Queue wait", "Arrival at /openai/v1/ to a worker chosen (rbee_hive_openai_queue_wait_seconds): ~0 warm, the load when cold.", "s", false,
+			quantiles("rbee_hive_openai_queue_wait_seconds")...)).
+		WithPanel(series("Cold start by model", "Spawn to ready of workers the endpoint started (rbee_hive_openai_cold_start_seconds).", "s", false,
+			target{fmt.Sprintf(`histogram_quantile(0.5, sum by (le, model) (rate(rbee_hive_openai_cold_start_seconds_bucket{%s}[$__rate_interval])))`, sel), "{{model}} p50"},
+			target{fmt.Sprintf(`histogram_quantile(0.95, sum by (le, model) (rate(rbee_hive_openai_cold_start_seconds_bucket{%s}[$__rate_interval])))`, sel), "{{model}} p95"})).
+		WithPanel(series("Requests waiting by model", "rbee_hive_openai_queue_length: requests held while a worker loads or all are full.", "none", true,
+			target{gauge("rbee_hive_openai_queue_length", "model"), "{{model}}"})).
+		WithPanel(series("Loads, unloads and evictions", "Workers of served models started (loads: request, manual), stopped (unloads: ttl, manual, evicted), and evicted for another model by the resource admission lacked.", "none", false,
+			target{increase("rbee_hive_openai_loads_total", "model, reason"), "load {{model}} {{reason}}"},
+			target{increase("rbee_hive_openai_unloads_total", "model, reason"), "unload {{model}} {{reason}}"},
+			target{increase("rbee_hive_openai_evictions_total", "model, reason"), "evicted {{model}} ({{reason}})"})).
+		WithPanel(series("Endpoint refusals by reason", "Requests answered 503 by the OpenAI endpoint (rbee_hive_openai_rejected_total): queue_full, load_timeout, no_room, load_failed, model_not_loaded.", "none", true,
+			target{increase("rbee_hive_openai_rejected_total", "reason"), "{{reason}}"}))
+
 	b = b.WithRow(dashboard.NewRowBuilder("Host resources")).
 		WithPanel(series("RAM", "Host memory as the hive sees it (MemAvailable).", "bytes", false,
 			target{gauge("rbee_hive_memory_used_bytes", "instance"), "{{instance}} used"},

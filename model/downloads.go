@@ -6,7 +6,6 @@ import (
 	"errors"
 	"fmt"
 	"net/http"
-	"os"
 	"path/filepath"
 	"sync"
 	"time"
@@ -65,7 +64,8 @@ func (s *Store) start(ctx context.Context, refStr string) (string, *download, er
 		return "", nil, err
 	}
 	if ref.Provider == ProviderFile {
-		return statLocal(ref.Path)
+		p, err := localFile(s.roots, ref.Path)
+		return p, nil, err
 	}
 	for {
 		path, d, err := s.startHF(ctx, ref)
@@ -155,19 +155,6 @@ func (s *Store) abandon(d *download, err error) {
 	close(d.resolved)
 }
 
-func statLocal(p string) (string, *download, error) {
-	st, err := os.Stat(p)
-	if err != nil {
-		return "", nil, api.Errorf(http.StatusNotFound, api.CodeNotFound, "model path %s: %v", p, errors.Unwrap(err)).
-			WithDetails(map[string]any{"path": p})
-	}
-	if !st.Mode().IsRegular() && !st.IsDir() {
-		return "", nil, api.Errorf(http.StatusBadRequest, api.CodeValidation, "Invalid model_ref: %s is neither a regular file nor a directory", p).
-			WithDetails(map[string]any{"field": "model_ref", "path": p})
-	}
-	return p, nil, nil
-}
-
 // resolve lists the repo, picks the files, makes room under MaxBytes and
 // runs disk admission. Nothing is written before it succeeds.
 func (s *Store) resolve(ctx context.Context, d *download) error {
@@ -183,7 +170,7 @@ func (s *Store) resolve(ctx context.Context, d *download) error {
 	d.base = s.baseDir(d.ref)
 	var have uint64
 	for _, f := range sel.files {
-		have += existingBytes(filepath.Join(d.base, f.Path), f.Size)
+		have += existingBytes(s.mdir, filepath.Join(d.base, f.Path), f.Size)
 	}
 	need := sel.total - have
 	s.enforceRetention(ctx, sel.total, d.ref.String())
@@ -255,7 +242,7 @@ func (s *Store) fetchAll(d *download) (string, error) {
 	var mainSHA string
 	for _, f := range d.sel.files {
 		job := &fetchJob{
-			hub: s.hub, ref: d.ref, file: f, dest: filepath.Join(d.base, f.Path), stall: s.stall,
+			hub: s.hub, dir: s.mdir, ref: d.ref, file: f, dest: filepath.Join(d.base, f.Path), stall: s.stall,
 			progress: func(have uint64, received int) {
 				if received > 0 {
 					s.met.bytes.Add(float64(received))
@@ -273,7 +260,7 @@ func (s *Store) fetchAll(d *download) (string, error) {
 		sum, err := job.run(s.ctx)
 		if err != nil && reasonOf(err) == ReasonDisk {
 			// Free what we took: a full disk hurts every other writer.
-			_ = os.Remove(job.dest + incompleteSuffix)
+			_ = s.mdir.Remove(job.dest + incompleteSuffix)
 		}
 		unlock()
 		if err != nil {

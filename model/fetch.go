@@ -94,6 +94,7 @@ func diskFullError(path string, err error) error {
 // fetchJob downloads one repo file to its final path.
 type fetchJob struct {
 	hub   *hub
+	dir   *safeDir // dest lies below it; never reached through a symlink
 	ref   Ref
 	file  RepoFile
 	dest  string
@@ -105,11 +106,11 @@ type fetchJob struct {
 
 // existing reports how many bytes of f are already on disk (final or partial),
 // for admission and progress.
-func existingBytes(dest string, size uint64) uint64 {
-	if st, err := os.Stat(dest); err == nil && uint64(st.Size()) == size {
+func existingBytes(dir *safeDir, dest string, size uint64) uint64 {
+	if st, err := dir.Stat(dest); err == nil && uint64(st.Size()) == size {
 		return size
 	}
-	if st, err := os.Stat(dest + incompleteSuffix); err == nil && uint64(st.Size()) <= size {
+	if st, err := dir.Stat(dest + incompleteSuffix); err == nil && uint64(st.Size()) <= size {
 		return uint64(st.Size())
 	}
 	return 0
@@ -119,30 +120,33 @@ func existingBytes(dest string, size uint64) uint64 {
 // It returns the file's sha256 when known.
 func (j *fetchJob) run(ctx context.Context) (string, error) {
 	// A final file left by an earlier, unregistered run counts once verified.
-	if st, err := os.Stat(j.dest); err == nil && st.Mode().IsRegular() && uint64(st.Size()) == j.file.Size {
+	// The hive writes as root: nothing below is done through a symlink in
+	// any component (j.dir); a directory component replaced by a link
+	// fails the download with ELOOP.
+	if st, err := j.dir.Stat(j.dest); err == nil && st.Mode().IsRegular() && uint64(st.Size()) == j.file.Size {
 		fh := newFileHasher(j.file)
-		if err := hashFile(ctx, j.dest, fh.h); err == nil && fh.check(j.file.Path) == nil {
+		if err := hashFile(ctx, j.dir, j.dest, fh.h); err == nil && fh.check(j.file.Path) == nil {
 			j.progress(j.file.Size, 0)
 			return fh.sha256(), nil
 		}
-		_ = os.Remove(j.dest)
+		_ = j.dir.Remove(j.dest)
 	}
-	if err := os.MkdirAll(filepath.Dir(j.dest), 0o755); err != nil {
+	if err := j.dir.MkdirAll(filepath.Dir(j.dest), 0o755); err != nil {
 		if isDiskFull(err) {
 			return "", diskFullError(j.dest, err)
 		}
 		return "", fmt.Errorf("model: mkdir: %w", err)
 	}
 	part := j.dest + incompleteSuffix
-	// The hive writes as root: a link planted at the partial's name (by
-	// anyone who can write the model dir) must not redirect that write.
-	if st, err := os.Lstat(part); err == nil && !st.Mode().IsRegular() {
-		j.log("model download removing a partial that is not a regular file", "file", j.file.Path, "mode", st.Mode().String())
-		if err := os.Remove(part); err != nil {
+	// A link (or anything but a regular file) planted at the partial's
+	// name is removed itself, never followed.
+	if st, err := j.dir.Stat(part); (err == nil && !st.Mode().IsRegular()) || errors.Is(err, unix.ELOOP) {
+		j.log("model download removing a partial that is not a regular file", "file", j.file.Path)
+		if err := j.dir.Remove(part); err != nil {
 			return "", fmt.Errorf("model: remove %s: %w", part, err)
 		}
 	}
-	f, err := os.OpenFile(part, os.O_RDWR|os.O_CREATE|syscall.O_NOFOLLOW, 0o644)
+	f, err := j.dir.OpenFile(part, os.O_RDWR|os.O_CREATE, 0o644)
 	if err != nil {
 		if isDiskFull(err) {
 			return "", diskFullError(part, err)
@@ -174,7 +178,7 @@ func (j *fetchJob) run(ctx context.Context) (string, error) {
 			err = fh.check(j.file.Path)
 		}
 		if err != nil {
-			_ = os.Remove(part)
+			_ = j.dir.Remove(part)
 			return "", err
 		}
 	}
@@ -184,10 +188,10 @@ func (j *fetchJob) run(ctx context.Context) (string, error) {
 		}
 		return "", fmt.Errorf("model: fsync %s: %w", part, err)
 	}
-	if err := os.Rename(part, j.dest); err != nil {
+	if err := j.dir.Rename(part, j.dest); err != nil {
 		return "", fmt.Errorf("model: rename %s: %w", part, err)
 	}
-	syncDir(filepath.Dir(j.dest))
+	syncDir(j.dir, filepath.Dir(j.dest))
 	return fh.sha256(), nil
 }
 
@@ -205,7 +209,7 @@ func (j *fetchJob) fill(ctx context.Context, f *os.File, fh *fileHasher, have *u
 		}
 		if reasonOf(err) != ReasonNetwork {
 			if reasonOf(err) == ReasonChecksum {
-				_ = os.Remove(f.Name())
+				_ = j.dir.Remove(f.Name())
 			}
 			return err
 		}
@@ -414,8 +418,8 @@ func (c *ctxReader) Read(p []byte) (int, error) {
 	return c.r.Read(p)
 }
 
-func hashFile(ctx context.Context, path string, h hash.Hash) error {
-	f, err := os.Open(path)
+func hashFile(ctx context.Context, dir *safeDir, path string, h hash.Hash) error {
+	f, err := dir.OpenFile(path, os.O_RDONLY, 0)
 	if err != nil {
 		return fmt.Errorf("model: open %s: %w", path, err)
 	}
@@ -427,8 +431,8 @@ func hashFile(ctx context.Context, path string, h hash.Hash) error {
 }
 
 // syncDir makes a rename durable; failure only weakens crash safety.
-func syncDir(dir string) {
-	if d, err := os.Open(dir); err == nil {
+func syncDir(sd *safeDir, dir string) {
+	if d, err := sd.OpenFile(dir, os.O_RDONLY|unix.O_DIRECTORY, 0); err == nil {
 		_ = d.Sync()
 		_ = d.Close()
 	}

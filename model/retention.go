@@ -177,7 +177,7 @@ func (s *Store) removePartial(p partial, reason string) bool {
 		s.mu.Unlock()
 		return false
 	}
-	err := os.Remove(p.path)
+	err := s.mdir.Remove(p.path)
 	s.mu.Unlock()
 	if err != nil && !errors.Is(err, os.ErrNotExist) {
 		s.log.Warn("model: cannot remove an orphaned partial download", "path", p.path, "error", err)

@@ -35,8 +35,14 @@ const (
 type Options struct {
 	// Dir holds the model files (config model_dir). Required.
 	Dir string
-	// CatalogPath is the SQLite file; empty: <Dir>/catalog.db.
+	// CatalogPath is the SQLite file; empty: <Dir>/catalog.db. The hive
+	// keeps it in its state dir, out of reach of whoever may write the
+	// model dir. A catalog that does not exist yet is filled from the model
+	// files on disk (e.g. after it moved out of the model dir).
 	CatalogPath string
+	// FileRoots are the absolute directories a file: reference must lie
+	// below (config models.file_roots); empty: Dir only.
+	FileRoots []string
 	// Endpoint is the HuggingFace endpoint; empty: $HF_ENDPOINT, else
 	// https://huggingface.co.
 	Endpoint string
@@ -86,6 +92,8 @@ type Store struct {
 	cat           *catalog
 	met           *metrics
 	checkDisk     func(dir string, need, reserve uint64) error
+	roots         []fileRoot
+	mdir          *safeDir // every write below dir goes through it
 	keepAlive     time.Duration
 
 	// Downloads run on ctx, so Close stops them and waits (wg).
@@ -115,6 +123,16 @@ func New(opts Options) (*Store, error) {
 	if err := os.MkdirAll(dir, 0o755); err != nil {
 		return nil, fmt.Errorf("model: create %s: %w", dir, err)
 	}
+	mdir, err := openSafeDir(dir)
+	if err != nil {
+		return nil, err
+	}
+	ok := false
+	defer func() {
+		if !ok {
+			mdir.close()
+		}
+	}()
 	log := opts.Logger
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)
@@ -136,6 +154,14 @@ func New(opts Options) (*Store, error) {
 	}
 	if token == "" {
 		token = os.Getenv("HF_TOKEN")
+	}
+	rootList := opts.FileRoots
+	if len(rootList) == 0 {
+		rootList = []string{dir}
+	}
+	roots, err := newFileRoots(rootList)
+	if err != nil {
+		return nil, err
 	}
 	h, err := newHub(endpoint, token, opts.HTTPClient)
 	if err != nil {
@@ -162,6 +188,8 @@ func New(opts Options) (*Store, error) {
 	if catPath == "" {
 		catPath = filepath.Join(dir, "catalog.db")
 	}
+	_, statErr := os.Lstat(catPath)
+	fresh := errors.Is(statErr, os.ErrNotExist)
 	cat, rebuild, err := openCatalogOrRecover(catPath, log, met)
 	if err != nil {
 		return nil, err
@@ -173,7 +201,7 @@ func New(opts Options) (*Store, error) {
 	ctx, cancel := context.WithCancel(context.Background())
 	s := &Store{
 		dir: dir, reserve: opts.DiskReserve, maxBytes: opts.MaxBytes, partialMaxAge: partialMaxAge, stall: stall,
-		log: log, hub: h, cat: cat, met: met, checkDisk: check, keepAlive: keepAliveInterval,
+		log: log, hub: h, cat: cat, met: met, checkDisk: check, keepAlive: keepAliveInterval, roots: roots, mdir: mdir,
 		ctx: ctx, cancel: cancel,
 		inflight: map[string]*download{}, byID: map[string]*download{}, inUse: map[string]int{}, files: map[string]chan struct{}{},
 	}
@@ -185,7 +213,18 @@ func New(opts Options) (*Store, error) {
 			return nil, err
 		}
 		log.Warn("model catalog rebuilt from the model files on disk", "catalog", catPath, "models", n)
+	} else if fresh {
+		n, err := s.rebuildCatalog(ctx)
+		if err != nil {
+			cat.close()
+			cancel()
+			return nil, err
+		}
+		if n > 0 {
+			log.Info("new model catalog filled from the model files on disk", "catalog", catPath, "models", n)
+		}
 	}
+	ok = true
 	s.collectPartials(time.Now())
 	s.updateDiskGauge(ctx)
 	attrs := []any{"dir", dir, "catalog", catPath, "endpoint", h.endpoint.Redacted(), "max_bytes", opts.MaxBytes, "stall_timeout", stall}
@@ -208,5 +247,6 @@ func (s *Store) Close() error {
 	s.mu.Unlock()
 	s.cancel()
 	s.wg.Wait()
+	defer s.mdir.close()
 	return s.cat.close()
 }

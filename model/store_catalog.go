@@ -126,7 +126,9 @@ func (s *Store) removeFiles(ctx context.Context, m Model) {
 		if keep[p] {
 			continue
 		}
-		if err := os.Remove(p); err != nil && !errors.Is(err, os.ErrNotExist) {
+		// p comes from the catalog: a tampered row must not make the hive
+		// delete outside the model dir or through a symlink (mdir checks).
+		if err := s.mdir.Remove(p); err != nil && !errors.Is(err, os.ErrNotExist) {
 			s.log.Warn("model delete: cannot remove file", "path", p, "error", err)
 		}
 		s.pruneDirs(filepath.Dir(p))
@@ -136,7 +138,7 @@ func (s *Store) removeFiles(ctx context.Context, m Model) {
 // pruneDirs removes empty directories from dir up to (excluding) s.dir.
 func (s *Store) pruneDirs(dir string) {
 	for strings.HasPrefix(dir, s.dir+string(filepath.Separator)) {
-		if os.Remove(dir) != nil {
+		if s.mdir.Remove(dir) != nil {
 			return
 		}
 		dir = filepath.Dir(dir)

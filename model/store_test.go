@@ -485,8 +485,9 @@ func TestRetentionEvictsLRUNeverInUse(t *testing.T) {
 
 func TestFileRef(t *testing.T) {
 	f := newFakeHub(t)
-	ts := newTestStore(t, f, t.TempDir(), nil)
-	file := filepath.Join(t.TempDir(), "local.gguf")
+	root := t.TempDir()
+	ts := newTestStore(t, f, t.TempDir(), func(o *Options) { o.FileRoots = []string{root} })
+	file := filepath.Join(root, "local.gguf")
 	if err := os.WriteFile(file, []byte("gguf"), 0o600); err != nil {
 		t.Fatal(err)
 	}

@@ -51,6 +51,12 @@ type errorBody struct {
 	} `json:"error"`
 }
 
+// WriteError answers with an error in OpenAI's shape; retry > 0 sets
+// Retry-After. A Forwarder uses it for failures before the first byte.
+func WriteError(w http.ResponseWriter, status int, typ, code, msg string, retry time.Duration) {
+	writeError(w, status, typ, code, msg, retry)
+}
+
 func writeError(w http.ResponseWriter, status int, typ, code, msg string, retry time.Duration) {
 	var b errorBody
 	b.Error.Message, b.Error.Type, b.Error.Code = msg, typ, code
@@ -145,18 +151,68 @@ func (r *Router) complete(w http.ResponseWriter, req *http.Request, route string
 		return
 	}
 	name := *head.Model
-	lease, err := r.Acquire(req.Context(), name)
-	if err != nil {
-		writeRouterError(w, name, err)
-		return
+	// A worker that died a moment ago may still be listed ready: the
+	// forwarder's 502 before any byte (nothing reached the client) is held
+	// back once, the worker set aside, and the request routed again.
+	for attempt := 0; ; attempt++ {
+		lease, err := r.Acquire(req.Context(), name)
+		if err != nil {
+			writeRouterError(w, name, err)
+			return
+		}
+		out := req.Clone(req.Context())
+		out.Body = io.NopCloser(bytes.NewReader(body))
+		out.ContentLength = int64(len(body))
+		out.GetBody = func() (io.ReadCloser, error) { return io.NopCloser(bytes.NewReader(body)), nil }
+		hw := &holdWriter{ResponseWriter: w, hold: attempt == 0}
+		r.fwd.Forward(hw, out, lease.Target, route)
+		if hw.held {
+			r.setAside(lease.Target.WorkerID)
+		}
+		lease.Release()
+		if !hw.held || req.Context().Err() != nil {
+			return
+		}
+		r.log.Warn("worker unreachable; routing the request again", "model", name, "worker_id", lease.Target.WorkerID)
 	}
-	defer lease.Release()
-	out := req.Clone(req.Context())
-	out.Body = io.NopCloser(bytes.NewReader(body))
-	out.ContentLength = int64(len(body))
-	out.GetBody = func() (io.ReadCloser, error) { return io.NopCloser(bytes.NewReader(body)), nil }
-	r.fwd.Forward(w, out, lease.Target, route)
 }
+
+// holdWriter passes a response through, except that with hold set a 502
+// (the worker could not be reached) is swallowed and remembered in held.
+type holdWriter struct {
+	http.ResponseWriter
+	hold, held, started bool
+}
+
+func (h *holdWriter) WriteHeader(code int) {
+	if !h.started && h.hold && code == http.StatusBadGateway {
+		h.held = true
+	}
+	h.started = true
+	if !h.held {
+		h.ResponseWriter.WriteHeader(code)
+	}
+}
+
+func (h *holdWriter) Write(b []byte) (int, error) {
+	if !h.started {
+		h.WriteHeader(http.StatusOK)
+	}
+	if h.held {
+		return len(b), nil
+	}
+	return h.ResponseWriter.Write(b)
+}
+
+// FlushError keeps a held answer from being flushed out as a 200.
+func (h *holdWriter) FlushError() error {
+	if h.held {
+		return nil
+	}
+	return http.NewResponseController(h.ResponseWriter).Flush()
+}
+
+func (h *holdWriter) Unwrap() http.ResponseWriter { return h.ResponseWriter }
 
 func (r *Router) loadModel(w http.ResponseWriter, req *http.Request) {
 	name := req.PathValue("name")

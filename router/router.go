@@ -76,6 +76,23 @@ type tracked struct {
 	lastUsed time.Time
 	auto     bool // started on demand: ttl and eviction apply
 	stopping bool // chosen for unload: no new requests
+	// asideUntil: the worker could not be reached; no requests until then
+	// (or until the hive lists it in another state)
+	asideUntil time.Time
+}
+
+// asideFor is how long an unreachable worker gets no requests while the
+// hive notices its exit.
+const asideFor = 2 * time.Second
+
+// setAside keeps requests off worker id for a while: it could not be
+// reached, and the hive may not have seen its exit yet.
+func (r *Router) setAside(id string) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if t := r.tracked[id]; t != nil {
+		t.asideUntil = time.Now().Add(asideFor)
+	}
 }
 
 // load is one spawn in flight; waiters share it.
@@ -186,7 +203,7 @@ func (r *Router) pick(ws []Worker) (Worker, bool) {
 		if w.State != StateReady || w.URL == nil {
 			continue
 		}
-		if t := r.tracked[w.ID]; t != nil && t.stopping {
+		if t := r.tracked[w.ID]; t != nil && (t.stopping || time.Now().Before(t.asideUntil)) {
 			continue
 		}
 		u := r.used(w)

@@ -19,9 +19,12 @@ import (
 
 // WorkerInfo is a worker as the API shows it (timestamps in RFC 3339).
 type WorkerInfo struct {
-	ID                 string     `json:"id"`
-	URL                string     `json:"url"`
-	ModelRef           string     `json:"model_ref"`
+	ID       string `json:"id"`
+	URL      string `json:"url"`
+	ModelRef string `json:"model_ref"`
+	// Served is the served model (config [served.NAME]) the hive's OpenAI
+	// endpoint started this worker for; absent for workers spawned directly.
+	Served             string     `json:"served,omitempty"`
 	Backend            string     `json:"backend"`
 	Device             int        `json:"device"`
 	State              State      `json:"state"`
@@ -81,7 +84,7 @@ type Resources struct {
 
 // info snapshots w. Caller holds s.mu.
 func (s *Supervisor) info(w *worker) WorkerInfo {
-	wi := WorkerInfo{ID: w.id, URL: w.url, ModelRef: w.modelRef, Backend: w.backend, Device: w.device,
+	wi := WorkerInfo{ID: w.id, URL: w.url, ModelRef: w.modelRef, Served: w.served, Backend: w.backend, Device: w.device,
 		State: w.state, LastActivity: w.lastActivity, SlotsTotal: 1, FailedHealthChecks: w.failedHealthChecks,
 		RestartCount: w.restartCount, StateReason: w.stateReason, Health: w.reportedHealth, Status: w.statusLine,
 		HealthMode: w.backendCfg.Health, RestartPolicy: w.restartPolicy, MemoryLimitBytes: w.memoryLimit, VRAMBytes: int64(w.vramRequested),
@@ -231,6 +234,14 @@ func (s *Supervisor) HandleLogs(w http.ResponseWriter, r *http.Request) error {
 // HandleInference answers POST /v1/workers/{id}/inference.
 func (s *Supervisor) HandleInference(w http.ResponseWriter, r *http.Request) error {
 	id := pathID(r)
+	return s.Forward(w, r, id, engineRoute(r, id))
+}
+
+// Forward sends r to the engine route of worker id through the inference
+// proxy, counted in the worker's requests in flight and busy state as the
+// per-worker routes are (the OpenAI endpoint uses it). An error (unknown
+// worker, not ready) is returned before anything is written.
+func (s *Supervisor) Forward(w http.ResponseWriter, r *http.Request, id, route string) error {
 	s.mu.Lock()
 	wk := s.workers[id]
 	if wk == nil {
@@ -244,8 +255,8 @@ func (s *Supervisor) HandleInference(w http.ResponseWriter, r *http.Request) err
 			WithDetails(map[string]any{"worker_id": id, "state": string(st)})
 	}
 	r0 := wk.run
-	target := ProxyTarget{WorkerID: id, Backend: wk.backend, Model: wk.modelRef, Token: wk.token,
-		API: string(wk.backendCfg.API), Route: engineRoute(r, id)}
+	target := ProxyTarget{WorkerID: id, Backend: wk.backend, Model: wk.modelRef, Served: wk.served, Token: wk.token,
+		API: string(wk.backendCfg.API), Route: route}
 	workerURL := wk.url // a restart may move the worker to another port
 	checkPort := r0 != nil && !r0.portOwned
 	s.mu.Unlock()

@@ -127,6 +127,7 @@ type ProxyTarget struct {
 	URL      *url.URL
 	Backend  string
 	Model    string
+	Served   string // the worker's served model, "" if none: the metrics' model label then
 	Token    string // the worker's own token, for the outbound Authorization header
 	API      string // the backend's api: "rbee" or "openai"
 	Route    string // the engine path, e.g. /v1/chat/completions (engine.go)

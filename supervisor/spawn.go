@@ -131,7 +131,7 @@ func (s *Supervisor) admit(ctx context.Context, id string, p *spawnPlan, modelPa
 	}
 	c, err := s.deps.Admitter.Admit(ctx, AdmitRequest{WorkerID: id, Backend: p.backend, Device: p.device,
 		GPUUUID: p.gpuUUID, CUDA: p.backendCfg.CUDA, MemoryBytes: p.memoryLimit, VRAMBytes: p.vramRequested,
-		ModelRef: p.modelRef, ModelPath: modelPath, ContextSize: p.backendCfg.ContextSize, Parallel: p.backendCfg.Parallel})
+		ModelRef: p.modelRef, ModelPath: modelPath, ContextSize: p.contextSize, Parallel: p.backendCfg.Parallel})
 	if err != nil {
 		return nil, fmt.Errorf("admission: %w", err) // a 507 *api.Error keeps its status and code
 	}
@@ -142,7 +142,7 @@ func (s *Supervisor) admit(ctx context.Context, id string, p *spawnPlan, modelPa
 func (s *Supervisor) newWorker(id string, p *spawnPlan, modelPath string, port int, token string, claim Claim, modelRel func()) *worker {
 	w := &worker{
 		id: id, backend: p.backend, backendCfg: p.backendCfg, device: p.device, gpuUUID: p.gpuUUID,
-		modelRef: p.modelRef, modelPath: modelPath, port: port,
+		modelRef: p.modelRef, modelPath: modelPath, port: port, served: p.served, contextSize: p.contextSize,
 		url:   "http://" + net.JoinHostPort(s.cfg.WorkerHost, strconv.Itoa(port)),
 		token: token, restartPolicy: p.policy, memoryLimit: p.memoryLimit, vramRequested: p.vramRequested, requestEnv: p.env,
 		createdAt: time.Now(), claim: claim, releaseModel: modelRel,
@@ -292,7 +292,7 @@ func (s *Supervisor) admitAgain(ctx context.Context, w *worker) error {
 	old := w.claim
 	w.claim = nil
 	req := AdmitRequest{WorkerID: w.id, Backend: w.backend, Device: w.device, GPUUUID: w.gpuUUID, CUDA: w.backendCfg.CUDA,
-		MemoryBytes: w.memoryLimit, VRAMBytes: w.vramRequested, ModelRef: w.modelRef, ModelPath: w.modelPath, ContextSize: w.backendCfg.ContextSize, Parallel: w.backendCfg.Parallel}
+		MemoryBytes: w.memoryLimit, VRAMBytes: w.vramRequested, ModelRef: w.modelRef, ModelPath: w.modelPath, ContextSize: w.contextSize, Parallel: w.backendCfg.Parallel}
 	s.mu.Unlock()
 	releaseClaim(old)
 	c, err := s.deps.Admitter.Admit(ctx, req)

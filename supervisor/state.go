@@ -83,6 +83,15 @@ func transitionAllowed(from, to State) bool {
 	return false
 }
 
+// StateChanged returns a channel that is closed at the next state change of
+// any worker: a caller waiting for one worker to become ready takes it,
+// reads the state, and waits on it if that is not the one.
+func (s *Supervisor) StateChanged() <-chan struct{} {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.changed
+}
+
 // setState moves w to a new state and logs the transition. A transition
 // outside the table is refused: logged at error with both states and
 // counted in rbee_hive_worker_illegal_transitions_total, since it means a
@@ -103,6 +112,8 @@ func (s *Supervisor) setState(w *worker, to State, reason string) bool {
 	w.state = to
 	w.stateReason = reason
 	w.lastActivity = time.Now()
+	close(s.changed)
+	s.changed = make(chan struct{})
 	if to.terminal() {
 		w.terminalAt = w.lastActivity
 	}

@@ -49,6 +49,9 @@ type Supervisor struct {
 	// model store's release writes its catalog and a removal unlinks log
 	// files, disk I/O that must not stall everything else behind s.mu.
 	afterUnlock []func()
+	// changed is closed and replaced at every worker state change
+	// (StateChanged).
+	changed chan struct{}
 
 	out outputPoller // every run's stdout and stderr
 	// reaper reports every run's exit (exitReaper starts it; nil if it
@@ -86,6 +89,7 @@ func New(cfg *config.Config, deps Deps) (*Supervisor, error) {
 		mainPID:  make(map[int]*worker),
 		exited:   make(map[int]time.Time),
 		ports:    make(map[int]string),
+		changed:  make(chan struct{}),
 		kick:     make(chan struct{}, 1),
 		probe:    make(chan chan struct{}),
 		wedge:    make(chan (<-chan struct{})),

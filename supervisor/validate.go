@@ -26,6 +26,12 @@ type SpawnRequest struct {
 	Restart          RestartPolicy     `json:"restart,omitempty"`
 	Env              map[string]string `json:"env,omitempty"`
 	VRAMBytes        *int64            `json:"vram_bytes,omitempty"`
+
+	// Served tags the worker with the served model it was started for
+	// (the hive's OpenAI endpoint); ContextSize, when set, replaces the
+	// backend's for the memory estimate. Not settable through the API.
+	Served      string `json:"-"`
+	ContextSize int    `json:"-"`
 }
 
 // maxModelRef bounds a model reference, in bytes.
@@ -96,6 +102,8 @@ type spawnPlan struct {
 	vramRequested                 uint64 // 0: let the admitter estimate
 	policy                        RestartPolicy
 	env                           map[string]string
+	served                        string
+	contextSize                   int
 }
 
 // validateSpawn checks a request field by field (the first bad field
@@ -120,7 +128,10 @@ func (s *Supervisor) validateSpawn(ctx context.Context, req *SpawnRequest) (*spa
 			WithDetails(map[string]any{"field": "device"})
 	}
 	p := &spawnPlan{modelRef: req.ModelRef, provider: provider, reference: reference, backend: req.Backend, backendCfg: be,
-		memoryLimit: int64(s.cfg.MemoryLimit(req.Backend)), policy: RestartOnFailure}
+		memoryLimit: int64(s.cfg.MemoryLimit(req.Backend)), policy: RestartOnFailure, served: req.Served, contextSize: be.ContextSize}
+	if req.ContextSize > 0 {
+		p.contextSize = req.ContextSize
+	}
 	dev := *req.Device
 	if dev < 0 {
 		return nil, badField("device", "must not be negative, got %d", dev)

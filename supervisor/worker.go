@@ -22,6 +22,8 @@ type worker struct {
 	gpuUUID       string
 	modelRef      string
 	modelPath     string // set when a download ends, under s.mu
+	served        string // the served model it was started for ("": none)
+	contextSize   int    // for memory estimates: the served model's or the backend's
 	port          int
 	url           string
 	token         string

@@ -68,6 +68,10 @@ func TestUnitSettings(t *testing.T) {
 		"Service.ExecStart":        "/usr/local/bin/rbee-hive daemon --config /etc/rbee-hive/config.toml",
 		"Service.ProtectSystem":    "strict",
 		"Unit.StartLimitBurst":     "5",
+		// docs/security.md: the smallest set the hive needs; checked under
+		// real systemd by test/systemd-vm (hive-capbnd).
+		"Service.CapabilityBoundingSet": "CAP_SETUID CAP_SETGID CAP_SETPCAP CAP_KILL CAP_CHOWN CAP_DAC_OVERRIDE",
+		"Service.AmbientCapabilities":   "",
 	}
 	template := map[string]string{}
 	for k, v := range hive {

@@ -251,7 +251,11 @@ func startHive(o options, extra string) (*hive, error) {
 	if _, err := os.Stat("/sys/fs/cgroup/cgroup.controllers"); err == nil {
 		h.root = "/sys/fs/cgroup/" + h.root
 	}
-	h.model = filepath.Join(dir, "model.gguf")
+	// Below model_dir, the default models.file_roots.
+	h.model = filepath.Join(dir, "state", "models", "model.gguf")
+	if err := os.MkdirAll(filepath.Dir(h.model), 0o755); err != nil {
+		return nil, err
+	}
 	if err := os.WriteFile(h.model, []byte("rbee-simworker placeholder model\n"), 0o644); err != nil {
 		return nil, err
 	}

@@ -91,7 +91,7 @@ func TestDaemonSocketActivation(t *testing.T) {
 		_, err := net.Dial("tcp", fmt.Sprintf("127.0.0.1:%d", port))
 		return err == nil
 	})
-	model := filepath.Join(dir, "m.gguf")
+	model := filepath.Join(d.stateDir, "models", "m.gguf") // below models.file_roots (default: model_dir)
 	_ = os.WriteFile(model, []byte("x"), 0o600)
 	code, body := d.request("POST", "/v1/workers/spawn", `{"model_ref":"file:`+model+`","backend":"sim","device":0,"model_path":""}`)
 	if code != 200 {

@@ -100,7 +100,12 @@ func (m modelStore) Ensure(ctx context.Context, ref string) (string, <-chan supe
 type proxyAdapter struct{ px *proxy.Proxy }
 
 func (p proxyAdapter) Forward(w http.ResponseWriter, r *http.Request, t supervisor.ProxyTarget) {
+	// A served model's workers are labelled by its name: the set operators
+	// chose, bounded, and what clients of /openai/v1/ send as model.
 	labels := proxy.Labels{Backend: t.Backend, Model: canonicalRef(t.Model)}
+	if t.Served != "" {
+		labels.Model = t.Served
+	}
 	hooks := proxy.Hooks{
 		OnStart: t.OnStart,
 		OnEnd:   t.OnEnd,

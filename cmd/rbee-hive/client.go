@@ -3,6 +3,8 @@ package main
 import (
 	"bytes"
 	"context"
+	"crypto/tls"
+	"crypto/x509"
 	"encoding/json"
 	"flag"
 	"fmt"
@@ -31,7 +33,7 @@ type clientFlags struct {
 }
 
 func (c *clientFlags) register(fs *flag.FlagSet) {
-	fs.StringVar(&c.url, "url", "", "hive URL (default $RBEE_HIVE_URL or http://<listen>)")
+	fs.StringVar(&c.url, "url", "", "hive URL (default $RBEE_HIVE_URL or http(s)://<listen>)")
 	fs.StringVar(&c.tokenFile, "token-file", "", "API token file (default $LLORCH_API_TOKEN or <state_dir>/api-token)")
 	fs.StringVar(&c.configPath, "config", "", "the hive's config file, to find its address and state dir")
 	fs.BoolVar(&c.json, "json", false, "print JSON")
@@ -59,6 +61,9 @@ func (c *clientFlags) client() (*client, error) {
 	}
 	if base == "" {
 		base = "http://" + cfg.Listen
+		if cfg.TLSCert != "" {
+			base = "https://" + cfg.Listen
+		}
 	}
 	token := ""
 	switch {
@@ -73,7 +78,34 @@ func (c *clientFlags) client() (*client, error) {
 	if err != nil {
 		return nil, err
 	}
-	return &client{base: strings.TrimRight(base, "/"), token: token, http: &http.Client{}, json: c.json}, nil
+	hc, err := httpClientFor(cfg)
+	if err != nil {
+		return nil, err
+	}
+	return &client{base: strings.TrimRight(base, "/"), token: token, http: hc, json: c.json}, nil
+}
+
+// httpClientFor trusts, besides the system's roots, the hive's own
+// tls_cert when the CLI can read it: a self-signed certificate on the
+// local hive then needs no further setup.
+func httpClientFor(cfg config.Config) (*http.Client, error) {
+	if cfg.TLSCert == "" {
+		return &http.Client{}, nil
+	}
+	pem, err := os.ReadFile(cfg.TLSCert)
+	if err != nil {
+		return &http.Client{}, nil // not ours to read: the system roots must do
+	}
+	pool, err := x509.SystemCertPool()
+	if err != nil {
+		pool = x509.NewCertPool()
+	}
+	if !pool.AppendCertsFromPEM(pem) {
+		return nil, fmt.Errorf("tls_cert %s: no PEM certificate in it", cfg.TLSCert)
+	}
+	tr := http.DefaultTransport.(*http.Transport).Clone()
+	tr.TLSClientConfig = &tls.Config{RootCAs: pool, MinVersion: tls.VersionTLS12}
+	return &http.Client{Transport: tr}, nil
 }
 
 // apiError is the hive's error envelope as the CLI sees it.

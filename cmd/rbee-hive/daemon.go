@@ -2,6 +2,7 @@ package main
 
 import (
 	"context"
+	"crypto/tls"
 	"errors"
 	"flag"
 	"fmt"
@@ -134,19 +135,37 @@ func serveDaemon(ctx context.Context, cfg *config.Config, log *slog.Logger, demo
 	auth := api.Authenticator{Token: token}
 	apiAuth := func(r *http.Request) *api.Error { return auth.Check(r) }
 
+	// A certificate that cannot be read stops the hive here, before it
+	// binds or starts anything.
+	tlsCfg, err := loadTLS(cfg)
+	if err != nil {
+		return err
+	}
 	// Bind first: a hive that cannot serve its API must not start workers.
 	ln, err := net.Listen("tcp", cfg.Listen)
 	if err != nil {
 		return fmt.Errorf("listen %s: %w", cfg.Listen, err)
 	}
-	h, err := newHive(ctx, cfg, log, reg, "http://"+advertised(cfg.Listen, ln.Addr()))
+	defer ln.Close()
+	var mln net.Listener
+	if cfg.MetricsListen != "" {
+		if mln, err = net.Listen("tcp", cfg.MetricsListen); err != nil {
+			return fmt.Errorf("metrics_listen %s: %w", cfg.MetricsListen, err)
+		}
+		defer mln.Close()
+	}
+	scheme := "http://"
+	if tlsCfg != nil {
+		scheme = "https://"
+	}
+	h, err := newHive(ctx, cfg, log, reg, scheme+advertised(cfg.Listen, ln.Addr()))
 	if err != nil {
-		ln.Close()
 		return err
 	}
 	defer h.close()
 
-	if err := rt.Register(apiAuth, h.routeTable(reg, log, apiAuth)...); err != nil {
+	routes := h.routeTable(reg, log, apiAuth)
+	if err := rt.Register(apiAuth, routes...); err != nil {
 		return err
 	}
 
@@ -161,10 +180,28 @@ func serveDaemon(ctx context.Context, cfg *config.Config, log *slog.Logger, demo
 		// Requests must not inherit the signal context: SIGTERM would cancel
 		// every in-flight stream instead of letting Shutdown drain it.
 		BaseContext: func(net.Listener) context.Context { return context.WithoutCancel(ctx) },
+		TLSConfig:   tlsCfg,
+	}
+	if mln != nil {
+		msrv, err := metricsServer(log, apiAuth, routes)
+		if err != nil {
+			return err
+		}
+		go func() {
+			if err := msrv.Serve(mln); err != nil && !errors.Is(err, http.ErrServerClosed) {
+				log.Error("metrics listener failed; the API goes on", "addr", mln.Addr().String(), "err", err)
+			}
+		}()
+		defer msrv.Close()
+		log.Info("metrics listening", "addr", mln.Addr().String(), "paths", "GET /metrics, GET /v1/health")
 	}
 	serveErr := make(chan error, 1)
-	go func() { serveErr <- srv.Serve(ln) }()
-	log.Info("hive listening", "addr", ln.Addr().String(), "version", version, "state_dir", cfg.StateDir)
+	if tlsCfg != nil {
+		go func() { serveErr <- srv.ServeTLS(ln, "", "") }()
+	} else {
+		go func() { serveErr <- srv.Serve(ln) }()
+	}
+	log.Info("hive listening", "addr", ln.Addr().String(), "tls", tlsCfg != nil, "version", version, "state_dir", cfg.StateDir)
 	h.ready()
 	if demo {
 		if err := h.spawnDemo(ctx); err != nil {
@@ -173,6 +210,53 @@ func serveDaemon(ctx context.Context, cfg *config.Config, log *slog.Logger, demo
 	}
 
 	return serveUntil(ctx, log, srv, serveErr, h.shutdown, h.px.Drain)
+}
+
+// loadTLS reads tls_cert and tls_key (nil, nil when neither is set). The
+// certificate is read once: a renewed one takes a restart.
+func loadTLS(cfg *config.Config) (*tls.Config, error) {
+	if cfg.TLSCert == "" && cfg.TLSKey == "" {
+		return nil, nil
+	}
+	cert, err := tls.LoadX509KeyPair(cfg.TLSCert, cfg.TLSKey)
+	if err != nil {
+		return nil, fmt.Errorf("tls_cert %s / tls_key %s: %w", cfg.TLSCert, cfg.TLSKey, err)
+	}
+	return &tls.Config{Certificates: []tls.Certificate{cert}, MinVersion: tls.VersionTLS12}, nil
+}
+
+// metricsOnly are the routes the metrics listener serves: no token, and
+// nothing that changes or reveals more than /metrics already does.
+var metricsOnly = map[string]bool{"GET /metrics": true, "GET /v1/health": true}
+
+// metricsServer serves the public routes of the route table on the
+// separate metrics listener; every other path there is a 404.
+func metricsServer(log *slog.Logger, apiAuth api.AuthFunc, routes []api.Route) (*http.Server, error) {
+	mrt := api.NewRouter(log)
+	var keep []api.Route
+	for _, r := range routes {
+		if metricsOnly[r.Pattern] {
+			if r.Auth != api.AuthPublic {
+				return nil, fmt.Errorf("metrics listener: route %s is not public", r.Pattern)
+			}
+			keep = append(keep, r)
+		}
+	}
+	if len(keep) != len(metricsOnly) {
+		return nil, fmt.Errorf("metrics listener: found %d of its %d routes in the route table", len(keep), len(metricsOnly))
+	}
+	if err := mrt.Register(apiAuth, keep...); err != nil {
+		return nil, err
+	}
+	return &http.Server{
+		Handler:           mrt,
+		ReadHeaderTimeout: 10 * time.Second,
+		ReadTimeout:       30 * time.Second,
+		WriteTimeout:      30 * time.Second,
+		IdleTimeout:       120 * time.Second,
+		MaxHeaderBytes:    16 << 10,
+		ErrorLog:          slog.NewLogLogger(log.Handler(), slog.LevelWarn),
+	}, nil
 }
 
 // httpDrainTimeout bounds how long in-flight API requests may run after a

@@ -73,11 +73,26 @@ type daemon struct {
 	stateDir string
 	logs     *testkit.SyncBuffer
 	done     chan error
+	client   *http.Client // nil: http.DefaultClient
+}
+
+func (d *daemon) httpClient() *http.Client {
+	if d.client != nil {
+		return d.client
+	}
+	return http.DefaultClient
 }
 
 // startDaemon runs the hive with a config whose paths live in a temp dir;
 // extra is appended to the config file.
 func startDaemon(t *testing.T, extra string, env ...string) *daemon {
+	t.Helper()
+	return startDaemonWith(t, "http", nil, extra, env...)
+}
+
+// startDaemonWith is startDaemon for an API served over scheme ("http" or
+// "https") and polled with client (nil: http.DefaultClient).
+func startDaemonWith(t *testing.T, scheme string, client *http.Client, extra string, env ...string) *daemon {
 	t.Helper()
 	dir := passableTempDir(t)
 	port := testkit.FreePort(t)
@@ -87,7 +102,7 @@ func startDaemon(t *testing.T, extra string, env ...string) *daemon {
 	if err := os.WriteFile(cfgPath, []byte(cfg), 0o600); err != nil {
 		t.Fatal(err)
 	}
-	d := &daemon{t: t, url: fmt.Sprintf("http://127.0.0.1:%d", port), stateDir: filepath.Join(dir, "state"), logs: &testkit.SyncBuffer{}, done: make(chan error, 1)}
+	d := &daemon{t: t, url: fmt.Sprintf("%s://127.0.0.1:%d", scheme, port), stateDir: filepath.Join(dir, "state"), logs: &testkit.SyncBuffer{}, done: make(chan error, 1), client: client}
 	d.cmd = exec.Command(filepath.Join(bins.dir, "rbee-hive"), "daemon", "--config", cfgPath)
 	d.cmd.Env = append(os.Environ(), env...)
 	d.cmd.Stderr = d.logs
@@ -111,7 +126,7 @@ func startDaemon(t *testing.T, extra string, env ...string) *daemon {
 	})
 	deadline := time.Now().Add(20 * time.Second)
 	for time.Now().Before(deadline) {
-		resp, err := http.Get(d.url + "/v1/health")
+		resp, err := d.httpClient().Get(d.url + "/v1/health")
 		if err == nil {
 			resp.Body.Close()
 			if resp.StatusCode == 200 {
@@ -152,7 +167,7 @@ func (d *daemon) request(method, path, body string) (int, []byte) {
 	if body != "" {
 		req.Header.Set("Content-Type", "application/json")
 	}
-	resp, err := http.DefaultClient.Do(req)
+	resp, err := d.httpClient().Do(req)
 	if err != nil {
 		d.t.Fatal(err)
 	}

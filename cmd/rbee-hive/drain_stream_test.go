@@ -23,7 +23,7 @@ command = ["{self_dir}/rbee-simworker", "--port", "{port}", "--worker-id", "{wor
 health = "notify"
 memory_limit = "256MiB"
 `)
-	model := filepath.Join(t.TempDir(), "m.gguf")
+	model := filepath.Join(d.stateDir, "models", "m.gguf") // below models.file_roots (default: model_dir)
 	if err := os.WriteFile(model, []byte("x"), 0o600); err != nil {
 		t.Fatal(err)
 	}

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"net/http"
 	"os"
 	"path/filepath"
 	"sync"
@@ -21,6 +22,7 @@ import (
 	"github.com/rbee/rbee-hive/model"
 	"github.com/rbee/rbee-hive/procfs"
 	"github.com/rbee/rbee-hive/proxy"
+	"github.com/rbee/rbee-hive/router"
 	"github.com/rbee/rbee-hive/supervisor"
 	"github.com/rbee/rbee-hive/supervisor/notify"
 	"github.com/rbee/rbee-hive/systemd"
@@ -39,6 +41,10 @@ type hive struct {
 	journal  *systemd.WorkerJournal // nil without journald
 	sup      *supervisor.Supervisor
 	px       *proxy.Proxy
+	// openai is the host's OpenAI endpoint (/openai/v1/), openaiHandler
+	// its HTTP side.
+	openai        *router.Router
+	openaiHandler http.Handler
 
 	ctx       context.Context // background loops; cancelled after the workers are stopped
 	cancel    context.CancelFunc
@@ -50,9 +56,12 @@ type hive struct {
 func newHive(ctx context.Context, cfg *config.Config, log *slog.Logger, reg *prometheus.Registry, hiveURL string) (h *hive, err error) {
 	h = &hive{cfg: cfg, log: log}
 	h.ctx, h.cancel = context.WithCancel(context.WithoutCancel(ctx))
+	// built, not h: a failing `return nil, err` sets h to nil before this
+	// runs, and a nil h would panic here and hide err.
+	built := h
 	defer func() {
 		if err != nil {
-			h.close()
+			built.close()
 		}
 	}()
 	if h.notifier, err = systemd.NewNotifier(log); err != nil {
@@ -88,7 +97,11 @@ func newHive(ctx context.Context, cfg *config.Config, log *slog.Logger, reg *pro
 	reg.MustRegister(h.ledger.Collector())
 
 	h.models, err = model.New(model.Options{
-		Dir:          cfg.ModelDir,
+		Dir:       cfg.ModelDir,
+		FileRoots: cfg.Models.FileRoots,
+		// The catalog names the paths the hive deletes: it lives in the state
+		// dir, not in the model dir that a model-reading group can see.
+		CatalogPath:  filepath.Join(cfg.StateDir, "catalog.db"),
 		Endpoint:     cfg.Models.HFEndpoint,
 		TokenFile:    cfg.Models.HFTokenFile,
 		DiskReserve:  uint64(cfg.Resources.DiskReserve),
@@ -156,6 +169,10 @@ func newHive(ctx context.Context, cfg *config.Config, log *slog.Logger, reg *pro
 	if n > 0 {
 		log.Warn("cleaned leftover workers of a previous hive", "count", n)
 	}
+	if h.openai, err = h.newOpenAIRouter(router.Options{Registry: reg, Logger: log.With("component", "openai")}); err != nil {
+		return nil, err
+	}
+	h.openaiHandler = h.openai.Handler()
 	h.start()
 	return h, nil
 }
@@ -166,6 +183,7 @@ func (h *hive) start() {
 	h.goLoop("supervisor", h.sup.Run)
 	h.goLoop("notify socket", func(ctx context.Context) error { return h.listener.Serve(ctx, h.sup.HandleNotify) })
 	h.goLoop("watchdog", func(ctx context.Context) error { return h.notifier.RunWatchdog(ctx, h.sup.Alive) })
+	h.goLoop("openai ttl", func(ctx context.Context) error { h.openai.Run(ctx, 0); return nil })
 }
 
 func (h *hive) goLoop(name string, fn func(context.Context) error) {
@@ -204,6 +222,9 @@ func (h *hive) ready() {
 // shutdown stops every worker within the budget, then the loops.
 func (h *hive) shutdown() {
 	_ = h.notifier.Stopping()
+	// Loads in flight are abandoned first, so none starts a worker the
+	// drain below would miss.
+	h.openai.Close()
 	budget := h.cfg.Workers.ShutdownBudget.D() + h.cfg.Workers.GracePeriod.D()
 	extend, stopExtending := context.WithCancel(h.ctx)
 	go h.notifier.KeepExtending(extend, budget)
@@ -217,6 +238,9 @@ func (h *hive) shutdown() {
 func (h *hive) close() { h.closeOnce.Do(h.release) }
 
 func (h *hive) release() {
+	if h.openai != nil {
+		h.openai.Close()
+	}
 	h.cancel()
 	h.wg.Wait()
 	if h.listener != nil {
@@ -234,9 +258,10 @@ func (h *hive) release() {
 }
 
 // spawnDemo starts one worker of the sim backend, for `make run`. The
-// simworker loads nothing; its model is a placeholder file in the state dir.
+// simworker loads nothing; its model is a placeholder file in the model dir
+// (the default models.file_roots; the store created the dir).
 func (h *hive) spawnDemo(ctx context.Context) error {
-	path := filepath.Join(h.cfg.StateDir, "demo-model.gguf")
+	path := filepath.Join(h.cfg.ModelDir, "demo-model.gguf")
 	if err := os.WriteFile(path, []byte("rbee-simworker demo placeholder\n"), 0o640); err != nil {
 		return fmt.Errorf("demo model: %w", err)
 	}

@@ -8,6 +8,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 
 	"github.com/rbee/rbee-hive/api"
+	"github.com/rbee/rbee-hive/router"
 	"github.com/rbee/rbee-hive/supervisor"
 )
 
@@ -43,6 +44,17 @@ func (h *hive) routeTable(reg *prometheus.Registry, log *slog.Logger, apiAuth ap
 		{Pattern: "DELETE /v1/models/{ref...}", Auth: api.AuthToken, Handler: plain(h.models.HandleDelete)},
 
 		{Pattern: "GET /v1/resources", Auth: api.AuthToken, Handler: h.handleResources},
+
+		// The host's OpenAI endpoint (docs/openai-endpoint.md); the two
+		// catch-alls answer unknown routes under /openai/ in OpenAI's shape.
+		{Pattern: "GET " + router.PathModels, Auth: api.AuthToken, Handler: h.handleOpenAI},
+		{Pattern: "GET " + router.PathModels + "/{name}", Auth: api.AuthToken, Handler: h.handleOpenAI},
+		{Pattern: "POST " + router.PathModels + "/{name}/load", Auth: api.AuthToken, Handler: h.handleOpenAI},
+		{Pattern: "POST " + router.PathModels + "/{name}/unload", Auth: api.AuthToken, Handler: h.handleOpenAI},
+		{Pattern: "POST " + router.PathChatCompletions, Auth: api.AuthToken, Handler: h.handleOpenAI},
+		{Pattern: "POST " + router.PathCompletions, Auth: api.AuthToken, Handler: h.handleOpenAI},
+		{Pattern: "GET /openai/", Auth: api.AuthToken, Handler: h.handleOpenAI},
+		{Pattern: "POST /openai/", Auth: api.AuthToken, Handler: h.handleOpenAI},
 	}
 }
 

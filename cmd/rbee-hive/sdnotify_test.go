@@ -66,7 +66,7 @@ func TestDaemonUnderSystemd(t *testing.T) {
 	}
 	// A worker gets the hive's notify socket and its stale threshold, never
 	// what systemd gave the hive.
-	model := filepath.Join(t.TempDir(), "m.gguf")
+	model := filepath.Join(d.stateDir, "models", "m.gguf") // below models.file_roots (default: model_dir)
 	if err := os.WriteFile(model, []byte("x"), 0o600); err != nil {
 		t.Fatal(err)
 	}

@@ -40,7 +40,24 @@ const (
 func TestPrometheusDashboardAndAlerts(t *testing.T) {
 	require(t, "prometheus", "promtool")
 	start := time.Now()
-	h := startHive(t, hiveOptions{extra: `
+	// A served model for the OpenAI endpoint's panels: rbee-simworker
+	// speaks OpenAI too.
+	servedModel := filepath.Join(t.TempDir(), "served.gguf")
+	if err := os.WriteFile(servedModel, []byte("rbee-simworker placeholder\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	h := startHive(t, hiveOptions{extra: fmt.Sprintf(`
+[backends.simopenai]
+command = ["{self_dir}/rbee-simworker", "--port", "{port}", "--worker-id", "{worker_id}", "--model", "{model_path}", "--model-ref", "{model_ref}"]
+health = "notify"
+api = "openai"
+load_timeout = "20s"
+memory_limit = "256MiB"
+
+[served.e2e-sim]
+model = %q
+backend = "simopenai"
+`, servedModel) + `
 [heartbeat]
 interval = "1s"
 stale_threshold = "2s"
@@ -81,6 +98,7 @@ memory_total = "24GiB"
 		h.waitState(id, 15*time.Second, "idle")
 	}
 	runInference(t, h, ready, 4)
+	routedRequest(t, h) // loads the served model: a cold start
 
 	// The scenario as the hive saw it (a precondition of the queries below).
 	h.waitState(oom, 20*time.Second, "failed")
@@ -96,6 +114,7 @@ memory_total = "24GiB"
 		return wi.RestartCount >= 1 || wi.State == "stale" || wi.ExitReason == "stale"
 	})
 	runInference(t, h, ready, 2) // again, inside every rate window
+	routedRequest(t, h)
 
 	// Every dashboard query returns data, every expected alert fires.
 	queries := dashboardQueries(t, target)
@@ -220,6 +239,17 @@ func runInference(t *testing.T, h *hive, workers []string, per int) {
 	close(errs)
 	for err := range errs {
 		t.Error(err)
+	}
+}
+
+// routedRequest sends one chat completion through the OpenAI endpoint.
+func routedRequest(t *testing.T, h *hive) {
+	t.Helper()
+	code, body := h.do("POST", "/openai/v1/chat/completions", map[string]any{
+		"model": "e2e-sim", "messages": []map[string]string{{"role": "user", "content": "hi"}}, "max_tokens": 4,
+	})
+	if code != http.StatusOK || !bytes.Contains(body, []byte(`"completion_tokens":4`)) {
+		t.Errorf("routed request: %d %s", code, body)
 	}
 }
 

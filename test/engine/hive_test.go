@@ -113,6 +113,10 @@ state_dir = %q
 runtime_dir = %q
 log_format = "json"
 
+# The tests write their GGUF files to their own temp dirs.
+[models]
+file_roots = [%q]
+
 [cgroup]
 root = %q
 
@@ -128,7 +132,7 @@ backoff_max = "1s"
 jitter = 0.0
 max_failures = 3
 failure_window = "60s"
-%s`, port, filepath.Join(dir, "state"), rt, root, backends)
+%s`, port, filepath.Join(dir, "state"), rt, filepath.Clean(os.TempDir()), root, backends)
 	cfgPath := filepath.Join(dir, "hive.toml")
 	if err := os.WriteFile(cfgPath, []byte(cfg), 0o600); err != nil {
 		t.Fatal(err)

@@ -273,7 +273,11 @@ func startHive(t *testing.T) *hive {
 		cgRoot = "/sys/fs/cgroup/" + cgRoot
 	}
 	port := testkit.FreePort(t)
-	model := filepath.Join(dir, "model.gguf")
+	// Below model_dir (<state_dir>/models), the default models.file_roots.
+	model := filepath.Join(dir, "state", "models", "model.gguf")
+	if err := os.MkdirAll(filepath.Dir(model), 0o755); err != nil {
+		t.Fatal(err)
+	}
 	if err := os.WriteFile(model, []byte("rbee-simworker placeholder model\n"), 0o644); err != nil {
 		t.Fatal(err)
 	}

@@ -123,6 +123,83 @@ c_worker_cgroup() {
 		{ say "StatusText '$(prop rbee-hive StatusText)'"; return 1; }
 	say "$id in ${cg#0::} memory.max=$max"
 }
+# The shipped unit's CapabilityBoundingSet= (docs/security.md), as the
+# kernel numbers the capabilities.
+UNIT_CAPS="cap_chown cap_dac_override cap_kill cap_setgid cap_setuid cap_setpcap"
+declare -A CAPBIT=([cap_chown]=0 [cap_dac_override]=1 [cap_kill]=5 [cap_setgid]=6 [cap_setuid]=7 [cap_setpcap]=8)
+capmask() { # capmask NAMES...: the 16-digit hex mask /proc/<pid>/status shows
+	local m=0 c
+	for c in "$@"; do
+		[ -n "${CAPBIT[$c]:-}" ] || { echo "unknown capability $c" >&2; return 1; }
+		m=$((m | 1 << ${CAPBIT[$c]}))
+	done
+	printf '%016x\n' "$m"
+}
+status_field() { awk -v k="$2:" '$1 == k {print $2}' /proc/$1/status; }
+c_hive_capbnd() {
+	local pid names want bnd eff nnp
+	pid=$(mainpid)
+	names=$(prop rbee-hive CapabilityBoundingSet)
+	[ "$(printf '%s\n' $names | sort | paste -sd' ')" = "$(printf '%s\n' $UNIT_CAPS | sort | paste -sd' ')" ] ||
+		{ say "unit CapabilityBoundingSet='$names', want '$UNIT_CAPS'"; return 1; }
+	want=$(capmask $UNIT_CAPS) || { say "cannot compute the mask"; return 1; }
+	grep -E '^(Uid|Cap|NoNewPrivs)' /proc/$pid/status
+	bnd=$(status_field "$pid" CapBnd) eff=$(status_field "$pid" CapEff) nnp=$(status_field "$pid" NoNewPrivs)
+	[ "$bnd" = "$want" ] || { say "hive CapBnd $bnd, want $want ($UNIT_CAPS)"; return 1; }
+	# Root keeps all of its bounding set effective; nothing beyond it.
+	[ "$eff" = "$want" ] || { say "hive CapEff $eff, want $want"; return 1; }
+	[ "$nnp" = 1 ] || { say "hive NoNewPrivs $nnp"; return 1; }
+	# The hive did its work under that set: worker-cgroup spawned a worker
+	# into its leaf; the later checks kill, OOM and drain workers.
+	say "hive pid $pid CapBnd=CapEff=$bnd ($(prop rbee-hive CapabilityBoundingSet)), NoNewPrivs=1"
+}
+c_worker_privs() {
+	local id pid uid bnd eff prm inh amb nnp want
+	id=$(cat $OUT/w1)
+	pid=$(api "$API/v1/workers/$id" | jq -r .pid)
+	[ -n "$pid" ] && [ -d /proc/$pid ] || { say "worker $id pid '$pid' gone"; return 1; }
+	grep -E '^(Uid|Gid|Groups|Cap|NoNewPrivs)' /proc/$pid/status
+	uid=$(status_field "$pid" Uid) bnd=$(status_field "$pid" CapBnd) eff=$(status_field "$pid" CapEff)
+	prm=$(status_field "$pid" CapPrm) inh=$(status_field "$pid" CapInh) amb=$(status_field "$pid" CapAmb)
+	nnp=$(status_field "$pid" NoNewPrivs)
+	want=$(capmask $UNIT_CAPS) || return 1
+	# Every worker: no_new_privs and nothing outside the unit's bounding set.
+	[ "$nnp" = 1 ] || { say "worker NoNewPrivs $nnp"; return 1; }
+	[ $((0x$bnd & ~0x$want)) = 0 ] || { say "worker CapBnd $bnd exceeds the unit's $want"; return 1; }
+	[ "$inh" = 0000000000000000 ] && [ "$amb" = 0000000000000000 ] || { say "worker CapInh $inh CapAmb $amb"; return 1; }
+	if [ "$uid" = 0 ]; then
+		# Workers still run as root here (per-worker uids are not wired
+		# into the supervisor yet): root keeps the unit's set, no more.
+		[ "$eff" = "$want" ] && [ "$bnd" = "$want" ] || { say "root worker CapEff $eff CapBnd $bnd, want $want"; return 1; }
+		say "worker $id pid $pid uid 0 (root worker), CapBnd=CapEff=$bnd (the unit's set), NoNewPrivs=1"
+		return 0
+	fi
+	# An isolated worker: its own uid, every capability set empty.
+	for v in "$eff" "$prm" "$bnd"; do
+		[ "$v" = 0000000000000000 ] || { say "worker uid $uid CapEff $eff CapPrm $prm CapBnd $bnd, want all 0"; return 1; }
+	done
+	say "worker $id pid $pid uid $uid, CapEff=CapPrm=CapBnd=0, NoNewPrivs=1"
+}
+c_file_roots() {
+	local code body p codes=""
+	# Outside models.file_roots: 400 before any stat, the same for a file
+	# that exists, one that does not, and one below a root-only directory.
+	install -d -m 0700 /root/sdtest-closed && echo x >/root/sdtest-closed/m.gguf
+	for p in /etc/shadow /etc/nonexistent.gguf /root/sdtest-closed/m.gguf; do
+		code=$(api -o /dev/null -w '%{http_code}' -X POST -H 'Content-Type: application/json' \
+			-d "{\"model_ref\":\"file:$p\",\"backend\":\"sim\",\"device\":0}" "$API/v1/workers/spawn")
+		[ "$code" = 400 ] || { say "spawn file:$p: HTTP $code, want 400"; return 1; }
+		body=$(api -X POST -H 'Content-Type: application/json' -d "{\"model_ref\":\"file:$p\"}" "$API/v1/models/download")
+		echo "$body"
+		printf '%s\n' "$body" | jq -e '.error.code == "VALIDATION_ERROR" and (.error.message | contains("models.file_roots"))' >/dev/null ||
+			{ say "download file:$p: $body"; return 1; }
+		codes="$codes $code"
+	done
+	# Inside a root (the staged config adds /opt/rbee-sdtest): accepted.
+	code=$(api -o /dev/null -w '%{http_code}' -X POST -H 'Content-Type: application/json' -d "{\"model_ref\":\"file:$MODEL\"}" "$API/v1/models/download")
+	[ "$code" = 200 ] || { say "download file:$MODEL: HTTP $code"; return 1; }
+	say "file: outside models.file_roots:$codes (spawn) and VALIDATION_ERROR (download); file:$MODEL 200"
+}
 c_journal_worker() {
 	local id out hive
 	id=$(cat $OUT/w1)

@@ -40,7 +40,7 @@ MAKE=${MAKE:-make}
 # c_<name> (dashes become underscores) in checks.sh plus its name here.
 EXPECTED=(
 	start-ready status-line credential-token supervisor-leaf worker-cgroup
-	journal-worker oom-continue journal-err instance-gpu1 watchdog-restart
+	hive-capbnd worker-privs file-roots journal-worker oom-continue journal-err instance-gpu1 watchdog-restart
 	sigkill-restart stop-drain notify-socket security
 )
 

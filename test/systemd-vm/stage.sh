@@ -20,6 +20,11 @@ cat >"$root/etc/rbee-hive/config.toml" <<'TOML'
 memory_reserve = "32MiB"
 disk_reserve = "0"
 
+# The checks' model file lives in /opt/rbee-sdtest; file: references must
+# lie below a root.
+[models]
+file_roots = ["/var/lib/rbee-hive/models", "/opt/rbee-sdtest"]
+
 [backends.leaky]
 command = ["{self_dir}/rbee-simworker", "--port", "{port}", "--worker-id", "{worker_id}", "--model", "{model_path}", "--leak-mib-per-sec", "64"]
 health = "notify"
