@@ -12,6 +12,7 @@ all: build
 
 build:
 	$(GO) build -o $(BIN)/rbee-hive ./cmd/rbee-hive
+	CGO_ENABLED=0 $(GO) build -o $(BIN)/rbee-gate ./cmd/rbee-gate
 	@if [ -d cmd/rbee-simworker ]; then $(GO) build -o $(BIN)/rbee-simworker ./cmd/rbee-simworker; fi
 
 # deps-run: what running needs; deps: also every tool the tests use.

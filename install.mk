@@ -5,7 +5,7 @@
 #   make install                              # this host: /usr/local, daemon-reload
 #   make install DESTDIR=/tmp/pkg PREFIX=/usr # staging for a package
 #
-# Installs bin/rbee-hive and bin/rbee-simworker, the units (into
+# Installs bin/rbee-hive, bin/rbee-gate and bin/rbee-simworker, the units (into
 # $(PREFIX)/lib/systemd/system, systemd's path for locally installed
 # software, so /etc/systemd/system stays the administrator's), the sample
 # config only if none exists, and, on a live install, a random API token.
@@ -33,8 +33,10 @@ ifeq ($(DESTDIR),)
 	@echo "Installed. Start it with: systemctl enable --now rbee-hive"
 endif
 
-install-bin: $(RBEE_BIN_SRC)/rbee-hive $(RBEE_BIN_SRC)/rbee-simworker
+# rbee-gate goes beside rbee-hive: the hive looks for its spawn gate there.
+install-bin: $(RBEE_BIN_SRC)/rbee-hive $(RBEE_BIN_SRC)/rbee-gate $(RBEE_BIN_SRC)/rbee-simworker
 	$(INSTALL) -D -m 0755 $(RBEE_BIN_SRC)/rbee-hive $(DESTDIR)$(PREFIX)/bin/rbee-hive
+	$(INSTALL) -D -m 0755 $(RBEE_BIN_SRC)/rbee-gate $(DESTDIR)$(PREFIX)/bin/rbee-gate
 	$(INSTALL) -D -m 0755 $(RBEE_BIN_SRC)/rbee-simworker $(DESTDIR)$(PREFIX)/bin/rbee-simworker
 
 # The units name /usr/local/bin/rbee-hive; another PREFIX is written into
@@ -72,7 +74,7 @@ endif
 
 # Leaves config, token, state and logs in place.
 uninstall:
-	rm -f $(DESTDIR)$(PREFIX)/bin/rbee-hive $(DESTDIR)$(PREFIX)/bin/rbee-simworker
+	rm -f $(DESTDIR)$(PREFIX)/bin/rbee-hive $(DESTDIR)$(PREFIX)/bin/rbee-gate $(DESTDIR)$(PREFIX)/bin/rbee-simworker
 	rm -f $(addprefix $(DESTDIR)$(RBEE_UNIT_DIR)/,$(RBEE_UNITS) $(RBEE_DROPINS))
 	-rmdir $(DESTDIR)$(RBEE_UNIT_DIR)/rbee-hive.service.d $(DESTDIR)$(RBEE_UNIT_DIR)/rbee-hive@.service.d 2>/dev/null
 	rm -f $(DESTDIR)$(RBEE_DOC_DIR)/config.example.toml

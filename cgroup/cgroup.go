@@ -3,10 +3,14 @@
 // interface covers cgroup v2 (unified) and v1 (hybrid/legacy hosts); callers
 // never ask which.
 //
-// Construct with New. Every binary that starts workers through a Leaf must
-// call MaybeRunGate first thing in main() (tests: in TestMain): on cgroup v1
-// (and v2 without CLONE_INTO_CGROUP) Start re-executes the binary as a spawn
-// gate that waits until its pid is in the leaf and then execs the worker.
+// Construct with New. Start places the child without a gate where it can
+// (v2: CLONE_INTO_CGROUP; v1: a fork from a spawner thread sitting in the
+// leaf; isolated: from a restricted spawner thread). Otherwise (ForceGate,
+// old kernels, a thread that cannot be restricted) it starts a spawn gate
+// that waits until its pid is in the leaf and then execs the worker: the
+// rbee-gate binary when installed beside the executable, else the binary
+// itself re-executed, so every binary that starts workers through a Leaf
+// must call MaybeRunGate first thing in main() (tests: in TestMain).
 package cgroup
 
 import (

@@ -19,12 +19,32 @@ import (
 	"github.com/containerd/cgroups/v3"
 	"github.com/containerd/cgroups/v3/cgroup1"
 
+	"golang.org/x/sys/unix"
+
 	"github.com/rbee/rbee-hive/internal/testkit"
 )
 
 // Child programs are this test binary re-executed with helperEnv set, so the
 // tests need no external tools and run unchanged inside the VM.
 const helperEnv = "RBEE_CGROUP_TEST_HELPER"
+
+// testHelperBin is a copy of the test binary that every uid may execute;
+// set once by TestMain.
+var testHelperBin string
+
+// copyTestBinary copies the running test binary into dir, which it makes
+// traversable by every uid.
+func copyTestBinary(dir string) (string, error) {
+	if err := os.Chmod(dir, 0o755); err != nil {
+		return "", err
+	}
+	b, err := os.ReadFile("/proc/self/exe")
+	if err != nil {
+		return "", err
+	}
+	p := filepath.Join(dir, "cgroup-test-helper")
+	return p, os.WriteFile(p, b, 0o755)
+}
 
 // helperMaxLife bounds every helper so nothing outlives a failed test run.
 const helperMaxLife = 2 * time.Minute
@@ -34,12 +54,33 @@ func TestMain(m *testing.M) {
 	if mode := os.Getenv(helperEnv); mode != "" {
 		os.Exit(runHelper(mode))
 	}
-	os.Exit(m.Run())
+	dir, err := os.MkdirTemp("", "rbee-cgroup-test-gate-")
+	if err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		os.Exit(1)
+	}
+	testGate = findTestGate(dir)
+	if testHelperBin, err = copyTestBinary(dir); err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		os.Exit(1)
+	}
+	code := m.Run()
+	_ = os.RemoveAll(dir)
+	os.Exit(code)
 }
 
 func runHelper(mode string) int {
 	switch mode {
 	case "exit":
+		return 0
+	case "stamp", "stamp-sleep":
+		// CLOCK_MONOTONIC as early as this binary's main can take it.
+		var ts unix.Timespec
+		_ = unix.ClockGettime(unix.CLOCK_MONOTONIC, &ts)
+		fmt.Println(ts.Nano())
+		if mode == "stamp-sleep" {
+			time.Sleep(helperMaxLife)
+		}
 		return 0
 	case "new-manager":
 		// Run as another user by TestUnprivilegedRefused.
@@ -160,8 +201,16 @@ func openFDs() []string {
 }
 
 // helperCmd re-executes the test binary in a helper mode.
+// The test process runs helpers from testHelperBin: in a gate started from
+// rbee-gate /proc/self/exe is rbee-gate, and a worker uid cannot reach the
+// test binary in go test's private build directory by its path. Helpers
+// starting helpers use /proc/self/exe.
 func helperCmd(mode string) *exec.Cmd {
-	c := exec.Command("/proc/self/exe")
+	exe := testHelperBin
+	if exe == "" {
+		exe = "/proc/self/exe"
+	}
+	c := exec.Command(exe)
 	c.Args = []string{"cgroup-test-helper"}
 	c.Env = append(os.Environ(), helperEnv+"="+mode)
 	return c

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"os"
 	"time"
 
 	"golang.org/x/sys/unix"
@@ -57,6 +58,7 @@ func freezeKillLoop(ctx context.Context, fz freezer, list func() ([]int, error))
 		defer cancel()
 		return fz.thaw(tctx)
 	}
+	self := os.Getpid()
 	for {
 		pids, err := list()
 		if err != nil {
@@ -92,6 +94,11 @@ func freezeKillLoop(ctx context.Context, fz freezer, list func() ([]int, error))
 			}
 		}
 		for _, p := range pids {
+			if p == self {
+				// A spawner thread of ours forking in the leaf: it moves
+				// out by itself; the loop waits for that.
+				continue
+			}
 			if err := unix.Kill(p, unix.SIGKILL); err != nil && !errors.Is(err, unix.ESRCH) {
 				if fz != nil {
 					_ = thaw()

@@ -15,8 +15,8 @@ import (
 	"time"
 )
 
-// startModes are the ways Start can place a process: the driver's default,
-// and on v2 also the spawn gate (the fallback when CLONE_INTO_CGROUP fails).
+// startModes are the ways Start can place a process: the driver's default
+// (no gate), and the spawn gate, the fallback, in both of its forms.
 func startModes() []struct {
 	name string
 	opts Options
@@ -24,12 +24,14 @@ func startModes() []struct {
 	modes := []struct {
 		name string
 		opts Options
-	}{{"default", Options{}}}
-	if mgrMode() == "v2" {
-		modes = append(modes, struct {
-			name string
-			opts Options
-		}{"gate", Options{ForceGate: true}})
+	}{
+		// No gate: v1 forks from a spawner thread in the leaf, v2 uses
+		// CLONE_INTO_CGROUP (isolated: from a restricted spawner thread).
+		{"default", Options{}},
+		// The gate, the fallback: the binary itself re-executed ...
+		{"gate", Options{ForceGate: true, GatePath: GateSelf}},
+		// ... and the small rbee-gate binary.
+		{"tiny-gate", Options{ForceGate: true, GatePath: testGate.path}},
 	}
 	return modes
 }
@@ -258,7 +260,7 @@ func TestStartPreservesCmd(t *testing.T) {
 				t.Fatal(err)
 			}
 			extraW.Close()
-			if cmd.SysProcAttr != spa || spa.UseCgroupFD || cmd.Path != "/proc/self/exe" || cmd.Args[0] != "cgroup-test-helper" || len(cmd.ExtraFiles) != 1 {
+			if cmd.SysProcAttr != spa || spa.UseCgroupFD || cmd.Path != testHelperBin || cmd.Args[0] != "cgroup-test-helper" || len(cmd.ExtraFiles) != 1 {
 				t.Errorf("cmd fields changed by Start: path %q args %q sysprocattr %+v extra %d", cmd.Path, cmd.Args, cmd.SysProcAttr, len(cmd.ExtraFiles))
 			}
 			got := map[string]string{}

@@ -24,9 +24,16 @@ type Options struct {
 	// are delegated to <root>/workers (v2's no-internal-processes rule; needed
 	// when Root is the hive's own cgroup). Ignored on v1, which has no such rule.
 	MoveSelf bool
-	// ForceGate makes the v2 driver start workers through the spawn gate
-	// instead of CLONE_INTO_CGROUP (kernels < 5.7; tests of the fallback).
+	// ForceGate starts workers through the spawn gate: on v2 instead of
+	// CLONE_INTO_CGROUP (kernels < 5.7), on v1 instead of forking from a
+	// spawner thread placed in the leaf; and for tests of the fallback.
 	ForceGate bool
+	// GatePath is the spawn gate binary (cmd/rbee-gate). Empty: GateName
+	// beside the running executable when installed there (make install puts
+	// it next to rbee-hive), else the running binary re-executed (GateSelf),
+	// which costs a start of the whole binary per spawn. Resolved once, by
+	// New; a gate that is present but unusable fails New.
+	GatePath string
 }
 
 // New detects the cgroup mode with cgroups.Mode() and returns the matching

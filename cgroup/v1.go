@@ -27,6 +27,10 @@ type v1Manager struct {
 	subs    []cgroup1.Subsystem
 	hasCPU  bool
 	hasSwap bool
+	gate    string // spawn gate binary
+	// forceGate: start through the gate instead of the spawner threads.
+	forceGate         bool
+	plain, restricted *spawnerHandle
 }
 
 var (
@@ -52,7 +56,12 @@ func newV1(opts Options) (*v1Manager, error) {
 		rootPath = cgroup1.NestedPath(filepath.Clean(root))
 	}
 
-	m := &v1Manager{roots: make(map[cgroup1.Name]string)}
+	gatePath, err := resolveGate(opts.GatePath)
+	if err != nil {
+		return nil, err
+	}
+	m := &v1Manager{roots: make(map[cgroup1.Name]string), gate: gatePath, forceGate: opts.ForceGate,
+		plain: &spawnerHandle{}, restricted: &spawnerHandle{restrict: true}}
 	for _, n := range append(append([]cgroup1.Name(nil), v1Required...), v1Optional...) {
 		hier := filepath.Join(v1Mount, string(n))
 		if _, err := os.Stat(filepath.Join(hier, "cgroup.procs")); err != nil {
@@ -170,7 +179,7 @@ func (m *v1Manager) Create(id string, l Limits) (Leaf, error) {
 		removeDirs(dirs)
 		return nil, fmt.Errorf("cgroup v1: create leaf %s: %w", id, err)
 	}
-	return newV1Leaf(id, cg, dirs), nil
+	return m.newLeaf(id, cg, dirs), nil
 }
 
 func removeDirs(dirs map[cgroup1.Name]string) {
@@ -197,7 +206,7 @@ func (m *v1Manager) Load(id string) (Leaf, error) {
 		}
 		return nil, fmt.Errorf("cgroup v1: load leaf %s: %w", id, err)
 	}
-	return newV1Leaf(id, cg, dirs), nil
+	return m.newLeaf(id, cg, dirs), nil
 }
 
 func (m *v1Manager) List() ([]string, error) {
@@ -211,16 +220,25 @@ func (m *v1Manager) LeafOf(pid int) (string, error) {
 
 // v1Leaf is one worker's cgroup in each v1 hierarchy.
 type v1Leaf struct {
-	id    string
-	cg    cgroup1.Cgroup
-	dirs  map[cgroup1.Name]string // absolute directories
-	stats *statReader
+	id   string
+	cg   cgroup1.Cgroup
+	dirs map[cgroup1.Name]string // absolute directories
+	gate string
+	// Without forceGate, Start forks from a spawner thread placed in the
+	// leaf (restricted for WithIsolation); the gate is the fallback.
+	forceGate         bool
+	plain, restricted *spawnerHandle
+	stats             *statReader
 }
 
 func (l *v1Leaf) ID() string { return l.id }
 
-// Start always goes through the spawn gate: CLONE_INTO_CGROUP is cgroup2-only
-// (a v1 directory fd makes clone3 fail with EBADF).
+// Start forks cmd from a spawner thread that sits in the leaf during the
+// fork (spawner.go): CLONE_INTO_CGROUP is cgroup2-only (a v1 directory fd
+// makes clone3 fail with EBADF), but v1 moves single threads. With
+// WithIsolation the thread is a restricted one and the child switches
+// identity before exec. ForceGate, or a thread that cannot be prepared,
+// selects the spawn gate instead.
 func (l *v1Leaf) Start(cmd *exec.Cmd, opts ...StartOption) error {
 	sc := applyStartOptions(opts)
 	if sc.iso != nil {
@@ -228,7 +246,22 @@ func (l *v1Leaf) Start(cmd *exec.Cmd, opts ...StartOption) error {
 			return err
 		}
 	}
-	return startGated(cmd, func(pid int) error {
+	if !l.forceGate {
+		h := l.plain
+		if sc.iso != nil {
+			h = l.restricted
+		}
+		if sp, err := h.get(); err == nil {
+			dirs := make(map[string]string, len(l.dirs))
+			for n, d := range l.dirs {
+				dirs[string(n)] = d
+			}
+			return startFromSpawner(sp, cmd, sc.iso, func(start func() error) error {
+				return sp.forkIn(dirs, start)
+			}, "cgroup v1", l.id)
+		}
+	}
+	return startGated(cmd, l.gate, func(pid int) error {
 		return l.cg.AddProc(uint64(pid))
 	}, sc.iso)
 }
@@ -239,7 +272,7 @@ func (l *v1Leaf) OOMEvents(ctx context.Context) (<-chan OOMEvent, error) {
 
 func (l *v1Leaf) Stats() (Stats, error) { return l.stats.stats() }
 
-func newV1Leaf(id string, cg cgroup1.Cgroup, dirs map[cgroup1.Name]string) *v1Leaf {
+func (m *v1Manager) newLeaf(id string, cg cgroup1.Cgroup, dirs map[cgroup1.Name]string) *v1Leaf {
 	mem := dirs[cgroup1.Memory]
 	var p [nStat]string
 	p[statCurrent] = filepath.Join(mem, "memory.usage_in_bytes")
@@ -251,7 +284,7 @@ func newV1Leaf(id string, cg cgroup1.Cgroup, dirs map[cgroup1.Name]string) *v1Le
 	if d, ok := dirs[cgroup1.Cpuacct]; ok {
 		p[statCPU] = filepath.Join(d, "cpuacct.usage") // ns
 	}
-	l := &v1Leaf{id: id, cg: cg, dirs: dirs, stats: newStatReader("v1", id, p, "", time.Nanosecond, "oom_kill")}
+	l := &v1Leaf{id: id, cg: cg, dirs: dirs, gate: m.gate, forceGate: m.forceGate, plain: m.plain, restricted: m.restricted, stats: newStatReader("v1", id, p, "", time.Nanosecond, "oom_kill")}
 	closeWhenDropped(l, l.stats)
 	return l
 }

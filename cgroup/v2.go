@@ -32,6 +32,8 @@ type v2Manager struct {
 	hasCPU    bool
 	hasSwap   bool
 	forceGate bool
+	gate      string // spawn gate binary
+	spawner   *spawnerHandle
 }
 
 // v2Required are the controllers for workers/ and its leaves; memory and pids are
@@ -55,7 +57,11 @@ func newV2(opts Options) (*v2Manager, error) {
 	if !ok || rel == "" {
 		return nil, fmt.Errorf("%w: cgroup v2 root %q must be a directory below %s", ErrInvalid, root, v2Mount)
 	}
-	m := &v2Manager{root: root, rel: "/" + rel, forceGate: opts.ForceGate}
+	gatePath, err := resolveGate(opts.GatePath)
+	if err != nil {
+		return nil, err
+	}
+	m := &v2Manager{root: root, rel: "/" + rel, forceGate: opts.ForceGate, gate: gatePath, spawner: &spawnerHandle{restrict: true}}
 	if !m.forceGate && !kernelAtLeast(5, 7) {
 		// No CLONE_INTO_CGROUP before 5.7; a failed clone3 cannot simply be
 		// retried with the caller's exec.Cmd (Start closes its pipes), so
@@ -214,7 +220,7 @@ func (m *v2Manager) leaf(id string) (*v2Leaf, error) {
 		statPeak: "memory.peak", statPids: "pids.current", statCPU: "cpu.stat"} {
 		p[slot] = filepath.Join(dir, name)
 	}
-	l := &v2Leaf{id: id, dir: dir, cg: cg, forceGate: m.forceGate,
+	l := &v2Leaf{id: id, dir: dir, cg: cg, forceGate: m.forceGate, gate: m.gate, spawner: m.spawner,
 		// memory.events: oom_group_kill, or oom_kill on kernels < 5.17.
 		stats: newStatReader("v2", id, p, "usage_usec", time.Microsecond, "oom_group_kill", "oom_kill")}
 	closeWhenDropped(l, l.stats)
@@ -246,6 +252,8 @@ type v2Leaf struct {
 	dir       string
 	cg        *cgroup2.Manager
 	forceGate bool
+	gate      string
+	spawner   *spawnerHandle
 	stats     *statReader
 }
 
@@ -254,8 +262,9 @@ func (l *v2Leaf) ID() string { return l.id }
 // Start uses CLONE_INTO_CGROUP (SysProcAttr.UseCgroupFD, kernel >= 5.7): the
 // child is created inside the leaf, no gate needed. ForceGate selects the
 // spawn gate instead (old kernels, and tests of the fallback). WithIsolation
-// always goes through the gate, which drops privileges before exec; it is
-// still created inside the leaf by CLONE_INTO_CGROUP unless ForceGate.
+// starts from the manager's restricted spawner thread (spawner.go), also
+// without a gate; where that thread cannot be restricted it goes through
+// the gate, which drops privileges before exec.
 func (l *v2Leaf) Start(cmd *exec.Cmd, opts ...StartOption) error {
 	sc := applyStartOptions(opts)
 	if sc.iso != nil {
@@ -264,7 +273,7 @@ func (l *v2Leaf) Start(cmd *exec.Cmd, opts ...StartOption) error {
 		}
 	}
 	if l.forceGate {
-		return startGated(cmd, func(pid int) error {
+		return startGated(cmd, l.gate, func(pid int) error {
 			return l.cg.AddProc(uint64(pid))
 		}, sc.iso)
 	}
@@ -279,6 +288,16 @@ func (l *v2Leaf) Start(cmd *exec.Cmd, opts ...StartOption) error {
 		return fmt.Errorf("cgroup v2: open leaf %s: %w", l.dir, err)
 	}
 	defer unix.Close(fd)
+	if sc.iso != nil {
+		if sp, serr := l.spawner.get(); serr == nil {
+			// No gate: the restricted thread forks, the child switches
+			// identity and session, and CLONE_INTO_CGROUP places it.
+			return startFromSpawner(sp, cmd, sc.iso, func(start func() error) error {
+				cmd.SysProcAttr.UseCgroupFD, cmd.SysProcAttr.CgroupFD = true, fd
+				return start()
+			}, "cgroup v2", l.id)
+		}
+	}
 	// Copy SysProcAttr: the caller may share one struct between commands.
 	orig := cmd.SysProcAttr
 	var spa syscall.SysProcAttr
@@ -288,7 +307,7 @@ func (l *v2Leaf) Start(cmd *exec.Cmd, opts ...StartOption) error {
 	spa.UseCgroupFD, spa.CgroupFD = true, fd
 	cmd.SysProcAttr = &spa
 	if sc.iso != nil {
-		err = startGated(cmd, nil, sc.iso)
+		err = startGated(cmd, l.gate, nil, sc.iso)
 	} else {
 		err = cmd.Start()
 	}

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"io"
 	"net/http"
+	"os"
 	"path/filepath"
 	"regexp"
 	"strconv"
@@ -30,6 +31,13 @@ load_timeout = "30s"
 memory_limit = "256MiB"
 %s
 `
+
+// servedBackendConf is servedBackend with env, plus models.file_roots
+// covering the temp dir tinyModel writes to: file: refs must lie below a
+// root.
+func servedBackendConf(env string) string {
+	return fmt.Sprintf(servedBackend, env) + "\n[models]\nfile_roots = [" + strconv.Quote(filepath.Clean(os.TempDir())) + "]\n"
+}
 
 // tinyModel writes a tiny llama GGUF (the simworker ignores its content;
 // admission estimates its VRAM from it) and returns its path and estimate.
@@ -160,7 +168,7 @@ driver = "fake"
 name = "Fake GPU"
 uuid = "GPU-0a0a0a0a-0000-0000-0000-000000000000"
 memory_total = "%dKiB"
-`+fmt.Sprintf(servedBackend, `env = { RBEE_SIM_LOAD_TIME = "300ms", RBEE_SIM_TOKENS_PER_SECOND = "100" }`)+`
+`+servedBackendConf(`env = { RBEE_SIM_LOAD_TIME = "300ms", RBEE_SIM_TOKENS_PER_SECOND = "100" }`)+`
 [served.alpha]
 model = %q
 backend = "simgpu"
@@ -327,7 +335,7 @@ driver = "fake"
 name = "Fake GPU"
 uuid = "GPU-0b0b0b0b-0000-0000-0000-000000000000"
 memory_total = "8GiB"
-`+fmt.Sprintf(servedBackend, `env = { RBEE_SIM_LOAD_TIME = "2s" }`)+`
+`+servedBackendConf(`env = { RBEE_SIM_LOAD_TIME = "2s" }`)+`
 [served.gamma]
 model = %q
 backend = "simgpu"

@@ -45,7 +45,12 @@ memory_limit = "256MiB"
 [served.bench]
 model = %q
 backend = "simopenai"
-`, servedModel)})
+
+# The served model and the hive's model dir both lie in the temp dir: file:
+# refs must be below a root.
+[models]
+file_roots = [%q]
+`, servedModel, filepath.Clean(os.TempDir()))})
 		client := &http.Client{Transport: &http.Transport{MaxIdleConnsPerHost: 4}}
 		body := []byte(`{"model":"bench","messages":[{"role":"user","content":"hi"}],"max_tokens":8}`)
 		post := func(url string, auth bool) time.Duration {

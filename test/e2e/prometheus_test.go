@@ -57,7 +57,12 @@ memory_limit = "256MiB"
 [served.e2e-sim]
 model = %q
 backend = "simopenai"
-`, servedModel) + `
+
+# The served model and the hive's model dir both lie in the temp dir: file:
+# refs must be below a root.
+[models]
+file_roots = [%q]
+`, servedModel, filepath.Clean(os.TempDir())) + `
 [heartbeat]
 interval = "1s"
 stale_threshold = "2s"

@@ -107,6 +107,12 @@ for pkg in "$@"; do
 	names+=("$name")
 done
 [ ${#names[@]} -gt 0 ] || die "no test binaries to run"
+if [ -d cmd/rbee-gate ]; then
+	# Beside the test binaries, where the cgroup tests (no Go toolchain in the
+	# VM) find it.
+	log "building ./cmd/rbee-gate"
+	CGO_ENABLED=0 $GO build -o "$rootfs/tests/rbee-gate" ./cmd/rbee-gate >&2 || die "build rbee-gate"
+fi
 if [ -d cmd/rbee-simworker ]; then
 	log "building ./cmd/rbee-simworker"
 	CGO_ENABLED=0 $GO build -o "$rootfs/bin/rbee-simworker" ./cmd/rbee-simworker >&2 || die "build rbee-simworker"
