@@ -12,10 +12,14 @@ import (
 	"regexp"
 	"slices"
 	"sort"
+	"strconv"
 	"strings"
 	"time"
 
 	"github.com/pelletier/go-toml/v2"
+
+	"github.com/rbee/rbee-hive/internal/envpolicy"
+	"github.com/rbee/rbee-hive/internal/workeruser"
 )
 
 // Config is the whole configuration. Field comments are the reference;
@@ -64,6 +68,9 @@ type Workers struct {
 	LogFiles       int      `toml:"log_files" comment:"rotated log files kept per worker"`
 	Adopt          bool     `toml:"adopt" comment:"keep every worker in <state_dir>/workers.db and, at start, adopt those still running (false: kill them, as without a registry)"`
 	Restart        Restart  `toml:"restart"`
+	// Worker identities (docs/security.md).
+	UIDRange   string `toml:"uid_range" comment:"uids handed out one per worker (gid = uid) to backends without user; no account in /etc/passwd, /etc/group, /etc/subuid or /etc/subgid may use them (checked at start)"`
+	ModelGroup string `toml:"model_group" comment:"group (name or gid) every worker joins: it may traverse the state dir, read the model dir and use the notify socket; not a gid of uid_range, not 0"`
 }
 
 // Restart is the restart policy's timing.
@@ -126,6 +133,8 @@ type Backend struct {
 	ContextSize int               `toml:"context_size" comment:"context length used for VRAM estimates"`
 	Env         map[string]string `toml:"env" comment:"fixed environment for this backend"`
 	EnvAllow    []string          `toml:"env_allow" comment:"environment keys a spawn request may set"`
+	User        string            `toml:"user" comment:"empty: each worker gets its own uid from workers.uid_range; a system user name: every worker of this backend runs as it; root: runs as uid 0 (still without capabilities; warned at every spawn)"`
+	Writable    []string          `toml:"writable" comment:"absolute paths the workers may write besides their own home (created if missing; made root:workers.model_group, mode 0770; under the systemd unit also list them in ReadWritePaths=)"`
 
 	// The engine's protocol and shape (docs/engines.md).
 	API              API  `toml:"api" comment:"rbee (POST /v1/inference) or openai (/v1/chat/completions, /v1/completions)"`
@@ -193,6 +202,8 @@ func Default(root bool) Config {
 			LogMaxBytes:    10 << 20,
 			LogFiles:       3,
 			Adopt:          true,
+			UIDRange:       "70000-79999",
+			ModelGroup:     "69999",
 			Restart: Restart{
 				BackoffBase:   Duration(time.Second),
 				BackoffMax:    Duration(60 * time.Second),
@@ -440,6 +451,13 @@ func (c *Config) finish() error {
 	}
 	if w.LogFiles < 1 {
 		return bad("workers.log_files", "must be at least 1")
+	}
+	first, last, err := ParseUIDRange(w.UIDRange)
+	if err != nil {
+		return bad("workers.uid_range", "%v", err)
+	}
+	if err := checkGroup(w.ModelGroup, first, last); err != nil {
+		return bad("workers.model_group", "%v", err)
 	}
 	r := w.Restart
 	if r.BackoffMax < r.BackoffBase {
@@ -693,16 +711,82 @@ func (c *Config) finishBackend(name string) error {
 		if !envKey.MatchString(k) {
 			return bad(key+".env", "%q is not an environment variable name", k)
 		}
+		if denied, why := envpolicy.DeniedEnv(k); denied {
+			return bad(key+".env", "%q is never passed to a worker: %s", k, why)
+		}
 	}
 	for _, k := range b.EnvAllow {
 		if !envKey.MatchString(k) {
 			return bad(key+".env_allow", "%q is not an environment variable name", k)
 		}
+		if denied, why := envpolicy.DeniedEnv(k); denied {
+			return bad(key+".env_allow", "%q is never passed to a worker: %s", k, why)
+		}
 		if reservedEnv(k) {
 			return bad(key+".env_allow", "%q is set by the hive and cannot be allowed", k)
 		}
 	}
+	if b.User != "" && b.User != "root" && !userName.MatchString(b.User) {
+		return bad(key+".user", "%q is not a user name (empty: a uid per worker; root; or a system user)", b.User)
+	}
+	for i, p := range b.Writable {
+		if !filepath.IsAbs(p) || filepath.Clean(p) != p || p == "/" {
+			return bad(key+".writable", "%q must be a clean absolute path other than /", p)
+		}
+		if under(p, c.StateDir) || under(c.StateDir, p) || under(p, c.ModelDir) || under(c.ModelDir, p) {
+			return bad(key+".writable", "%q overlaps the state dir or the model dir, which workers must not write", b.Writable[i])
+		}
+	}
 	c.Backends[name] = b
+	return nil
+}
+
+// userName is what useradd accepts for a system user.
+var userName = regexp.MustCompile(`^[a-z_][a-z0-9_-]{0,31}$`)
+
+// under reports whether p is dir or below it.
+func under(p, dir string) bool {
+	return p == dir || strings.HasPrefix(p, strings.TrimSuffix(dir, "/")+"/")
+}
+
+// ParseUIDRange parses workers.uid_range ("70000-79999") and checks it
+// with workeruser.ValidateRange.
+func ParseUIDRange(s string) (first, last uint32, err error) {
+	a, b, ok := strings.Cut(s, "-")
+	if !ok {
+		return 0, 0, fmt.Errorf("%q: want FIRST-LAST, e.g. 70000-79999", s)
+	}
+	f, err1 := strconv.ParseUint(strings.TrimSpace(a), 10, 32)
+	l, err2 := strconv.ParseUint(strings.TrimSpace(b), 10, 32)
+	if err1 != nil || err2 != nil {
+		return 0, 0, fmt.Errorf("%q: want FIRST-LAST, e.g. 70000-79999", s)
+	}
+	if err := workeruser.ValidateRange(uint32(f), uint32(l)); err != nil {
+		return 0, 0, err
+	}
+	return uint32(f), uint32(l), nil
+}
+
+// checkGroup checks what can be checked without the group database: a
+// number must be neither root nor a worker's own gid; a name is looked up
+// at start.
+func checkGroup(g string, first, last uint32) error {
+	if g == "" {
+		return errors.New("must name a group (a name or a gid)")
+	}
+	n, err := strconv.ParseUint(g, 10, 32)
+	if err != nil {
+		if !userName.MatchString(g) {
+			return fmt.Errorf("%q is neither a gid nor a group name", g)
+		}
+		return nil
+	}
+	if n == 0 {
+		return errors.New("0 (root) must not be the workers' group")
+	}
+	if uint32(n) >= first && uint32(n) <= last {
+		return fmt.Errorf("gid %d lies inside workers.uid_range, whose gids are the workers' own", n)
+	}
 	return nil
 }
 

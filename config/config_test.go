@@ -264,6 +264,18 @@ func TestHostileValues(t *testing.T) {
 		{"relative command", "[backends.x]\ncommand = [\"rbee-simworker\"]\n", 2, "backends.x.command", "absolute path"},
 		{"dot-relative command", "[backends.x]\ncommand = [\"./bin/x\", \"{port}\"]\n", 2, "backends.x.command", "absolute path"},
 		{"bad memory admission", "[resources]\nmemory_admission = \"yolo\"\n", 2, "resources.memory_admission", "limits, usage"},
+		{"uid range without dash", "[workers]\nuid_range = \"70000\"\n", 2, "workers.uid_range", "FIRST-LAST"},
+		{"uid range reversed", "[workers]\n\nuid_range = \"79999-70000\"\n", 3, "workers.uid_range", "first is above last"},
+		{"uid range over system ids", "[workers]\nuid_range = \"0-100\"\n", 2, "workers.uid_range", "system ids"},
+		{"uid range over nobody", "[workers]\nuid_range = \"60000-70000\"\n", 2, "workers.uid_range", "nobody"},
+		{"model group root", "[workers]\nmodel_group = \"0\"\n", 2, "workers.model_group", "root"},
+		{"model group in the range", "[workers]\nmodel_group = \"70001\"\n", 2, "workers.model_group", "inside workers.uid_range"},
+		{"model group nonsense", "[workers]\nmodel_group = \"a b\"\n", 2, "workers.model_group", "neither a gid"},
+		{"bad user", "[backends.x]\ncommand = [\"/bin/true\"]\nuser = \"Root;x\"\n", 3, "backends.x.user", "not a user name"},
+		{"relative writable", "[backends.x]\ncommand = [\"/bin/true\"]\nwritable = [\"tmp\"]\n", 3, "backends.x.writable", "clean absolute path"},
+		{"writable state dir", "state_dir = \"/var/lib/h\"\n[backends.x]\ncommand = [\"/bin/true\"]\nwritable = [\"/var/lib/h/models\"]\n", 4, "backends.x.writable", "overlaps"},
+		{"denied env", "[backends.x]\ncommand = [\"/bin/true\"]\nenv = { GCONV_PATH = \"/tmp\" }\n", 3, "backends.x.env", "GCONV_PATH"},
+		{"denied env_allow", "[backends.x]\ncommand = [\"/bin/true\"]\nenv_allow = [\"PYTHONPATH\"]\n", 3, "backends.x.env_allow", "PYTHONPATH"},
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {

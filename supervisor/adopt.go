@@ -164,6 +164,12 @@ func (s *Supervisor) adoptOne(ctx context.Context, row *workerstore.Worker) (ado
 
 	var r *run
 	if alive {
+		// Same uid as before, reserved so that no new worker gets it.
+		if err := s.ids.adopt(w, row.UID); err != nil {
+			releaseClaim(claim)
+			modelRel()
+			return 0, err
+		}
 		if r, err = s.adoptRun(w, row); err != nil {
 			w.log.Warn("worker alive but not adoptable; handled as lost", slog.Any("err", err))
 			r = nil

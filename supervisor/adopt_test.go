@@ -39,6 +39,8 @@ type spawned struct {
 	ID  string `json:"id"`
 	PID int    `json:"pid"`
 	URL string `json:"url"`
+	// User is who it runs as (its own uid by default).
+	User string `json:"user"`
 }
 
 func runFirstHive() int {
@@ -62,6 +64,10 @@ func runFirstHive() int {
 	if err != nil {
 		return fail(err)
 	}
+	// As the daemon does: workers with uids of their own send to it.
+	if err := os.Chown(cfg.Heartbeat.NotifySocket, 0, int(s.ids.group)); err != nil {
+		return fail(err)
+	}
 	ctx := context.Background()
 	go func() { _ = ln.Serve(ctx, s.HandleNotify) }()
 	go func() { _ = s.Run(ctx) }()
@@ -83,7 +89,7 @@ func runFirstHive() int {
 				return fail(err)
 			}
 			if (wi.State == StateIdle || req.Env["RBEE_SIM_LOAD_TIME"] != "" || req.Backend != "sim") && wi.PID != nil {
-				out = append(out, spawned{ID: wi.ID, PID: *wi.PID, URL: wi.URL})
+				out = append(out, spawned{ID: wi.ID, PID: *wi.PID, URL: wi.URL, User: wi.User})
 				break
 			}
 			if time.Now().After(deadline) {
@@ -138,8 +144,8 @@ func TestAdoptAfterHiveKilled(t *testing.T) {
 	h := newHarnessWrapped(t, sameTree(t, root), func(c *config.Config) { *c = *base })
 	for _, w := range append(idle, loader) {
 		wi := h.get(w.ID)
-		if wi.PID == nil || *wi.PID != w.PID || wi.URL != w.URL || wi.AdoptedAt == nil {
-			t.Errorf("worker %s after adoption: pid %v url %s adopted_at %v; was pid %d url %s", w.ID, wi.PID, wi.URL, wi.AdoptedAt, w.PID, w.URL)
+		if wi.PID == nil || *wi.PID != w.PID || wi.URL != w.URL || wi.AdoptedAt == nil || wi.User != w.User || w.User == "" {
+			t.Errorf("worker %s after adoption: pid %v url %s user %q adopted_at %v; was pid %d url %s user %q", w.ID, wi.PID, wi.URL, wi.User, wi.AdoptedAt, w.PID, w.URL, w.User)
 		}
 	}
 	if got := testutil.ToFloat64(h.s.m.adopted); got != 3 {

@@ -2,6 +2,8 @@ package supervisor
 
 import (
 	"context"
+	"errors"
+	"log/slog"
 	"net/http"
 	"net/url"
 	"sort"
@@ -11,6 +13,7 @@ import (
 
 	"github.com/rbee/rbee-hive/api"
 	"github.com/rbee/rbee-hive/config"
+	"github.com/rbee/rbee-hive/procfs"
 	workerproto "github.com/rbee/rbee-hive/worker"
 )
 
@@ -43,16 +46,19 @@ type WorkerInfo struct {
 	VRAMBytes        int64             `json:"vram_bytes,omitempty"`
 	GPUUUID          string            `json:"gpu_uuid,omitempty"`
 	Port             int               `json:"port"`
-	CreatedAt        time.Time         `json:"created_at"`
-	StartedAt        *time.Time        `json:"started_at,omitempty"`
-	AdoptedAt        *time.Time        `json:"adopted_at,omitempty"` // when a restarted hive took over the running process
-	InFlight         int               `json:"in_flight"`
-	ExitReason       ExitReason        `json:"exit_reason,omitempty"`
-	ExitCode         *int              `json:"exit_code,omitempty"`
-	ExitSignal       *int              `json:"exit_signal,omitempty"`
-	ContextSize      int               `json:"context_size,omitempty"` // what an OpenAI engine reports (engine.go)
-	Figures          map[string]string `json:"figures,omitempty"`
-	Resources        *Resources        `json:"resources,omitempty"`
+	// User is who the worker runs as: its uid (a uid of its own), the
+	// backend's system user, or "root"; empty before its first start.
+	User        string            `json:"user,omitempty"`
+	CreatedAt   time.Time         `json:"created_at"`
+	StartedAt   *time.Time        `json:"started_at,omitempty"`
+	AdoptedAt   *time.Time        `json:"adopted_at,omitempty"` // when a restarted hive took over the running process
+	InFlight    int               `json:"in_flight"`
+	ExitReason  ExitReason        `json:"exit_reason,omitempty"`
+	ExitCode    *int              `json:"exit_code,omitempty"`
+	ExitSignal  *int              `json:"exit_signal,omitempty"`
+	ContextSize int               `json:"context_size,omitempty"` // what an OpenAI engine reports (engine.go)
+	Figures     map[string]string `json:"figures,omitempty"`
+	Resources   *Resources        `json:"resources,omitempty"`
 }
 
 // Resources are a running worker's figures from its latest monitor sample
@@ -83,7 +89,8 @@ func (s *Supervisor) info(w *worker) WorkerInfo {
 		State: w.state, LastActivity: w.lastActivity, SlotsTotal: 1, FailedHealthChecks: w.failedHealthChecks,
 		RestartCount: w.restartCount, StateReason: w.stateReason, Health: w.reportedHealth, Status: w.statusLine,
 		HealthMode: w.backendCfg.Health, RestartPolicy: w.restartPolicy, MemoryLimitBytes: w.memoryLimit, VRAMBytes: int64(w.vramRequested),
-		GPUUUID: w.gpuUUID, Port: w.port, CreatedAt: w.createdAt, InFlight: w.inFlight, ExitReason: w.exitReason}
+		GPUUUID: w.gpuUUID, Port: w.port, CreatedAt: w.createdAt, InFlight: w.inFlight, ExitReason: w.exitReason,
+		User: userName(w.backendCfg, w.iso)}
 	if w.state == StateIdle {
 		wi.SlotsAvailable = 1
 	}
@@ -256,9 +263,15 @@ func (s *Supervisor) Forward(w http.ResponseWriter, r *http.Request, id, route s
 	target := ProxyTarget{WorkerID: id, Backend: wk.backend, Model: wk.modelRef, Served: wk.served, Token: wk.token,
 		API: string(wk.backendCfg.API), Route: route}
 	workerURL := wk.url // a restart may move the worker to another port
+	checkPort := r0 != nil && !r0.portOwned
 	s.mu.Unlock()
 	if s.deps.Proxy == nil {
 		return api.Errorf(http.StatusServiceUnavailable, api.CodeUnavailable, "no inference proxy configured")
+	}
+	if checkPort {
+		if err := s.proxyPortCheck(wk, r0); err != nil {
+			return err
+		}
 	}
 	u, err := url.Parse(workerURL)
 	if err != nil {
@@ -298,6 +311,54 @@ func (s *Supervisor) Forward(w http.ResponseWriter, r *http.Request, id, route s
 	}
 	defer target.OnEnd()
 	s.deps.Proxy.Forward(w, r, target)
+	return nil
+}
+
+// CheckPort is the proxy's port check for callers that connect to a worker
+// themselves (the served-model router): nil when the worker's current run
+// holds its port, or nothing listens yet (the connect then fails on its
+// own); a 502 *api.Error when another process holds it. Cheap after the
+// first success of a run.
+func (s *Supervisor) CheckPort(id string) error {
+	s.mu.Lock()
+	wk := s.workers[id]
+	if wk == nil || wk.run == nil {
+		s.mu.Unlock()
+		return workerNotFound(id)
+	}
+	r0, owned := wk.run, wk.run.portOwned
+	s.mu.Unlock()
+	if owned {
+		return nil
+	}
+	return s.proxyPortCheck(wk, r0)
+}
+
+// proxyPortCheck runs at the first request to a run after its readiness
+// (and after a failed health check): the proxy connects only to a port the
+// run holds. Once it holds it, no other uid can bind the same address
+// (SO_REUSEPORT groups need one uid), so later requests are not checked.
+func (s *Supervisor) proxyPortCheck(wk *worker, r0 *run) error {
+	err := s.portHeld(wk, r0)
+	if err == nil {
+		s.mu.Lock()
+		r0.portOwned = true
+		s.mu.Unlock()
+		return nil
+	}
+	if errors.Is(err, procfs.ErrSquatter) {
+		s.mu.Lock()
+		first := !r0.squatterLogged
+		r0.squatterLogged = true
+		s.mu.Unlock()
+		if first {
+			s.m.portSquatters.Inc()
+		}
+		wk.log.Error("request not proxied: another process listens on the worker's port", slog.Int("port", wk.port), slog.Any("err", err))
+		return api.Errorf(http.StatusBadGateway, api.CodeUpstream, "worker %s: its port %d is held by another process", wk.id, wk.port)
+	}
+	// Nothing listens, or the check failed: the proxy's own connect
+	// error tells the caller; the next request checks again.
 	return nil
 }
 

@@ -23,6 +23,9 @@ func TestBadSpawnRequestsChangeNothing(t *testing.T) {
 		b := c.Backends["sim"]
 		b.EnvAllow = []string{"RBEE_SIM_LOAD_TIME"}
 		c.Backends["sim"] = b
+		// Built in code, past config.Load's own check: the spawn still refuses.
+		b.EnvAllow = []string{"PYTHONPATH"}
+		c.Backends["simpy"] = b
 	})
 	long := "hf:" + strings.Repeat("a", 520)
 	for _, tc := range []struct {
@@ -50,7 +53,9 @@ func TestBadSpawnRequestsChangeNothing(t *testing.T) {
 		{"restart policy", `{"model_ref":"hf:a/b","backend":"sim","device":0,"restart":"sometimes"}`, 400, "restart", "not one of"},
 		{"memory limit", `{"model_ref":"hf:a/b","backend":"sim","device":0,"memory_limit_bytes":0}`, 400, "memory_limit_bytes", "at least 1MiB"},
 		{"vram", `{"model_ref":"hf:a/b","backend":"sim","device":0,"vram_bytes":-5}`, 400, "vram_bytes", "must not be negative"},
-		{"env not allowed", `{"model_ref":"hf:a/b","backend":"sim","device":0,"env":{"LD_PRELOAD":"/x.so"}}`, 400, "env", "not allowed"},
+		{"env not allowed", `{"model_ref":"hf:a/b","backend":"sim","device":0,"env":{"FOO":"1"}}`, 400, "env", "not allowed"},
+		{"env denied", `{"model_ref":"hf:a/b","backend":"sim","device":0,"env":{"LD_PRELOAD":"/x.so"}}`, 400, "env", "LD_PRELOAD is never passed to a worker: LD_PRELOAD changes which shared objects the dynamic linker loads"},
+		{"env denied though allowed", `{"model_ref":"hf:a/b","backend":"simpy","device":0,"env":{"PYTHONPATH":"/tmp"}}`, 400, "env", "PYTHONPATH is never passed to a worker"},
 		{"env reserved", `{"model_ref":"hf:a/b","backend":"sim","device":0,"env":{"NOTIFY_SOCKET":"/tmp/x"}}`, 400, "env", "not allowed"},
 		{"malformed", `{"model_ref":`, 400, "", "malformed JSON"},
 		{"empty body", ``, 400, "", "empty"},

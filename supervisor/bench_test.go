@@ -119,15 +119,17 @@ func BenchmarkHandleDatagram(b *testing.B) {
 	b.Run("worker", func(b *testing.B) {
 		b.ReportAllocs()
 		pid := int32(*wi.PID)
+		uid := procUID(pid)
 		for i := 0; i < b.N; i++ {
-			h.s.handleDatagram(pid, &fields)
+			h.s.handleDatagram(pid, uid, &fields)
 		}
 	})
 	b.Run("unknown_sender", func(b *testing.B) {
 		b.ReportAllocs()
 		pid := int32(syscall.Getpid())
+		uid := uint32(syscall.Getuid())
 		for i := 0; i < b.N; i++ {
-			h.s.handleDatagram(pid, &fields)
+			h.s.handleDatagram(pid, uid, &fields)
 		}
 	})
 }
@@ -299,4 +301,47 @@ func idleFigures(b *testing.B) (goroutines, threads, anonKiB int) {
 		}
 	}
 	return runtime.NumGoroutine(), threads, anonKiB
+}
+
+// BenchmarkSpawnIsolation: POST /v1/workers/spawn until the answer (the
+// process runs in its leaf), then until READY=1, for workers started as
+// before isolation (root, all capabilities: the baseline), as root with
+// the capability drop (user = "root"), and under a uid of their own (the
+// default), interleaved in one loop so that load on the host hits all three
+// alike. Report ratios of the p50s against root-all-caps.
+func BenchmarkSpawnIsolation(b *testing.B) {
+	h := newHarness(b, func(c *config.Config) {
+		root := c.Backends["sim"]
+		root.User = "root"
+		c.Backends["simroot"] = root
+	})
+	modes := []struct {
+		name, backend string
+		noIsolation   bool
+	}{{"rootcaps", "simroot", true}, {"rootdrop", "simroot", false}, {"uid", "sim", false}}
+	spawn := make([][]time.Duration, len(modes))
+	ready := make([][]time.Duration, len(modes))
+	for i := 0; i < b.N; i++ {
+		for m, mode := range modes {
+			b.StopTimer()
+			h.s.mu.Lock()
+			h.s.noIsolation = mode.noIsolation
+			h.s.mu.Unlock()
+			b.StartTimer()
+			start := time.Now()
+			res := h.spawn(map[string]any{"backend": mode.backend})
+			spawn[m] = append(spawn[m], time.Since(start))
+			h.waitState(res.WorkerID, StateIdle, 20*time.Second)
+			ready[m] = append(ready[m], time.Since(start))
+			b.StopTimer()
+			if code, _ := h.do("DELETE", "/v1/workers/"+res.WorkerID, nil); code != 200 {
+				b.Fatal("stop failed")
+			}
+			b.StartTimer()
+		}
+	}
+	for m, mode := range modes {
+		report(b, spawn[m], mode.name+"-spawn")
+		report(b, ready[m], mode.name+"-ready")
+	}
 }

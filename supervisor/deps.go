@@ -9,6 +9,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 
 	"github.com/rbee/rbee-hive/cgroup"
+	"github.com/rbee/rbee-hive/internal/workeruser"
 )
 
 // Deps are the supervisor's collaborators. Cgroups is required; every
@@ -31,6 +32,19 @@ type Deps struct {
 	// reached the supervisor, by reason (oversize, no_credentials,
 	// malformed); they are exported in rbee_hive_heartbeats_rejected_total.
 	NotifyDrops func() map[string]uint64
+	// HostFiles are the account files workers.uid_range is checked against
+	// at start; nil: the system's (workeruser.DefaultHostFiles).
+	HostFiles *workeruser.HostFiles
+	// Ports checks who holds a worker's listening port; nil: procfs on /proc.
+	Ports PortChecker
+}
+
+// PortChecker tells whether a worker's port is held by the worker
+// (procfs.Reader). Both return nil, an error wrapping procfs.ErrNoListener,
+// or one wrapping procfs.ErrSquatter.
+type PortChecker interface {
+	PortHeldBy(port int, uid uint32) error
+	PortOwner(port int, pids []int) (int, error)
 }
 
 // Admitter reserves host resources for a worker before it is spawned. A

@@ -4,7 +4,10 @@ import (
 	"context"
 	"fmt"
 	"maps"
+	"os"
 	"slices"
+	"strconv"
+	"strings"
 
 	"github.com/rbee/rbee-hive/api"
 	"github.com/rbee/rbee-hive/supervisor/notify"
@@ -25,6 +28,29 @@ func (s *Supervisor) WedgeLoop(ctx context.Context, release <-chan struct{}) err
 // had vouched for pid.
 // The fields go in sorted order, so a test's datagram is reproducible.
 func (s *Supervisor) HandleDatagram(pid int32, fields map[string]string) {
+	s.HandleDatagramAs(pid, procUID(pid), fields)
+}
+
+// procUID is pid's real uid, as SCM_CREDENTIALS carries it by default; 0
+// when the process is gone.
+func procUID(pid int32) uint32 {
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
+	if err != nil {
+		return 0
+	}
+	for _, l := range strings.Split(string(b), "\n") {
+		if v, ok := strings.CutPrefix(l, "Uid:"); ok {
+			if f := strings.Fields(v); len(f) > 0 {
+				n, _ := strconv.ParseUint(f[0], 10, 32)
+				return uint32(n)
+			}
+		}
+	}
+	return 0
+}
+
+// HandleDatagramAs is HandleDatagram with the sender's uid given.
+func (s *Supervisor) HandleDatagramAs(pid int32, uid uint32, fields map[string]string) {
 	var b []byte
 	for _, k := range slices.Sorted(maps.Keys(fields)) {
 		b = append(append(append(append(b, k...), '='), fields[k]...), '\n')
@@ -33,7 +59,7 @@ func (s *Supervisor) HandleDatagram(pid int32, fields map[string]string) {
 	if err := f.Parse(b); err != nil {
 		panic(fmt.Sprintf("HandleDatagram: %v", err))
 	}
-	s.handleDatagram(pid, &f)
+	s.handleDatagram(pid, uid, &f)
 }
 
 // workerRoutes mounts the worker API the way cmd/rbee-hive's route table

@@ -38,6 +38,7 @@ func (s *Supervisor) pollHealth(ctx context.Context, w *worker, r *run) {
 			w.failedHealthChecks = 0
 			s.heartbeat(w)
 		case r.ready:
+			r.portOwned = false // the next proxied request checks again
 			w.failedHealthChecks++
 			s.m.healthFails.Inc()
 		}

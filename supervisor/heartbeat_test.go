@@ -308,13 +308,14 @@ func TestHeartbeatAllocatesNothing(t *testing.T) {
 	res := h.spawn(map[string]any{"backend": "sim", "env": map[string]string{"RBEE_SIM_NO_HEARTBEAT": "true"}})
 	wi := h.waitState(res.WorkerID, StateIdle, 10*time.Second)
 	pid := int32(*wi.PID)
+	uid := procUID(pid)
 	var f notify.Fields
 	if err := f.Parse([]byte("WATCHDOG=1\nRBEE_HEALTH=degraded\nRBEE_BUSY=1\nSTATUS=serving\n")); err != nil {
 		t.Fatal(err)
 	}
-	h.s.handleDatagram(pid, &f) // the first one stores the figure and the status
+	h.s.handleDatagram(pid, uid, &f) // the first one stores the figure and the status
 	before := h.get(res.WorkerID).LastHeartbeat
-	if n := testing.AllocsPerRun(200, func() { h.s.handleDatagram(pid, &f) }); n != 0 {
+	if n := testing.AllocsPerRun(200, func() { h.s.handleDatagram(pid, uid, &f) }); n != 0 {
 		t.Errorf("%v allocations per heartbeat, want 0", n)
 	}
 	wi = h.get(res.WorkerID)
@@ -324,7 +325,7 @@ func TestHeartbeatAllocatesNothing(t *testing.T) {
 	if err := f.Parse([]byte("WATCHDOG=1\nSTATUS=serving 2")); err != nil {
 		t.Fatal(err)
 	}
-	h.s.handleDatagram(pid, &f)
+	h.s.handleDatagram(pid, uid, &f)
 	if wi := h.get(res.WorkerID); wi.Status != "serving 2" || wi.Health != "degraded" {
 		t.Fatalf("changed status not applied: %+v", wi)
 	}

@@ -6,16 +6,20 @@ import (
 	"crypto/rand"
 	"encoding/hex"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"io"
 	"log/slog"
+	"net"
 	"net/http"
 	"net/http/httptest"
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"sync"
+	"syscall"
 	"testing"
 	"time"
 
@@ -40,10 +44,33 @@ func TestMain(m *testing.M) {
 	if os.Getenv(senderEnv) != "" {
 		os.Exit(runSender())
 	}
+	if pid := os.Getenv(forgeEnv); pid != "" {
+		os.Exit(forgeCredentials(pid))
+	}
+	if msg := os.Getenv(sendEnv); msg != "" {
+		os.Exit(sendOnce(msg))
+	}
 	os.Exit(runTests(m))
 }
 
 func runTests(m *testing.M) int {
+	// This binary doubles as the forger of TestIsolatedWorkerAttacks; a
+	// worker must be able to run it, and the go build cache is 0700.
+	fdir, err := os.MkdirTemp("", "rbee-sup-forger")
+	if err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		return 1
+	}
+	defer os.RemoveAll(fdir)
+	forgerPath = filepath.Join(fdir, "forger")
+	if err := copyTestBinary(forgerPath); err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		return 1
+	}
+	if err := os.Chmod(fdir, 0o755); err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		return 1
+	}
 	if p := os.Getenv("RBEE_SIMWORKER"); p != "" {
 		simDir = filepath.Dir(p)
 		return m.Run()
@@ -54,6 +81,11 @@ func runTests(m *testing.M) int {
 		return 1
 	}
 	defer os.RemoveAll(dir)
+	// Workers run under uids of their own: they must reach the binary.
+	if err := os.Chmod(dir, 0o755); err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		return 1
+	}
 	out, err := exec.Command("go", "build", "-o", filepath.Join(dir, "rbee-simworker"), "github.com/rbee/rbee-hive/cmd/rbee-simworker").CombinedOutput()
 	if err != nil {
 		fmt.Fprintf(os.Stderr, "building rbee-simworker: %v\n%s", err, out)
@@ -61,6 +93,69 @@ func runTests(m *testing.M) int {
 	}
 	simDir = dir
 	return m.Run()
+}
+
+// forgerPath is a copy of this test binary that workers can execute; run
+// with forgeEnv=<pid> it sends a datagram naming that pid (forgeCredentials).
+var forgerPath string
+
+const forgeEnv = "RBEE_TEST_FORGE_PID"
+
+// sendEnv makes the binary send its value as one datagram to
+// $NOTIFY_SOCKET and exit at once, as systemd-notify --no-block does
+// (the stand-in where systemd-notify is not installed: the VM).
+const sendEnv = "RBEE_TEST_SEND"
+
+func sendOnce(msg string) int {
+	c, err := net.DialUnix("unixgram", nil, &net.UnixAddr{Name: os.Getenv("NOTIFY_SOCKET"), Net: "unixgram"})
+	if err == nil {
+		_, err = c.Write([]byte(msg))
+		c.Close()
+	}
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "send:", err)
+		return 1
+	}
+	return 0
+}
+
+func copyTestBinary(dst string) error {
+	self, err := os.Executable()
+	if err != nil {
+		return err
+	}
+	b, err := os.ReadFile(self)
+	if err != nil {
+		return err
+	}
+	return os.WriteFile(dst, b, 0o755)
+}
+
+// forgeCredentials sends WATCHDOG=1 to $NOTIFY_SOCKET with SCM_CREDENTIALS
+// naming pid (and the sender's own uid and gid). Exit status: 0 sent,
+// 1 refused by the kernel with EPERM, 2 anything else.
+func forgeCredentials(pid string) int {
+	n, err := strconv.Atoi(pid)
+	if err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		return 2
+	}
+	fd, err := syscall.Socket(syscall.AF_UNIX, syscall.SOCK_DGRAM|syscall.SOCK_CLOEXEC, 0)
+	if err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		return 2
+	}
+	defer syscall.Close(fd)
+	oob := syscall.UnixCredentials(&syscall.Ucred{Pid: int32(n), Uid: uint32(os.Getuid()), Gid: uint32(os.Getgid())})
+	err = syscall.Sendmsg(fd, []byte("WATCHDOG=1"), oob, &syscall.SockaddrUnix{Name: os.Getenv("NOTIFY_SOCKET")}, 0)
+	switch {
+	case err == nil:
+		return 0
+	case errors.Is(err, syscall.EPERM):
+		return 1
+	}
+	fmt.Fprintln(os.Stderr, "forge:", err)
+	return 2
 }
 
 // simEnv are the simworker knobs a spawn request may set in tests.
@@ -82,6 +177,11 @@ func testConfig(t testing.TB) *config.Config {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { os.RemoveAll(rt) })
+	// The notify socket is reached through workers.model_group (mode 0660);
+	// its directory must let workers pass, as /run/rbee-hive (0755) does.
+	if err := os.Chmod(rt, 0o711); err != nil {
+		t.Fatal(err)
+	}
 	cfg.RuntimeDir = rt
 	cfg.Heartbeat.NotifySocket = filepath.Join(rt, "notify.sock")
 	cfg.Heartbeat.Interval = config.Duration(500 * time.Millisecond)
@@ -215,6 +315,10 @@ func newHarnessWrapped(t testing.TB, wrap func(cgroup.Manager) cgroup.Manager, m
 	ln, err := notify.Listen(cfg.Heartbeat.NotifySocket)
 	if err != nil {
 		t.Fatalf("notify.Listen: %v", err)
+	}
+	// As the daemon does (it binds before New, which sets the group).
+	if err := os.Chown(cfg.Heartbeat.NotifySocket, 0, int(s.ids.group)); err != nil {
+		t.Fatal(err)
 	}
 	s.deps.NotifyDrops = func() map[string]uint64 { return ln.Stats().Dropped() }
 	ctx, cancel := context.WithCancel(context.Background())

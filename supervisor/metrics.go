@@ -23,6 +23,7 @@ type metrics struct {
 	stale              prometheus.Counter
 	heartbeats         prometheus.Counter
 	healthFails        prometheus.Counter
+	portSquatters      prometheus.Counter
 	vramExceeded       *prometheus.CounterVec
 	logLinesDropped    prometheus.Counter
 	illegalTransitions *prometheus.CounterVec
@@ -65,6 +66,8 @@ func newMetrics(s *Supervisor, reg *prometheus.Registry) (*metrics, error) {
 			Help: "Heartbeats accepted (WATCHDOG=1, POST /v1/heartbeat, successful http health checks)."}),
 		healthFails: prometheus.NewCounter(prometheus.CounterOpts{Name: "rbee_hive_worker_health_check_failures_total",
 			Help: "Failed HTTP health checks of ready http-mode workers."}),
+		portSquatters: prometheus.NewCounter(prometheus.CounterOpts{Name: "rbee_hive_port_squatters_total",
+			Help: "Worker runs kept from readiness, or refused by the proxy, because another process listened on the worker's port."}),
 		vramExceeded: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "rbee_hive_worker_vram_limit_exceeded_total",
 			Help: "Times a cuda worker's sampled VRAM crossed its expected VRAM × resources.vram_limit_factor, by backend and device."},
 			[]string{"backend", "device"}),
@@ -110,7 +113,7 @@ func newMetrics(s *Supervisor, reg *prometheus.Registry) (*metrics, error) {
 	// heartbeatsRejected is not registered itself: Collect merges it with
 	// the notify socket's drops into one family.
 	for _, c := range []prometheus.Collector{m.spawnFailures, m.restarts, m.exits,
-		m.adopted, m.adoptSeconds, m.oomKills, m.stale, m.heartbeats, m.healthFails, m.vramExceeded, m.logLinesDropped, m.illegalTransitions, m} {
+		m.adopted, m.adoptSeconds, m.oomKills, m.stale, m.heartbeats, m.healthFails, m.portSquatters, m.vramExceeded, m.logLinesDropped, m.illegalTransitions, m} {
 		if err := reg.Register(c); err != nil {
 			return nil, fmt.Errorf("supervisor: registering metrics: %w", err)
 		}

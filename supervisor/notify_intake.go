@@ -17,9 +17,12 @@ const (
 	rejectUnknownWorker = "unknown_worker"
 	rejectUnauthorized  = "unauthorized"
 	rejectInvalid       = "invalid"
+	// rejectUIDMismatch: the sender's pid lives in a worker's leaf but its
+	// uid is not the worker's.
+	rejectUIDMismatch = "uid_mismatch"
 )
 
-var rejectReasons = []string{rejectUnknownSender, rejectUnknownWorker, rejectUnauthorized, rejectInvalid}
+var rejectReasons = []string{rejectUnknownSender, rejectUnknownWorker, rejectUnauthorized, rejectInvalid, rejectUIDMismatch}
 
 // limits on what a datagram may store on a worker.
 const (
@@ -33,23 +36,25 @@ const (
 )
 
 // HandleNotify is the notify listener's handler (notify.Listener.Serve).
-func (s *Supervisor) HandleNotify(msg notify.Message) { s.handleDatagram(msg.PID, &msg.Fields) }
+func (s *Supervisor) HandleNotify(msg notify.Message) {
+	s.handleDatagram(msg.PID, msg.UID, &msg.Fields)
+}
 
 // handleDatagram takes one sd_notify datagram whose sender the kernel vouched
-// for (SO_PASSCRED). The sender must live in a worker's cgroup leaf; a worker
-// id in the payload is never trusted. A heartbeat from a run's main pid takes
-// one lock section and allocates nothing (fields views the receive buffer;
-// strings are made only for a STATUS or figure that changed).
-func (s *Supervisor) handleDatagram(pid int32, fields *notify.Fields) {
+// for (SO_PASSCRED). The sender must live in a worker's cgroup leaf and run
+// as the worker's uid; a worker id in the payload is never trusted. A sender
+// in no leaf (gone before we looked: systemd-notify's own short-lived pid)
+// is attributed by its uid alone when that uid is a worker's own. Without
+// CAP_SYS_ADMIN and CAP_SETUID a worker can name neither another pid nor
+// another uid (docs/worker-protocol.md). A heartbeat from a run's main pid
+// takes one lock section and allocates nothing (fields views the receive
+// buffer; strings are made only for a STATUS or figure that changed).
+func (s *Supervisor) handleDatagram(pid int32, uid uint32, fields *notify.Fields) {
 	if onlyBarrier(fields) {
 		// systemd-notify (without --no-block) follows each message with
 		// BARRIER=1 from its own short-lived pid, not --pid's; it often exits
 		// before we look its cgroup up. The barrier carries no state, so it
 		// is neither attributed nor counted as unknown_sender.
-		return
-	}
-	if pid <= 0 {
-		s.m.heartbeatsRejected.WithLabelValues(rejectUnknownSender).Inc()
 		return
 	}
 	s.mu.Lock()
@@ -58,24 +63,34 @@ func (s *Supervisor) handleDatagram(pid int32, fields *notify.Fields) {
 	// number), so it is a map lookup; anything else (a child of the worker)
 	// is looked up in the cgroup tree each time, never cached, because pids
 	// are reused. The lookup reads /proc: not under s.mu.
-	w := s.mainPID[int(pid)]
-	if w == nil {
-		s.mu.Unlock()
-		id, err := s.deps.Cgroups.LeafOf(int(pid))
-		s.mu.Lock()
-		if err == nil {
-			w = s.workers[id]
+	var w *worker
+	if pid > 0 {
+		w = s.mainPID[int(pid)]
+		if w == nil {
+			s.mu.Unlock()
+			id, err := s.deps.Cgroups.LeafOf(int(pid))
+			s.mu.Lock()
+			if err == nil {
+				w = s.workers[id]
+			}
 		}
 	}
-	if w == nil {
-		if at, late := s.exited[int(pid)]; late && time.Since(at) <= exitedGrace {
+	switch {
+	case w != nil && w.iso != nil && w.iso.UID != uid:
+		s.m.heartbeatsRejected.WithLabelValues(rejectUIDMismatch).Inc()
+		w.log.Debug("notify datagram from the worker's cgroup with another uid", slog.Int("pid", int(pid)), slog.Uint64("uid", uint64(uid)))
+		return
+	case w == nil:
+		if at, late := s.exited[int(pid)]; pid > 0 && late && time.Since(at) <= exitedGrace {
 			// A worker's last words, read after its exit: nothing to do.
 			// A newer process with that pid would have been found above.
 			return
 		}
-		s.m.heartbeatsRejected.WithLabelValues(rejectUnknownSender).Inc()
-		s.log.Debug("notify datagram from a process outside every worker cgroup", slog.Int("pid", int(pid)))
-		return
+		if w = s.workerOfUID(uid); w == nil {
+			s.m.heartbeatsRejected.WithLabelValues(rejectUnknownSender).Inc()
+			s.log.Debug("notify datagram from a process outside every worker cgroup", slog.Int("pid", int(pid)), slog.Uint64("uid", uint64(uid)))
+			return
+		}
 	}
 	if w.run == nil {
 		if w.startInFlight {
@@ -88,6 +103,20 @@ func (s *Supervisor) handleDatagram(pid int32, fields *notify.Fields) {
 		return
 	}
 	s.applyFields(w, fields)
+}
+
+// workerOfUID is the worker that runs under uid as a uid of its own (never
+// a shared system user or root). Caller holds s.mu.
+func (s *Supervisor) workerOfUID(uid uint32) *worker {
+	id, ok := s.ids.alloc.WorkerOf(uid)
+	if !ok {
+		return nil
+	}
+	w := s.workers[id]
+	if w == nil || w.iso == nil || w.iso.UID != uid || w.backendCfg.User != userPerWorker {
+		return nil
+	}
+	return w
 }
 
 // onlyBarrier reports whether every assignment is a non-empty BARRIER.

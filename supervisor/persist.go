@@ -71,6 +71,9 @@ func (s *Supervisor) persist(w *worker) {
 		AdoptedAt: w.adoptedAt, CreatedAt: w.createdAt, Served: w.served, ContextSize: w.contextSize,
 	}
 	rec.StdoutOffset, rec.StderrOffset = w.outShipped.get()
+	if w.iso != nil {
+		rec.UID = int(w.iso.UID)
+	}
 	if r := w.run; r != nil {
 		rec.CgroupPath, rec.PID, rec.PIDStart, rec.Argv = s.leafPath(w.id), r.pid, r.pidStart, r.argv
 	}

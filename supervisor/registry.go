@@ -34,7 +34,7 @@ func (s *Supervisor) removeLocked(w *worker) {
 	if s.ports[w.port] == w.id {
 		delete(s.ports, w.port)
 	}
-	s.afterUnlock = append(s.afterUnlock, w.logs.remove, func() { removeOutputFiles(s.outDir, w.id) })
+	s.afterUnlock = append(s.afterUnlock, w.logs.remove, func() { removeOutputFiles(s.outDir, w.id) }, func() { s.ids.release(w, w.log) })
 }
 
 // tokenKey is how a worker token is kept in s.tokens: hashed, so the map

@@ -33,6 +33,9 @@ func (s *Supervisor) expandArgs(w *worker) []string {
 // which nothing overrides.
 func (s *Supervisor) workerEnv(w *worker) []string {
 	env := map[string]string{"PATH": safePath, "HOME": "/", "LANG": "C.UTF-8"}
+	if w.home != "" {
+		env["HOME"], env["XDG_CACHE_HOME"] = w.home, w.home+"/.cache"
+	}
 	for k, v := range w.backendCfg.Env {
 		env[k] = v
 	}
@@ -64,6 +67,25 @@ func (s *Supervisor) workerEnv(w *worker) []string {
 	}
 	sort.Strings(out)
 	return out
+}
+
+// workerIdentity returns who w's next run is and makes its home on the
+// first run. Caller holds s.mu (the home is a mkdir and two chowns).
+func (s *Supervisor) workerIdentity(w *worker) (cgroup.Isolation, string, error) {
+	if w.iso != nil {
+		return *w.iso, w.home, nil
+	}
+	iso, err := s.ids.identity(w)
+	if err != nil {
+		return cgroup.Isolation{}, "", fmt.Errorf("worker identity: %w", err)
+	}
+	home, err := s.ids.home(w, iso)
+	if err != nil {
+		return cgroup.Isolation{}, "", err
+	}
+	w.iso, w.home = &iso, home
+	w.log.Info("worker identity", slog.String("user", userName(w.backendCfg, w.iso)), slog.Uint64("uid", uint64(iso.UID)), slog.Uint64("gid", uint64(iso.GID)), slog.String("home", home))
+	return iso, home, nil
 }
 
 // createLeaf makes the worker's leaf; a leaf left by an earlier run of the
@@ -117,8 +139,19 @@ func (s *Supervisor) startRun(w *worker, why string) error {
 	s.starting.Add(1)
 	w.startInFlight, w.earlyFields = true, nil
 	argv := s.expandArgs(w)
+	iso, home, err := s.workerIdentity(w)
+	if err != nil {
+		w.startInFlight = false
+		s.mu.Unlock()
+		s.starting.Done()
+		return &spawnError{reason: failExec, err: err}
+	}
 	env := s.workerEnv(w)
+	noIsolation := s.noIsolation
 	s.mu.Unlock()
+	if w.backendCfg.User == userRoot {
+		w.log.Warn("worker runs as root (backend user = \"root\"): it is not isolated from the hive", slog.String("home", home))
+	}
 	defer s.starting.Done()
 	defer func() {
 		s.mu.Lock()
@@ -126,6 +159,9 @@ func (s *Supervisor) startRun(w *worker, why string) error {
 		s.mu.Unlock()
 	}()
 
+	if err := canExec(argv[0], iso); err != nil {
+		return &spawnError{reason: failExec, err: err}
+	}
 	leaf, err := s.createLeaf(w)
 	if err != nil {
 		return &spawnError{reason: failCgroup, err: err}
@@ -143,7 +179,11 @@ func (s *Supervisor) startRun(w *worker, why string) error {
 	}
 	rctx, cancel := context.WithCancel(context.Background())
 	r := &run{leaf: leaf, cmd: cmd, cancel: cancel, done: make(chan struct{})}
-	if err := leaf.Start(cmd); err != nil {
+	opts := []cgroup.StartOption{cgroup.WithIsolation(iso)}
+	if noIsolation {
+		opts = nil
+	}
+	if err := leaf.Start(cmd, opts...); err != nil {
 		cancel()
 		out.close()
 		_ = leaf.Delete()

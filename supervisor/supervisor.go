@@ -30,6 +30,12 @@ type Supervisor struct {
 	devices []GPUDevice  // GPUs known at start, for metric series
 	// portFree probes whether a port can be bound (a seam for tests).
 	portFree func(host string, port int) bool
+	ids      *identities
+	// noIsolation starts workers as the hive's own root with every
+	// capability, as before isolation: only BenchmarkSpawnIsolation's
+	// baseline sets it (guarded by mu).
+	noIsolation bool
+	portCheck   PortChecker
 
 	mu       sync.Mutex
 	workers  map[string]*worker
@@ -96,7 +102,25 @@ func New(cfg *config.Config, deps Deps) (*Supervisor, error) {
 		probe:    make(chan chan struct{}),
 		wedge:    make(chan (<-chan struct{})),
 	}
+	ids, err := newIdentities(cfg, deps.HostFiles)
+	if err != nil {
+		return nil, fmt.Errorf("supervisor: %w", err)
+	}
+	s.ids = ids
+	s.portCheck = deps.Ports
+	if s.portCheck == nil {
+		r, err := procfs.New("")
+		if err != nil {
+			return nil, fmt.Errorf("supervisor: %w", err)
+		}
+		s.portCheck = r
+	}
+	// Worker logs stay root's: workers are in the state dir's group, not
+	// in this dir's.
 	if err := os.MkdirAll(s.logDir, 0o750); err != nil {
+		return nil, fmt.Errorf("supervisor: worker log dir: %w", err)
+	}
+	if err := os.Chmod(s.logDir, 0o750); err != nil {
 		return nil, fmt.Errorf("supervisor: worker log dir: %w", err)
 	}
 	s.tail.log, s.tail.punchEvery = s.log, int64(cfg.Workers.LogMaxBytes)
@@ -230,6 +254,9 @@ func (s *Supervisor) removeStaleFiles(keep func(id string) bool) {
 		s.log.Warn("removing earlier workers' log files", slog.Any("err", err))
 	} else if n > 0 {
 		s.log.Info("removed earlier workers' log files", slog.Int("files", n), slog.String("dir", s.logDir))
+	}
+	if err := s.ids.removeStaleHomes(keep); err != nil {
+		s.log.Warn("removing earlier workers' homes", slog.Any("err", err))
 	}
 	if n, err := removeStaleOutput(s.outDir, keep); err != nil {
 		s.log.Warn("removing earlier workers' output files", slog.Any("err", err))

@@ -4,11 +4,13 @@ import (
 	"context"
 	"fmt"
 	"net/http"
+	"sort"
 	"strings"
 	"time"
 
 	"github.com/rbee/rbee-hive/api"
 	"github.com/rbee/rbee-hive/config"
+	"github.com/rbee/rbee-hive/internal/envpolicy"
 )
 
 // SpawnRequest is the body of POST /v1/workers/spawn: model_ref, backend,
@@ -165,9 +167,19 @@ func (s *Supervisor) validateSpawn(ctx context.Context, req *SpawnRequest) (*spa
 	default:
 		return nil, badField("restart", "%q is not one of never, on-failure, always", req.Restart)
 	}
+	for _, k := range sortedKeys(be.Env) {
+		if denied, why := envpolicy.DeniedEnv(k); denied {
+			return nil, badField("env", "backend %q sets %s, which is never passed to a worker: %s", req.Backend, k, why)
+		}
+	}
 	if len(req.Env) > 0 {
 		p.env = make(map[string]string, len(req.Env))
-		for k, v := range req.Env {
+		for _, k := range sortedKeys(req.Env) {
+			v := req.Env[k]
+			// Even when env_allow lists it: the deny-list is not configurable.
+			if denied, why := envpolicy.DeniedEnv(k); denied {
+				return nil, badField("env", "%s is never passed to a worker: %s", k, why)
+			}
 			if config.ReservedEnv(k) || !contains(be.EnvAllow, k) {
 				return nil, badField("env", "key %q is not allowed for backend %q (allowed: %s)", k, req.Backend, strings.Join(be.EnvAllow, ", "))
 			}
@@ -178,6 +190,16 @@ func (s *Supervisor) validateSpawn(ctx context.Context, req *SpawnRequest) (*spa
 		}
 	}
 	return p, nil
+}
+
+// sortedKeys makes the first offending key of a map deterministic.
+func sortedKeys(m map[string]string) []string {
+	keys := make([]string, 0, len(m))
+	for k := range m {
+		keys = append(keys, k)
+	}
+	sort.Strings(keys)
+	return keys
 }
 
 // gpuUUID maps a cuda device index to its UUID via the GPU driver.

@@ -43,6 +43,10 @@ type worker struct {
 	logs          *logSink
 	outShipped    outputOffsets // how far its output files are shipped
 	log           *slog.Logger
+	// iso is who the worker runs as, set at its first start (under s.mu)
+	// and kept across restarts; home is its HOME.
+	iso  *cgroup.Isolation
+	home string
 
 	// guarded by s.mu
 	state          State
@@ -86,10 +90,15 @@ type run struct {
 	pid     int
 	started time.Time
 	ready   bool
-	cancel  context.CancelFunc // health poller
-	done    chan struct{}      // closed after the exit was handled
-	output  sync.WaitGroup     // the stdout and stderr readers (pipes)
-	tailed  [2]*tailedFile     // stdout and stderr files (nil: pipes)
+	// portOwned: the proxy found the port held by this run (checked at the
+	// first request after readiness, again after a failed health check);
+	// squatterLogged: a squatter on the port was logged and counted once.
+	portOwned      bool
+	squatterLogged bool
+	cancel         context.CancelFunc // health poller
+	done           chan struct{}      // closed after the exit was handled
+	output         sync.WaitGroup     // the stdout and stderr readers (pipes)
+	tailed         [2]*tailedFile     // stdout and stderr files (nil: pipes)
 	// pidStart (clock ticks since boot) and pid name the process across a
 	// hive restart; argv is what it was started with. For the registry.
 	pidStart uint64

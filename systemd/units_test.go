@@ -162,7 +162,7 @@ func TestInstallAndVerify(t *testing.T) {
 	}
 	// Stand-ins for the built binaries: verify only needs an executable.
 	binSrc := t.TempDir()
-	for _, b := range []string{"rbee-hive", "rbee-simworker"} {
+	for _, b := range []string{"rbee-hive", "rbee-gate", "rbee-simworker"} {
 		copyFile(t, "/bin/true", filepath.Join(binSrc, b), 0o755)
 	}
 	dropinKeys := []string{"DelegateSubgroup", "RestartSteps", "RestartMaxDelaySec"}
@@ -192,6 +192,7 @@ func TestInstallAndVerify(t *testing.T) {
 			unitDir := filepath.Join(root, tt.prefix, "lib/systemd/system")
 			for _, p := range []string{
 				filepath.Join(root, tt.prefix, "bin/rbee-hive"),
+				filepath.Join(root, tt.prefix, "bin/rbee-gate"),
 				filepath.Join(root, tt.prefix, "bin/rbee-simworker"),
 			} {
 				if fi, err := os.Stat(p); err != nil || fi.Mode().Perm() != 0o755 {
@@ -276,7 +277,7 @@ func TestInstallKeepsConfig(t *testing.T) {
 		testkit.RequireCommand(t, bin)
 	}
 	binSrc := t.TempDir()
-	for _, b := range []string{"rbee-hive", "rbee-simworker"} {
+	for _, b := range []string{"rbee-hive", "rbee-gate", "rbee-simworker"} {
 		copyFile(t, "/bin/true", filepath.Join(binSrc, b), 0o755)
 	}
 	root := t.TempDir()

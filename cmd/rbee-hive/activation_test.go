@@ -23,7 +23,7 @@ import (
 func TestDaemonSocketActivation(t *testing.T) {
 	bin := testkit.RequireCommand(t, "systemd-socket-activate")
 	testkit.RequireRoot(t)
-	dir := t.TempDir()
+	dir := passableTempDir(t)
 	sock := filepath.Join(dir, "activated.sock")
 	port := testkit.FreePort(t)
 	cfgPath := filepath.Join(dir, "hive.toml")

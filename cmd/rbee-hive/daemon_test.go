@@ -47,10 +47,29 @@ func TestMain(m *testing.M) {
 			os.Exit(1)
 		}
 	}
+	// Workers run under uids of their own: they must reach the binaries.
+	if err := os.Chmod(dir, 0o755); err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		os.Exit(1)
+	}
 	bins = testBinaries{dir: dir}
 	code := m.Run()
 	os.RemoveAll(dir)
 	os.Exit(code)
+}
+
+// passableTempDir is t.TempDir with it and its parent 0711: workers, which
+// run under uids of their own, must pass through to the notify socket and
+// the state dir, as they pass through /run and /var/lib.
+func passableTempDir(t testing.TB) string {
+	t.Helper()
+	dir := t.TempDir()
+	for _, d := range []string{dir, filepath.Dir(dir)} {
+		if err := os.Chmod(d, 0o711); err != nil {
+			t.Fatal(err)
+		}
+	}
+	return dir
 }
 
 // daemon is a running `rbee-hive daemon` child process.
@@ -96,7 +115,7 @@ func startDaemonWith(t *testing.T, scheme string, client *http.Client, extra str
 
 func startDaemonBin(t testing.TB, bin, scheme string, client *http.Client, extra string, env ...string) *daemon {
 	t.Helper()
-	dir := t.TempDir()
+	dir := passableTempDir(t)
 	port := testkit.FreePort(t)
 	cfg := fmt.Sprintf("listen = \"127.0.0.1:%d\"\nstate_dir = %q\nruntime_dir = %q\nlog_format = \"json\"\nlog_level = \"debug\"\n%s",
 		port, filepath.Join(dir, "state"), filepath.Join(dir, "run"), extra)

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"log/slog"
 	"net/http"
 	"os"
@@ -148,7 +149,7 @@ func newHive(ctx context.Context, cfg *config.Config, log *slog.Logger, reg *pro
 		Logger:   log,
 		Cgroups:  h.cgroups,
 		Registry: reg,
-		SelfDir:  selfDir(),
+		SelfDir:  workerSelfDir(cfg, log),
 		HiveURL:  hiveURL,
 		Admitter: admitter{ledger: h.ledger, log: log},
 		Models:   modelStore{store: h.models},
@@ -283,6 +284,50 @@ func (h *hive) spawnDemo(ctx context.Context) error {
 	}
 	h.log.Info("demo worker spawned", "worker_id", res.WorkerID, "url", res.URL)
 	return nil
+}
+
+// workerSelfDir is {self_dir} for workers: selfDir, or, when workers (which
+// run under uids of their own) cannot reach rbee-simworker there (a
+// checkout under /root for `make run`), a copy in <state_dir>/bin.
+func workerSelfDir(cfg *config.Config, log *slog.Logger) string {
+	dir := selfDir()
+	src := filepath.Join(dir, "rbee-simworker")
+	if _, err := os.Stat(src); err != nil || supervisor.WorkersCanExec(cfg, src) == nil {
+		return dir
+	}
+	bin := filepath.Join(cfg.StateDir, "bin")
+	dst := filepath.Join(bin, "rbee-simworker")
+	err := os.MkdirAll(bin, 0o755)
+	if err == nil {
+		err = copyExecutable(src, dst)
+	}
+	if err != nil {
+		log.Warn("workers cannot reach rbee-simworker, and copying it failed", "path", src, "err", err)
+		return dir
+	}
+	log.Info("workers cannot reach rbee-simworker where it is; using a copy", "path", src, "copy", dst)
+	return bin
+}
+
+func copyExecutable(src, dst string) error {
+	in, err := os.Open(src)
+	if err != nil {
+		return err
+	}
+	defer in.Close()
+	tmp := dst + ".tmp"
+	out, err := os.OpenFile(tmp, os.O_CREATE|os.O_TRUNC|os.O_WRONLY, 0o755)
+	if err != nil {
+		return err
+	}
+	if _, err := io.Copy(out, in); err != nil {
+		out.Close()
+		return err
+	}
+	if err := out.Close(); err != nil {
+		return err
+	}
+	return os.Rename(tmp, dst)
 }
 
 // selfDir is where the rbee-hive binary lives: {self_dir} in backend commands.

@@ -67,6 +67,11 @@ func (b *binaries) get(t testing.TB) string {
 			return
 		}
 		b.dir = dir
+		// Workers run under uids of their own: they must reach the binaries.
+		if err := os.Chmod(dir, 0o755); err != nil {
+			b.err = err
+			return
+		}
 		cmd := exec.Command("go", "build", "-o", dir, "./cmd/rbee-hive", "./cmd/rbee-simworker")
 		cmd.Dir = "../.."
 		if out, err := cmd.CombinedOutput(); err != nil {
@@ -186,7 +191,7 @@ func startHive(t testing.TB, o hiveOptions) *hive {
 	if o.logLevel == "" {
 		o.logLevel = "info"
 	}
-	dir := t.TempDir()
+	dir := passableTempDir(t)
 	// The notify socket path must fit a sockaddr_un (107 bytes); TempDir
 	// paths can be long.
 	rt, err := os.MkdirTemp("", "rbe")
@@ -194,6 +199,9 @@ func startHive(t testing.TB, o hiveOptions) *hive {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { os.RemoveAll(rt) })
+	if err := os.Chmod(rt, 0o711); err != nil {
+		t.Fatal(err)
+	}
 	// A root of our own: `go test ./...` runs cmd/rbee-hive's daemon tests
 	// at the same time, and they use the default root.
 	root := randomName("rbee-e2e-")
@@ -516,4 +524,18 @@ func (h *hive) metrics() []byte {
 		h.t.Fatalf("/metrics: %d %v", resp.StatusCode, err)
 	}
 	return b
+}
+
+// passableTempDir is t.TempDir with it and its parent 0711: workers run
+// under uids of their own and must pass through to the notify socket and
+// the state dir, as they pass through /run and /var/lib.
+func passableTempDir(t testing.TB) string {
+	t.Helper()
+	dir := t.TempDir()
+	for _, d := range []string{dir, filepath.Dir(dir)} {
+		if err := os.Chmod(d, 0o711); err != nil {
+			t.Fatal(err)
+		}
+	}
+	return dir
 }

@@ -147,7 +147,7 @@ func engineSlots(t testing.TB, workerURL string) (processing int, decoded []int)
 
 func TestLlamaServerThroughTheHive(t *testing.T) {
 	bin := llamaServer(t)
-	dir := t.TempDir()
+	dir := passableTempDir(t)
 	modelPath := writeModel(t, dir)
 	h := startHive(t, backends(t, bin))
 	const sel = `backend="llama-server"`

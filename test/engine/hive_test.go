@@ -64,6 +64,20 @@ type hive struct {
 	done       chan struct{}
 }
 
+// passableTempDir is t.TempDir with it and its parent 0711: workers run
+// under uids of their own and must pass through to their model files and
+// the state dir, as they pass through /var/lib.
+func passableTempDir(t testing.TB) string {
+	t.Helper()
+	dir := t.TempDir()
+	for _, d := range []string{dir, filepath.Dir(dir)} {
+		if err := os.Chmod(d, 0o711); err != nil {
+			t.Fatal(err)
+		}
+	}
+	return dir
+}
+
 func buildHive(t testing.TB) string {
 	t.Helper()
 	dir := t.TempDir()
@@ -78,12 +92,15 @@ func buildHive(t testing.TB) string {
 func startHive(t testing.TB, backends string) *hive {
 	t.Helper()
 	bin := buildHive(t)
-	dir := t.TempDir()
+	dir := passableTempDir(t)
 	rt, err := os.MkdirTemp("", "rbe")
 	if err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { os.RemoveAll(rt) })
+	if err := os.Chmod(rt, 0o711); err != nil {
+		t.Fatal(err)
+	}
 	var b [4]byte
 	_, _ = rand.Read(b[:])
 	root := "rbee-engine-" + hex.EncodeToString(b[:])

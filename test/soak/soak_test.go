@@ -259,12 +259,15 @@ func startHive(t *testing.T) *hive {
 			t.Fatalf("%v: run `make build` first (make soak does)", err)
 		}
 	}
-	dir := t.TempDir()
+	dir := passableTempDir(t)
 	rt, err := os.MkdirTemp("", "rbs") // a short path for the notify socket
 	if err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { os.RemoveAll(rt) })
+	if err := os.Chmod(rt, 0o711); err != nil {
+		t.Fatal(err)
+	}
 	cgRoot := randomName("rbee-soak-")
 	if cgroupV2() {
 		cgRoot = "/sys/fs/cgroup/" + cgRoot
@@ -856,4 +859,18 @@ func (h *hive) resources() resources {
 		}
 	}
 	return r
+}
+
+// passableTempDir is t.TempDir with it and its parent 0711: workers run
+// under uids of their own and must pass through to the notify socket and
+// the state dir, as they pass through /run and /var/lib.
+func passableTempDir(t testing.TB) string {
+	t.Helper()
+	dir := t.TempDir()
+	for _, d := range []string{dir, filepath.Dir(dir)} {
+		if err := os.Chmod(d, 0o711); err != nil {
+			t.Fatal(err)
+		}
+	}
+	return dir
 }
