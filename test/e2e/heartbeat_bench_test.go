@@ -50,9 +50,9 @@ memory_limit = "48MiB"
 					return err == nil && code == 200 && strings.Count(string(body), `"state":"idle"`)+strings.Count(string(body), `"state":"stale"`) == workers
 				})
 				time.Sleep(time.Second) // let start-up work settle
-				before := cpuTicks(b, h.cmd.Process.Pid)
+				before := cpuTicks(b, h.Cmd.Process.Pid)
 				time.Sleep(window)
-				used := float64(cpuTicks(b, h.cmd.Process.Pid)-before) / 100 // USER_HZ
+				used := float64(cpuTicks(b, h.Cmd.Process.Pid)-before) / 100 // USER_HZ
 				share := used / window.Seconds() * 100
 				b.ReportMetric(share, "hive-cpu-%")
 				b.Logf("%s: hive CPU %.2f %% of one core with %d workers", tc.name, share, workers)

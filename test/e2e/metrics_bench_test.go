@@ -56,7 +56,7 @@ memory_limit = "16MiB"
 			var size int
 			for b.Loop() {
 				t0 := time.Now()
-				resp, err := client.Get(h.url + "/metrics")
+				resp, err := client.Get(h.URL + "/metrics")
 				if err != nil {
 					b.Fatal(err)
 				}

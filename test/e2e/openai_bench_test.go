@@ -57,7 +57,7 @@ file_roots = [%q]
 			req, _ := http.NewRequest("POST", url, bytes.NewReader(body))
 			req.Header.Set("Content-Type", "application/json")
 			if auth {
-				req.Header.Set("Authorization", "Bearer "+h.token)
+				req.Header.Set("Authorization", "Bearer "+h.Token)
 			}
 			t0 := time.Now()
 			resp, err := client.Do(req)
@@ -72,7 +72,7 @@ file_roots = [%q]
 			}
 			return d
 		}
-		post(h.url+"/openai/v1/chat/completions", true) // load
+		post(h.URL+"/openai/v1/chat/completions", true) // load
 		var list struct {
 			Workers []struct{ ID, URL, Served string }
 		}
@@ -83,8 +83,8 @@ file_roots = [%q]
 		w := list.Workers[0]
 		paths := []struct{ name, url string }{
 			{"direct to the worker", w.URL + "/v1/chat/completions"},
-			{"hive /v1/workers/{id}", h.url + "/v1/workers/" + w.ID + "/v1/chat/completions"},
-			{"hive /openai/v1 (routed)", h.url + "/openai/v1/chat/completions"},
+			{"hive /v1/workers/{id}", h.URL + "/v1/workers/" + w.ID + "/v1/chat/completions"},
+			{"hive /openai/v1 (routed)", h.URL + "/openai/v1/chat/completions"},
 		}
 		times := make([][]time.Duration, len(paths))
 		for i := 0; i < warmN+20; i++ {
@@ -107,9 +107,9 @@ file_roots = [%q]
 			if code, out := h.do("POST", "/openai/v1/models/bench/unload", nil); code != 200 {
 				b.Fatalf("unload: %d %s", code, out)
 			}
-			req, _ := http.NewRequest("POST", h.url+"/openai/v1/chat/completions",
+			req, _ := http.NewRequest("POST", h.URL+"/openai/v1/chat/completions",
 				strings.NewReader(`{"model":"bench","messages":[{"role":"user","content":"hi"}],"max_tokens":8,"stream":true}`))
-			req.Header.Set("Authorization", "Bearer "+h.token)
+			req.Header.Set("Authorization", "Bearer "+h.Token)
 			t0 := time.Now()
 			resp, err := client.Do(req)
 			if err != nil {
@@ -126,7 +126,7 @@ file_roots = [%q]
 			if err := json.Unmarshal(lb, &list); err != nil || len(list.Workers) != 1 {
 				b.Fatalf("workers after a cold start: %v %s", err, lb)
 			}
-			ev := logTimes(b, h.logs.String(), list.Workers[0].ID)
+			ev := logTimes(b, h.Logs.String(), list.Workers[0].ID)
 			admit = append(admit, ev["worker registered"].Sub(t0))
 			spawn = append(spawn, ev["worker started"].Sub(ev["worker registered"]))
 			load = append(load, ev["worker ready"].Sub(ev["worker started"]))

@@ -78,7 +78,7 @@ name = "Fake GPU"
 uuid = "GPU-e2e00000-0000-0000-0000-000000000000"
 memory_total = "24GiB"
 ` + simBackends})
-	target := strings.TrimPrefix(h.url, "http://")
+	target := strings.TrimPrefix(h.URL, "http://")
 	p := startPrometheus(t, target)
 
 	// Counters must have a sample at their old value before they move, or

@@ -38,7 +38,7 @@ func BenchmarkProxyOverhead(b *testing.B) {
 		return timeStream(b, wi.URL+"/v1/chat/completions", "", req)
 	}
 	viaHive := func() (time.Duration, float64) {
-		return timeStream(b, h.url+"/v1/workers/"+sp.WorkerID+"/v1/chat/completions", h.token, req)
+		return timeStream(b, h.URL+"/v1/workers/"+sp.WorkerID+"/v1/chat/completions", h.Token, req)
 	}
 	direct() // warm both paths
 	viaHive()

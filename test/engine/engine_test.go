@@ -18,6 +18,7 @@ import (
 
 	"github.com/rbee/rbee-hive/admission/estimate"
 	"github.com/rbee/rbee-hive/internal/ggufwrite"
+	"github.com/rbee/rbee-hive/internal/testkit"
 )
 
 // Context and slots of the llama backend: 1024 tokens shared by 2 slots.
@@ -462,7 +463,7 @@ func TestLlamaServerThroughTheHive(t *testing.T) {
 
 	t.Run("DELETE: gone, leaf removed", func(t *testing.T) {
 		var leaves []string
-		for _, d := range cgroupDirs(h.cgroupRoot) {
+		for _, d := range testkit.CgroupDirs(h.CgroupRoot) {
 			if _, err := os.Stat(filepath.Join(d, "workers", id)); err == nil {
 				leaves = append(leaves, filepath.Join(d, "workers", id))
 			}

@@ -12,7 +12,7 @@ import (
 
 // servedWorkers are the ids of the hive's live workers of a served model.
 func (h *hive) servedWorkers(served string) []string {
-	h.t.Helper()
+	h.T.Helper()
 	code, b := h.do("GET", "/v1/workers/list", nil)
 	var list struct {
 		Workers []struct {
@@ -22,7 +22,7 @@ func (h *hive) servedWorkers(served string) []string {
 		} `json:"workers"`
 	}
 	if err := json.Unmarshal(b, &list); code != http.StatusOK || err != nil {
-		h.t.Fatalf("workers list: %d %v %s", code, err, b)
+		h.T.Fatalf("workers list: %d %v %s", code, err, b)
 	}
 	var ids []string
 	for _, w := range list.Workers {
@@ -99,7 +99,7 @@ ttl = "2s"
 	t.Logf("cold request (load + %d events) %v, warm request %v: cold/warm ×%.1f", len(evs), cold.Round(time.Millisecond), warm.Round(time.Millisecond), cold.Seconds()/warm.Seconds())
 	// The cold start split by the hive's own log lines for the worker.
 	at := map[string]time.Time{}
-	for _, line := range strings.Split(h.logs.String(), "\n") {
+	for _, line := range strings.Split(h.Logs.String(), "\n") {
 		var e struct {
 			Time     time.Time `json:"time"`
 			Msg      string    `json:"msg"`
