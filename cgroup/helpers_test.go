@@ -230,6 +230,17 @@ func newTestManager(t testing.TB, opts Options) Manager {
 	return m
 }
 
+// newTestLeaf creates a leaf in a fresh test manager (default options).
+func newTestLeaf(t testing.TB, name string, lim Limits) (Manager, Leaf) {
+	t.Helper()
+	m := newTestManager(t, Options{})
+	l, err := m.Create(name, lim)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return m, l
+}
+
 func testOptions(opts Options, suffix string) Options {
 	if opts.Root == "" {
 		opts.Root = "rbee-test-" + suffix
