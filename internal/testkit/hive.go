@@ -1,9 +1,13 @@
 package testkit
 
 import (
+	"bytes"
+	"context"
 	"crypto/rand"
 	"encoding/hex"
+	"encoding/json"
 	"fmt"
+	"io"
 	"net/http"
 	"os"
 	"os/exec"
@@ -115,6 +119,28 @@ func StartHive(t testing.TB, env HiveEnv, o HiveOptions) *Hive {
 	}
 	h.Token = strings.TrimSpace(string(tok))
 	return h
+}
+
+// Request sends an API request with the hive's token; body, if not nil,
+// goes as JSON.
+func (h *Hive) Request(ctx context.Context, method, path string, body any) (*http.Response, error) {
+	var r io.Reader
+	if body != nil {
+		b, err := json.Marshal(body)
+		if err != nil {
+			return nil, err
+		}
+		r = bytes.NewReader(b)
+	}
+	req, err := http.NewRequestWithContext(ctx, method, h.URL+path, r)
+	if err != nil {
+		return nil, err
+	}
+	req.Header.Set("Authorization", "Bearer "+h.Token)
+	if body != nil {
+		req.Header.Set("Content-Type", "application/json")
+	}
+	return http.DefaultClient.Do(req)
 }
 
 // WaitHealthy polls url's /v1/health until it answers 200; it fails the test

@@ -213,23 +213,7 @@ func (h *hive) do(method, path string, body any) (int, []byte) {
 
 // try is do without failing the test (for goroutines and timed calls).
 func (h *hive) try(ctx context.Context, method, path string, body any) (int, []byte, error) {
-	var r io.Reader
-	if body != nil {
-		b, err := json.Marshal(body)
-		if err != nil {
-			return 0, nil, err
-		}
-		r = bytes.NewReader(b)
-	}
-	req, err := http.NewRequestWithContext(ctx, method, h.URL+path, r)
-	if err != nil {
-		return 0, nil, err
-	}
-	req.Header.Set("Authorization", "Bearer "+h.Token)
-	if body != nil {
-		req.Header.Set("Content-Type", "application/json")
-	}
-	resp, err := http.DefaultClient.Do(req)
+	resp, err := h.Request(ctx, method, path, body)
 	if err != nil {
 		return 0, nil, err
 	}

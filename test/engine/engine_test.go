@@ -81,7 +81,7 @@ type event struct {
 // stream posts a streamed request through the hive and returns its events;
 // after stop events (0: all) it hangs up.
 func (h *hive) stream(ctx context.Context, path string, body map[string]any, stop int) ([]event, error) {
-	resp, err := h.req(ctx, "POST", path, body)
+	resp, err := h.Request(ctx, "POST", path, body)
 	if err != nil {
 		return nil, err
 	}

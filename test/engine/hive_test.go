@@ -1,7 +1,6 @@
 package engine
 
 import (
-	"bytes"
 	"context"
 	"encoding/json"
 	"fmt"
@@ -98,31 +97,10 @@ failure_window = "60s"
 		StartTimeout: 30 * time.Second, StopTimeout: 40 * time.Second})}
 }
 
-// req sends an authenticated request to the hive.
-func (h *hive) req(ctx context.Context, method, path string, body any) (*http.Response, error) {
-	var r io.Reader
-	if body != nil {
-		b, err := json.Marshal(body)
-		if err != nil {
-			return nil, err
-		}
-		r = bytes.NewReader(b)
-	}
-	req, err := http.NewRequestWithContext(ctx, method, h.URL+path, r)
-	if err != nil {
-		return nil, err
-	}
-	req.Header.Set("Authorization", "Bearer "+h.Token)
-	if body != nil {
-		req.Header.Set("Content-Type", "application/json")
-	}
-	return http.DefaultClient.Do(req)
-}
-
-// do is req, read to the end; it fails the test on a transport error.
+// do is Request, read to the end; it fails the test on a transport error.
 func (h *hive) do(method, path string, body any) (int, []byte) {
 	h.T.Helper()
-	resp, err := h.req(context.Background(), method, path, body)
+	resp, err := h.Request(context.Background(), method, path, body)
 	if err != nil {
 		h.T.Fatalf("%s %s: %v", method, path, err)
 	}
