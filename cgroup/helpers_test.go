@@ -241,6 +241,24 @@ func newTestLeaf(t testing.TB, name string, lim Limits) (Manager, Leaf) {
 	return m, l
 }
 
+// sleepingLeaf is a leaf (256 MiB, 64 pids) holding a running helper
+// "sleep", which is killed at cleanup.
+func sleepingLeaf(t testing.TB, name string) Leaf {
+	t.Helper()
+	_, l := newTestLeaf(t, name, Limits{MemoryMax: 256 << 20, PidsMax: 64})
+	c := helperCmd("sleep")
+	if err := l.Start(c); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		ctx, cancel := contextTimeout(10 * time.Second)
+		defer cancel()
+		_ = l.Kill(ctx)
+		_ = c.Wait()
+	})
+	return l
+}
+
 func testOptions(opts Options, suffix string) Options {
 	if opts.Root == "" {
 		opts.Root = "rbee-test-" + suffix

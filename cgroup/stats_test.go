@@ -232,21 +232,7 @@ func TestParseUintAndKV(t *testing.T) {
 // netpoller registration, read, close), parsed through readKV maps. The
 // leaf holds a running process.
 func BenchmarkStatsFDs(b *testing.B) {
-	m := newTestManager(b, Options{})
-	l, err := m.Create("w-statsfd", Limits{MemoryMax: 256 << 20, PidsMax: 64})
-	if err != nil {
-		b.Fatal(err)
-	}
-	c := helperCmd("sleep")
-	if err := l.Start(c); err != nil {
-		b.Fatal(err)
-	}
-	defer func() {
-		ctx, cancel := contextTimeout(10 * time.Second)
-		defer cancel()
-		_ = l.Kill(ctx)
-		_ = c.Wait()
-	}()
+	l := sleepingLeaf(b, "w-statsfd")
 	r := statReaderOf(l)
 	b.Run("pread-fds", func(b *testing.B) {
 		b.ReportAllocs()
