@@ -143,6 +143,68 @@ func (h *Hive) Request(ctx context.Context, method, path string, body any) (*htt
 	return http.DefaultClient.Do(req)
 }
 
+// Try is Request read to the end, without failing the test (for
+// goroutines and timed calls).
+func (h *Hive) Try(ctx context.Context, method, path string, body any) (int, []byte, error) {
+	resp, err := h.Request(ctx, method, path, body)
+	if err != nil {
+		return 0, nil, err
+	}
+	defer resp.Body.Close()
+	b, err := io.ReadAll(resp.Body)
+	return resp.StatusCode, b, err
+}
+
+// Do is Try that fails the test on a transport or read error.
+func (h *Hive) Do(method, path string, body any) (int, []byte) {
+	h.T.Helper()
+	code, b, err := h.Try(context.Background(), method, path, body)
+	if err != nil {
+		h.T.Fatalf("%s %s: %v", method, path, err)
+	}
+	return code, b
+}
+
+// GetJSON GETs path and, on 200, decodes the answer into v (failing the
+// test if it is not JSON); it returns the status.
+func (h *Hive) GetJSON(path string, v any) int {
+	h.T.Helper()
+	code, b := h.Do("GET", path, nil)
+	if code == http.StatusOK {
+		if err := json.Unmarshal(b, v); err != nil {
+			h.T.Fatalf("GET %s: %v: %s", path, err, b)
+		}
+	}
+	return code
+}
+
+// Metrics is the hive's /metrics text; anything but a 200 fails the test.
+func (h *Hive) Metrics() []byte {
+	h.T.Helper()
+	resp, err := http.Get(h.URL + "/metrics")
+	if err != nil {
+		h.T.Fatal(err)
+	}
+	defer resp.Body.Close()
+	b, err := io.ReadAll(resp.Body)
+	if err != nil || resp.StatusCode != http.StatusOK {
+		h.T.Fatalf("/metrics: %d %v", resp.StatusCode, err)
+	}
+	return b
+}
+
+// WaitFor polls cond every 50ms until it holds or timeout passes.
+func WaitFor(t testing.TB, timeout time.Duration, what string, cond func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(timeout)
+	for !cond() {
+		if time.Now().After(deadline) {
+			t.Fatalf("timed out after %v waiting for %s", timeout, what)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+}
+
 // WaitHealthy polls url's /v1/health until it answers 200; it fails the test
 // if exited is closed first (describe says why) or timeout passes.
 func WaitHealthy(t testing.TB, client *http.Client, url string, timeout time.Duration, exited <-chan struct{}, describe func() string) {

@@ -3,7 +3,6 @@ package e2e
 import (
 	"bufio"
 	"bytes"
-	"context"
 	"encoding/json"
 	"fmt"
 	"io"
@@ -110,18 +109,6 @@ func require(t testing.TB, programs ...string) {
 	testkit.Skip(t, "%s", why)
 }
 
-// waitFor polls cond every 50ms until it holds or timeout passes.
-func waitFor(t testing.TB, timeout time.Duration, what string, cond func() bool) {
-	t.Helper()
-	deadline := time.Now().Add(timeout)
-	for !cond() {
-		if time.Now().After(deadline) {
-			t.Fatalf("timed out after %v waiting for %s", timeout, what)
-		}
-		time.Sleep(50 * time.Millisecond)
-	}
-}
-
 // hiveOptions shape a test hive's config.
 type hiveOptions struct {
 	logFormat string // "journal", "json", ...
@@ -201,27 +188,6 @@ failure_window = "60s"
 
 func (h *hive) notifySocket() string { return filepath.Join(h.Runtime, "notify.sock") }
 
-// do sends an authenticated API request and returns status and body.
-func (h *hive) do(method, path string, body any) (int, []byte) {
-	h.T.Helper()
-	code, b, err := h.try(context.Background(), method, path, body)
-	if err != nil {
-		h.T.Fatalf("%s %s: %v", method, path, err)
-	}
-	return code, b
-}
-
-// try is do without failing the test (for goroutines and timed calls).
-func (h *hive) try(ctx context.Context, method, path string, body any) (int, []byte, error) {
-	resp, err := h.Request(ctx, method, path, body)
-	if err != nil {
-		return 0, nil, err
-	}
-	defer resp.Body.Close()
-	b, err := io.ReadAll(resp.Body)
-	return resp.StatusCode, b, err
-}
-
 // spawnRequest is POST /v1/workers/spawn's body.
 type spawnRequest struct {
 	ModelRef         string            `json:"model_ref"`
@@ -236,7 +202,7 @@ type spawnRequest struct {
 // returns its id.
 func (h *hive) spawn(backend string, env map[string]string) string {
 	h.T.Helper()
-	code, body := h.do("POST", "/v1/workers/spawn", spawnRequest{ModelRef: h.model, Backend: backend, Env: env})
+	code, body := h.Do("POST", "/v1/workers/spawn", spawnRequest{ModelRef: h.model, Backend: backend, Env: env})
 	if code != http.StatusOK {
 		h.T.Fatalf("spawn %s %v: %d %s", backend, env, code, body)
 	}
@@ -261,21 +227,15 @@ type workerInfo struct {
 
 func (h *hive) worker(id string) (workerInfo, int) {
 	h.T.Helper()
-	code, body := h.do("GET", "/v1/workers/"+id, nil)
 	var wi workerInfo
-	if code == http.StatusOK {
-		if err := json.Unmarshal(body, &wi); err != nil {
-			h.T.Fatalf("worker %s: %v: %s", id, err, body)
-		}
-	}
-	return wi, code
+	return wi, h.GetJSON("/v1/workers/"+id, &wi)
 }
 
 // waitState waits until worker id is in one of states.
 func (h *hive) waitState(id string, timeout time.Duration, states ...string) workerInfo {
 	h.T.Helper()
 	var wi workerInfo
-	waitFor(h.T, timeout, fmt.Sprintf("worker %s in %v (last: %+v)", id, states, &wi), func() bool {
+	testkit.WaitFor(h.T, timeout, fmt.Sprintf("worker %s in %v (last: %+v)", id, states, &wi), func() bool {
 		wi, _ = h.worker(id)
 		for _, s := range states {
 			if wi.State == s {
@@ -290,7 +250,7 @@ func (h *hive) waitState(id string, timeout time.Duration, states ...string) wor
 // stop is DELETE /v1/workers/{id}.
 func (h *hive) stop(id string) {
 	h.T.Helper()
-	if code, body := h.do("DELETE", "/v1/workers/"+id, nil); code != http.StatusOK {
+	if code, body := h.Do("DELETE", "/v1/workers/"+id, nil); code != http.StatusOK {
 		h.T.Fatalf("stop %s: %d %s", id, code, body)
 	}
 }
@@ -336,16 +296,3 @@ func (h *hive) infer(id, jobID string, maxTokens int) (int, error) {
 }
 
 // metrics fetches the hive's /metrics body.
-func (h *hive) metrics() []byte {
-	h.T.Helper()
-	resp, err := http.Get(h.URL + "/metrics")
-	if err != nil {
-		h.T.Fatal(err)
-	}
-	defer resp.Body.Close()
-	b, err := io.ReadAll(resp.Body)
-	if err != nil || resp.StatusCode != http.StatusOK {
-		h.T.Fatalf("/metrics: %d %v", resp.StatusCode, err)
-	}
-	return b
-}

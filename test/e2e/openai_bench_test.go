@@ -76,7 +76,7 @@ file_roots = [%q]
 		var list struct {
 			Workers []struct{ ID, URL, Served string }
 		}
-		_, lb := h.do("GET", "/v1/workers/list", nil)
+		_, lb := h.Do("GET", "/v1/workers/list", nil)
 		if err := json.Unmarshal(lb, &list); err != nil || len(list.Workers) != 1 || list.Workers[0].Served != "bench" {
 			b.Fatalf("workers: %v %s", err, lb)
 		}
@@ -104,7 +104,7 @@ file_roots = [%q]
 
 		var admit, spawn, load, first, total []time.Duration
 		for range coldN {
-			if code, out := h.do("POST", "/openai/v1/models/bench/unload", nil); code != 200 {
+			if code, out := h.Do("POST", "/openai/v1/models/bench/unload", nil); code != 200 {
 				b.Fatalf("unload: %d %s", code, out)
 			}
 			req, _ := http.NewRequest("POST", h.URL+"/openai/v1/chat/completions",
@@ -122,7 +122,7 @@ file_roots = [%q]
 			tFirst := time.Now()
 			_, _ = io.Copy(io.Discard, rd)
 			resp.Body.Close()
-			_, lb := h.do("GET", "/v1/workers/list", nil)
+			_, lb := h.Do("GET", "/v1/workers/list", nil)
 			if err := json.Unmarshal(lb, &list); err != nil || len(list.Workers) != 1 {
 				b.Fatalf("workers after a cold start: %v %s", err, lb)
 			}

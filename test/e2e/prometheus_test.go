@@ -94,7 +94,7 @@ memory_total = "24GiB"
 	oom := h.spawn("small", map[string]string{"RBEE_SIM_ALLOC_MIB": "256"})
 	stale := h.spawn("sim", map[string]string{"RBEE_SIM_NO_HEARTBEAT": "true"})
 	tooBig := int64(1) << 50
-	code, body := h.do("POST", "/v1/workers/spawn", spawnRequest{ModelRef: h.model, Backend: "sim", MemoryLimitBytes: &tooBig})
+	code, body := h.Do("POST", "/v1/workers/spawn", spawnRequest{ModelRef: h.model, Backend: "sim", MemoryLimitBytes: &tooBig})
 	if code != http.StatusInsufficientStorage || !bytes.Contains(body, []byte(`"INSUFFICIENT_MEMORY"`)) {
 		t.Errorf("spawn with a 1PiB memory limit: %d %s, want 507 INSUFFICIENT_MEMORY", code, body)
 	}
@@ -110,11 +110,11 @@ memory_total = "24GiB"
 	if wi, _ := h.worker(oom); wi.ExitReason != "oom" {
 		t.Errorf("worker with a 64MiB limit allocating 256MiB: exit reason %q, want oom", wi.ExitReason)
 	}
-	waitFor(t, 20*time.Second, "the crashing worker to be restarted", func() bool {
+	testkit.WaitFor(t, 20*time.Second, "the crashing worker to be restarted", func() bool {
 		wi, _ := h.worker(crasher)
 		return wi.RestartCount >= 1
 	})
-	waitFor(t, 20*time.Second, "the silent worker to be declared stale", func() bool {
+	testkit.WaitFor(t, 20*time.Second, "the silent worker to be declared stale", func() bool {
 		wi, _ := h.worker(stale)
 		return wi.RestartCount >= 1 || wi.State == "stale" || wi.ExitReason == "stale"
 	})
@@ -188,7 +188,7 @@ memory_total = "24GiB"
 	}
 
 	// promtool: the exposition is lint-clean, the rules file valid.
-	metrics := h.metrics()
+	metrics := h.Metrics()
 	cmd := exec.Command("promtool", "check", "metrics")
 	cmd.Stdin = bytes.NewReader(metrics)
 	if out, err := cmd.CombinedOutput(); err != nil || len(bytes.TrimSpace(out)) > 0 {
@@ -250,7 +250,7 @@ func runInference(t *testing.T, h *hive, workers []string, per int) {
 // routedRequest sends one chat completion through the OpenAI endpoint.
 func routedRequest(t *testing.T, h *hive) {
 	t.Helper()
-	code, body := h.do("POST", "/openai/v1/chat/completions", map[string]any{
+	code, body := h.Do("POST", "/openai/v1/chat/completions", map[string]any{
 		"model": "e2e-sim", "messages": []map[string]string{{"role": "user", "content": "hi"}}, "max_tokens": 4,
 	})
 	if code != http.StatusOK || !bytes.Contains(body, []byte(`"completion_tokens":4`)) {
@@ -497,7 +497,7 @@ func (p *prometheus) query(expr string) (int, error) {
 func (p *prometheus) waitFor(t *testing.T, timeout time.Duration, expr string) {
 	t.Helper()
 	var last error
-	waitFor(t, timeout, fmt.Sprintf("Prometheus: %s (last error: %v)", expr, &last), func() bool {
+	testkit.WaitFor(t, timeout, fmt.Sprintf("Prometheus: %s (last error: %v)", expr, &last), func() bool {
 		n, err := p.query(expr)
 		last = err
 		return err == nil && n > 0

@@ -1,11 +1,7 @@
 package engine
 
 import (
-	"context"
-	"encoding/json"
 	"fmt"
-	"io"
-	"net/http"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -97,18 +93,6 @@ failure_window = "60s"
 		StartTimeout: 30 * time.Second, StopTimeout: 40 * time.Second})}
 }
 
-// do is Request, read to the end; it fails the test on a transport error.
-func (h *hive) do(method, path string, body any) (int, []byte) {
-	h.T.Helper()
-	resp, err := h.Request(context.Background(), method, path, body)
-	if err != nil {
-		h.T.Fatalf("%s %s: %v", method, path, err)
-	}
-	defer resp.Body.Close()
-	b, _ := io.ReadAll(resp.Body)
-	return resp.StatusCode, b
-}
-
 // workerInfo is the part of GET /v1/workers/{id} the test reads.
 type workerInfo struct {
 	ID             string `json:"id"`
@@ -126,35 +110,6 @@ type workerInfo struct {
 
 func (h *hive) worker(id string) (workerInfo, int) {
 	h.T.Helper()
-	code, b := h.do("GET", "/v1/workers/"+id, nil)
 	var wi workerInfo
-	if code == http.StatusOK {
-		if err := json.Unmarshal(b, &wi); err != nil {
-			h.T.Fatalf("worker %s: %v: %s", id, err, b)
-		}
-	}
-	return wi, code
-}
-
-func (h *hive) metrics() string {
-	h.T.Helper()
-	resp, err := http.Get(h.URL + "/metrics")
-	if err != nil {
-		h.T.Fatal(err)
-	}
-	defer resp.Body.Close()
-	b, _ := io.ReadAll(resp.Body)
-	return string(b)
-}
-
-// waitFor polls cond every 50ms until it holds or timeout passes.
-func waitFor(t testing.TB, timeout time.Duration, what string, cond func() bool) {
-	t.Helper()
-	deadline := time.Now().Add(timeout)
-	for !cond() {
-		if time.Now().After(deadline) {
-			t.Fatalf("timed out after %v waiting for %s", timeout, what)
-		}
-		time.Sleep(50 * time.Millisecond)
-	}
+	return wi, h.GetJSON("/v1/workers/"+id, &wi)
 }

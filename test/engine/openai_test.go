@@ -8,12 +8,14 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/rbee/rbee-hive/internal/testkit"
 )
 
 // servedWorkers are the ids of the hive's live workers of a served model.
 func (h *hive) servedWorkers(served string) []string {
 	h.T.Helper()
-	code, b := h.do("GET", "/v1/workers/list", nil)
+	code, b := h.Do("GET", "/v1/workers/list", nil)
 	var list struct {
 		Workers []struct {
 			ID     string `json:"id"`
@@ -75,7 +77,7 @@ ttl = "2s"
 	}
 
 	start := time.Now()
-	code, b := h.do("POST", "/openai/v1/chat/completions", map[string]any{
+	code, b := h.Do("POST", "/openai/v1/chat/completions", map[string]any{
 		"model": "tiny", "messages": []map[string]string{{"role": "user", "content": "again"}}, "max_tokens": 8,
 	})
 	warm := time.Since(start)
@@ -85,7 +87,7 @@ ttl = "2s"
 	if again := h.servedWorkers("tiny"); len(again) != 1 || again[0] != ids[0] {
 		t.Errorf("the second request did not reuse worker %s: %v", ids[0], again)
 	}
-	m := h.metrics()
+	m := string(h.Metrics())
 	for sel, want := range map[string]float64{
 		`rbee_hive_openai_loads_total{model="tiny",reason="request"}`:                         1,
 		`rbee_hive_openai_cold_start_seconds_count{model="tiny"}`:                             1,
@@ -114,8 +116,8 @@ ttl = "2s"
 			reg.Sub(t0).Round(time.Microsecond), st.Sub(reg).Round(time.Microsecond), rdy.Sub(st).Round(time.Millisecond), evs[0].at.Sub(rdy).Round(time.Millisecond))
 	}
 
-	waitFor(t, time.Minute, "the ttl unload", func() bool {
-		return metric(h.metrics(), "rbee_hive_openai_unloads_total", `{model="tiny",reason="ttl"}`) == 1
+	testkit.WaitFor(t, time.Minute, "the ttl unload", func() bool {
+		return metric(string(h.Metrics()), "rbee_hive_openai_unloads_total", `{model="tiny",reason="ttl"}`) == 1
 	})
-	waitFor(t, 30*time.Second, "the worker to be gone", func() bool { return len(h.servedWorkers("tiny")) == 0 })
+	testkit.WaitFor(t, 30*time.Second, "the worker to be gone", func() bool { return len(h.servedWorkers("tiny")) == 0 })
 }
