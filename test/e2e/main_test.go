@@ -186,6 +186,34 @@ failure_window = "60s"
 	return &hive{Hive: h, model: "file:" + model}
 }
 
+// servedSim writes a placeholder model and returns the config of a served
+// model name on "simopenai", an rbee-simworker backend speaking OpenAI
+// (its command ends with args: `, "--flag", "value"`).
+func servedSim(t testing.TB, name, args string) string {
+	t.Helper()
+	servedModel := filepath.Join(t.TempDir(), "served.gguf")
+	if err := os.WriteFile(servedModel, []byte("rbee-simworker placeholder\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	return fmt.Sprintf(`
+[backends.simopenai]
+command = ["{self_dir}/rbee-simworker", "--port", "{port}", "--worker-id", "{worker_id}", "--model", "{model_path}", "--model-ref", "{model_ref}"%s]
+health = "notify"
+api = "openai"
+load_timeout = "20s"
+memory_limit = "256MiB"
+
+[served.%s]
+model = %q
+backend = "simopenai"
+
+# The served model and the hive's model dir both lie in the temp dir: file:
+# refs must be below a root.
+[models]
+file_roots = [%q]
+`, args, name, servedModel, filepath.Clean(os.TempDir()))
+}
+
 func (h *hive) notifySocket() string { return filepath.Join(h.Runtime, "notify.sock") }
 
 // spawnRequest is POST /v1/workers/spawn's body.

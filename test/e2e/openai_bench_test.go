@@ -4,11 +4,8 @@ import (
 	"bufio"
 	"bytes"
 	"encoding/json"
-	"fmt"
 	"io"
 	"net/http"
-	"os"
-	"path/filepath"
 	"slices"
 	"strings"
 	"testing"
@@ -30,27 +27,7 @@ func BenchmarkOpenAIEndpoint(b *testing.B) {
 	require(b, "/bin/sh")
 	const warmN, coldN = 300, 5
 	for b.Loop() {
-		servedModel := filepath.Join(b.TempDir(), "served.gguf")
-		if err := os.WriteFile(servedModel, []byte("rbee-simworker placeholder\n"), 0o644); err != nil {
-			b.Fatal(err)
-		}
-		h := startHive(b, hiveOptions{extra: fmt.Sprintf(`
-[backends.simopenai]
-command = ["{self_dir}/rbee-simworker", "--port", "{port}", "--worker-id", "{worker_id}", "--model", "{model_path}", "--model-ref", "{model_ref}", "--tokens-per-second", "0"]
-health = "notify"
-api = "openai"
-load_timeout = "20s"
-memory_limit = "256MiB"
-
-[served.bench]
-model = %q
-backend = "simopenai"
-
-# The served model and the hive's model dir both lie in the temp dir: file:
-# refs must be below a root.
-[models]
-file_roots = [%q]
-`, servedModel, filepath.Clean(os.TempDir()))})
+		h := startHive(b, hiveOptions{extra: servedSim(b, "bench", `, "--tokens-per-second", "0"`)})
 		client := &http.Client{Transport: &http.Transport{MaxIdleConnsPerHost: 4}}
 		body := []byte(`{"model":"bench","messages":[{"role":"user","content":"hi"}],"max_tokens":8}`)
 		post := func(url string, auth bool) time.Duration {

@@ -42,27 +42,7 @@ func TestPrometheusDashboardAndAlerts(t *testing.T) {
 	start := time.Now()
 	// A served model for the OpenAI endpoint's panels: rbee-simworker
 	// speaks OpenAI too.
-	servedModel := filepath.Join(t.TempDir(), "served.gguf")
-	if err := os.WriteFile(servedModel, []byte("rbee-simworker placeholder\n"), 0o644); err != nil {
-		t.Fatal(err)
-	}
-	h := startHive(t, hiveOptions{extra: fmt.Sprintf(`
-[backends.simopenai]
-command = ["{self_dir}/rbee-simworker", "--port", "{port}", "--worker-id", "{worker_id}", "--model", "{model_path}", "--model-ref", "{model_ref}"]
-health = "notify"
-api = "openai"
-load_timeout = "20s"
-memory_limit = "256MiB"
-
-[served.e2e-sim]
-model = %q
-backend = "simopenai"
-
-# The served model and the hive's model dir both lie in the temp dir: file:
-# refs must be below a root.
-[models]
-file_roots = [%q]
-`, servedModel, filepath.Clean(os.TempDir())) + `
+	h := startHive(t, hiveOptions{extra: servedSim(t, "e2e-sim", "") + `
 [heartbeat]
 interval = "1s"
 stale_threshold = "2s"
