@@ -72,8 +72,9 @@ type daemon struct {
 	url      string
 	stateDir string
 	logs     *testkit.SyncBuffer
-	done     chan error
-	client   *http.Client // nil: http.DefaultClient
+	done     chan error    // the exit, once
+	exited   chan struct{} // closed at the exit
+	client   *http.Client  // nil: http.DefaultClient
 }
 
 func (d *daemon) httpClient() *http.Client {
@@ -102,7 +103,7 @@ func startDaemonWith(t *testing.T, scheme string, client *http.Client, extra str
 	if err := os.WriteFile(cfgPath, []byte(cfg), 0o600); err != nil {
 		t.Fatal(err)
 	}
-	d := &daemon{t: t, url: fmt.Sprintf("%s://127.0.0.1:%d", scheme, port), stateDir: filepath.Join(dir, "state"), logs: &testkit.SyncBuffer{}, done: make(chan error, 1), client: client}
+	d := &daemon{t: t, url: fmt.Sprintf("%s://127.0.0.1:%d", scheme, port), stateDir: filepath.Join(dir, "state"), logs: &testkit.SyncBuffer{}, done: make(chan error, 1), exited: make(chan struct{}), client: client}
 	d.cmd = exec.Command(filepath.Join(bins.dir, "rbee-hive"), "daemon", "--config", cfgPath)
 	d.cmd.Env = append(os.Environ(), env...)
 	d.cmd.Stderr = d.logs
@@ -110,7 +111,11 @@ func startDaemonWith(t *testing.T, scheme string, client *http.Client, extra str
 	if err := d.cmd.Start(); err != nil {
 		t.Fatal(err)
 	}
-	go func() { d.done <- d.cmd.Wait() }()
+	go func() {
+		err := d.cmd.Wait()
+		close(d.exited)
+		d.done <- err
+	}()
 	t.Cleanup(func() {
 		if d.cmd.ProcessState == nil {
 			_ = d.cmd.Process.Signal(syscall.SIGTERM)
@@ -124,23 +129,10 @@ func startDaemonWith(t *testing.T, scheme string, client *http.Client, extra str
 			t.Logf("daemon logs:\n%s", d.logs.String())
 		}
 	})
-	deadline := time.Now().Add(20 * time.Second)
-	for time.Now().Before(deadline) {
-		resp, err := d.httpClient().Get(d.url + "/v1/health")
-		if err == nil {
-			resp.Body.Close()
-			if resp.StatusCode == 200 {
-				return d
-			}
-		}
-		select {
-		case err := <-d.done:
-			t.Fatalf("daemon exited early: %v\n%s", err, d.logs.String())
-		case <-time.After(50 * time.Millisecond):
-		}
-	}
-	t.Fatalf("daemon did not answer /v1/health in time:\n%s", d.logs.String())
-	return nil
+	testkit.WaitHealthy(t, d.httpClient(), d.url, 20*time.Second, d.exited, func() string {
+		return fmt.Sprintf("%v\n%s", d.cmd.ProcessState, d.logs.String())
+	})
+	return d
 }
 
 func (d *daemon) token() string {
