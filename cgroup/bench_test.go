@@ -125,21 +125,7 @@ func BenchmarkOOMEvent(b *testing.B) {
 // against the library's full stat of the same leaf (memory.stat, PSI, io,
 // ...: what Stats read before it read only the files it reports).
 func BenchmarkStats(b *testing.B) {
-	m := newTestManager(b, Options{})
-	l, err := m.Create("w-stats", Limits{MemoryMax: 256 << 20, PidsMax: 64})
-	if err != nil {
-		b.Fatal(err)
-	}
-	c := helperCmd("sleep")
-	if err := l.Start(c); err != nil {
-		b.Fatal(err)
-	}
-	defer func() {
-		ctx, cancel := contextTimeout(10 * time.Second)
-		defer cancel()
-		_ = l.Kill(ctx)
-		_ = c.Wait()
-	}()
+	l := sleepingLeaf(b, "w-stats")
 	b.Run("Stats", func(b *testing.B) {
 		for i := 0; i < b.N; i++ {
 			if _, err := l.Stats(); err != nil {

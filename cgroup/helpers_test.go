@@ -230,6 +230,35 @@ func newTestManager(t testing.TB, opts Options) Manager {
 	return m
 }
 
+// newTestLeaf creates a leaf in a fresh test manager (default options).
+func newTestLeaf(t testing.TB, name string, lim Limits) (Manager, Leaf) {
+	t.Helper()
+	m := newTestManager(t, Options{})
+	l, err := m.Create(name, lim)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return m, l
+}
+
+// sleepingLeaf is a leaf (256 MiB, 64 pids) holding a running helper
+// "sleep", which is killed at cleanup.
+func sleepingLeaf(t testing.TB, name string) Leaf {
+	t.Helper()
+	_, l := newTestLeaf(t, name, Limits{MemoryMax: 256 << 20, PidsMax: 64})
+	c := helperCmd("sleep")
+	if err := l.Start(c); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		ctx, cancel := contextTimeout(10 * time.Second)
+		defer cancel()
+		_ = l.Kill(ctx)
+		_ = c.Wait()
+	})
+	return l
+}
+
 func testOptions(opts Options, suffix string) Options {
 	if opts.Root == "" {
 		opts.Root = "rbee-test-" + suffix

@@ -266,11 +266,7 @@ func readHelperLines(t *testing.T, r io.Reader) map[string]string {
 // directory) belongs to root and is writable by nobody else, in every
 // hierarchy, so an isolated worker can change nothing about its cgroup.
 func TestLeafFilesRootOwned(t *testing.T) {
-	m := newTestManager(t, Options{})
-	l, err := m.Create("w-own", Limits{MemoryMax: 64 << 20})
-	if err != nil {
-		t.Fatal(err)
-	}
+	_, l := newTestLeaf(t, "w-own", Limits{MemoryMax: 64 << 20})
 	dirs := leafDirsOf(l)
 	checked := 0
 	for _, d := range dirs {
@@ -341,11 +337,7 @@ func TestStartIsolatedExecRefused(t *testing.T) {
 }
 
 func TestStartIsolatedRejectsConflicts(t *testing.T) {
-	m := newTestManager(t, Options{})
-	l, err := m.Create("w-conf", Limits{MemoryMax: 64 << 20})
-	if err != nil {
-		t.Fatal(err)
-	}
+	_, l := newTestLeaf(t, "w-conf", Limits{MemoryMax: 64 << 20})
 	iso := WithIsolation(Isolation{UID: testWorkerUID, GID: testWorkerGID})
 	for name, spa := range map[string]*syscall.SysProcAttr{
 		"credential": {Credential: &syscall.Credential{Uid: 1}},

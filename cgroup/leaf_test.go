@@ -338,11 +338,7 @@ func TestStartMissingBinary(t *testing.T) {
 }
 
 func TestStatsAndList(t *testing.T) {
-	m := newTestManager(t, Options{})
-	a, err := m.Create("w-a", Limits{MemoryMax: 128 << 20, PidsMax: 16, CPUWeight: 200})
-	if err != nil {
-		t.Fatal(err)
-	}
+	m, a := newTestLeaf(t, "w-a", Limits{MemoryMax: 128 << 20, PidsMax: 16, CPUWeight: 200})
 	if _, err := m.Create("w-b1", Limits{MemoryMax: 128 << 20}); err != nil {
 		t.Fatal(err)
 	}
@@ -392,11 +388,7 @@ func TestStatsAndList(t *testing.T) {
 }
 
 func TestDeleteBusyLeaf(t *testing.T) {
-	m := newTestManager(t, Options{})
-	l, err := m.Create("w-busy", Limits{MemoryMax: 128 << 20})
-	if err != nil {
-		t.Fatal(err)
-	}
+	_, l := newTestLeaf(t, "w-busy", Limits{MemoryMax: 128 << 20})
 	cmd := helperCmd("sleep")
 	if err := l.Start(cmd); err != nil {
 		t.Fatal(err)

@@ -67,11 +67,7 @@ func TestSpawnerThreadRestricted(t *testing.T) {
 // in the leaf; both: isolated ones from the restricted thread) no thread of
 // this process is left in a leaf, and the leaf holds exactly the workers.
 func TestSpawnerLeavesLeaf(t *testing.T) {
-	m := newTestManager(t, Options{})
-	l, err := m.Create("w-spawner", Limits{MemoryMax: 64 << 20, PidsMax: 16})
-	if err != nil {
-		t.Fatal(err)
-	}
+	_, l := newTestLeaf(t, "w-spawner", Limits{MemoryMax: 64 << 20, PidsMax: 16})
 	var pids []int
 	for i, opts := range [][]StartOption{nil, {WithIsolation(Isolation{UID: testWorkerUID, GID: testWorkerGID})}, nil} {
 		c := helperCmd("sleep")

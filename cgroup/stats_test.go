@@ -48,11 +48,7 @@ func statReaderOf(l Leaf) *statReader {
 // and every read sees the leaf's current numbers (pids appear and go, CPU
 // grows), over many calls on the same fds; Delete closes them all.
 func TestStatsPersistentFDs(t *testing.T) {
-	m := newTestManager(t, Options{})
-	l, err := m.Create("w-fds", Limits{MemoryMax: 128 << 20, PidsMax: 16})
-	if err != nil {
-		t.Fatal(err)
-	}
+	_, l := newTestLeaf(t, "w-fds", Limits{MemoryMax: 128 << 20, PidsMax: 16})
 	if fds := leafFDs(t, l); len(fds) != 0 {
 		t.Fatalf("fds before the first Stats: %v, want none", fds)
 	}
@@ -143,11 +139,7 @@ func TestStatsPersistentFDs(t *testing.T) {
 // restarted hive's Load, or a test's cleanup) reads as ErrNotFound on the
 // first handle, and its fds are closed.
 func TestStatsLeafGoneElsewhere(t *testing.T) {
-	m := newTestManager(t, Options{})
-	a, err := m.Create("w-gone", Limits{MemoryMax: 64 << 20})
-	if err != nil {
-		t.Fatal(err)
-	}
+	m, a := newTestLeaf(t, "w-gone", Limits{MemoryMax: 64 << 20})
 	if _, err := a.Stats(); err != nil {
 		t.Fatal(err)
 	}
@@ -169,11 +161,7 @@ func TestStatsLeafGoneElsewhere(t *testing.T) {
 // TestStatsDroppedLeafClosesFDs: a Leaf the caller drops without Delete
 // does not keep its fds for the life of the process.
 func TestStatsDroppedLeafClosesFDs(t *testing.T) {
-	m := newTestManager(t, Options{})
-	keep, err := m.Create("w-drop", Limits{MemoryMax: 64 << 20})
-	if err != nil {
-		t.Fatal(err)
-	}
+	m, keep := newTestLeaf(t, "w-drop", Limits{MemoryMax: 64 << 20})
 	func() {
 		l, err := m.Load("w-drop")
 		if err != nil {
@@ -244,21 +232,7 @@ func TestParseUintAndKV(t *testing.T) {
 // netpoller registration, read, close), parsed through readKV maps. The
 // leaf holds a running process.
 func BenchmarkStatsFDs(b *testing.B) {
-	m := newTestManager(b, Options{})
-	l, err := m.Create("w-statsfd", Limits{MemoryMax: 256 << 20, PidsMax: 64})
-	if err != nil {
-		b.Fatal(err)
-	}
-	c := helperCmd("sleep")
-	if err := l.Start(c); err != nil {
-		b.Fatal(err)
-	}
-	defer func() {
-		ctx, cancel := contextTimeout(10 * time.Second)
-		defer cancel()
-		_ = l.Kill(ctx)
-		_ = c.Wait()
-	}()
+	l := sleepingLeaf(b, "w-statsfd")
 	r := statReaderOf(l)
 	b.Run("pread-fds", func(b *testing.B) {
 		b.ReportAllocs()

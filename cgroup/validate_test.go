@@ -152,11 +152,7 @@ func TestNewBadRoot(t *testing.T) {
 }
 
 func TestLimitsWritten(t *testing.T) {
-	m := newTestManager(t, Options{})
-	l, err := m.Create("w-lim", Limits{MemoryMax: 96 << 20, PidsMax: 33, CPUWeight: 100})
-	if err != nil {
-		t.Fatal(err)
-	}
+	_, l := newTestLeaf(t, "w-lim", Limits{MemoryMax: 96 << 20, PidsMax: 33, CPUWeight: 100})
 	read := func(path string) string {
 		b, err := os.ReadFile(path)
 		if err != nil {
@@ -217,11 +213,7 @@ func TestDefaultV2Root(t *testing.T) {
 // gate instead of failing every Start.
 func TestCloneIntoCgroupProbe(t *testing.T) {
 	testkit.RequireRoot(t)
-	m := newTestManager(t, Options{})
-	l, err := m.Create("w-probe", Limits{MemoryMax: 64 << 20})
-	if err != nil {
-		t.Fatal(err)
-	}
+	m, l := newTestLeaf(t, "w-probe", Limits{MemoryMax: 64 << 20})
 	want := mgrMode() == "v2"
 	if got := cloneIntoCgroupWorks(memDirOf(l)); got != want {
 		t.Errorf("cloneIntoCgroupWorks(%s leaf) = %v, want %v", mgrMode(), got, want)

@@ -173,16 +173,8 @@ func (o *oaiState) take(c *oaiChunk) (content bool) {
 // timeouts and error envelopes.
 func (p *Proxy) ServeOpenAI(w http.ResponseWriter, r *http.Request, upstream *url.URL, route Route, labels Labels, hooks Hooks) {
 	start := time.Now()
-	if hooks.OnStart != nil {
-		hooks.OnStart()
-	}
-	if hooks.OnEnd != nil {
-		defer hooks.OnEnd()
-	}
-	labels = p.m.labels(labels)
-	inFlight := p.m.inFlight.WithLabelValues(labels.Backend, labels.Model)
-	inFlight.Inc()
-	defer inFlight.Dec()
+	labels, a := p.begin(labels, hooks)
+	defer a.end()
 
 	st := &stream{ttft: p.m.ttft.WithLabelValues(labels.Backend, labels.Model)}
 	oa := &oaiState{route: route}
@@ -224,37 +216,13 @@ func (p *Proxy) serveOpenAI(w http.ResponseWriter, r *http.Request, upstream *ur
 	}
 	oa.stripUsage = strip
 
-	ctx, cancel := context.WithCancelCause(r.Context())
-	defer cancel(nil)
-	if p.timeout > 0 {
-		var cancelT context.CancelFunc
-		ctx, cancelT = context.WithTimeoutCause(ctx, p.timeout, errDeadline)
-		defer cancelT()
-	}
-	idle := func() {}
-	if p.idleTimeout > 0 {
-		t := time.AfterFunc(p.idleTimeout, func() { cancel(errIdle) })
-		defer t.Stop()
-		idle = func() { t.Reset(p.idleTimeout) }
-	}
+	uc := p.upstreamContext(r, false)
+	defer uc.release()
+	ctx, idle := uc.ctx, uc.idle
 
-	req, err := http.NewRequestWithContext(ctx, http.MethodPost, upstream.JoinPath(string(route)).String(), bytes.NewReader(body))
-	if err != nil {
-		api.WriteError(w, api.Errorf(http.StatusInternalServerError, api.CodeInternal, "bad worker address"))
-		return outcome{status: StatusError, errorType: ErrorTypeUnreachable, err: fmt.Errorf("build upstream request: %w", err)}
-	}
-	req.Header.Set("Content-Type", "application/json")
-	req.Header.Set("Accept-Encoding", "identity") // compression would make the transport buffer
-	if streaming {
-		req.Header.Set("Accept", "text/event-stream")
-	}
-	for _, h := range []string{"X-Correlation-ID", "X-Request-ID"} {
-		if v := r.Header.Get(h); v != "" {
-			req.Header.Set(h, v)
-		}
-	}
-	if hooks.Prepare != nil {
-		hooks.Prepare(req)
+	req, o, ok := newUpstreamRequest(ctx, w, r, upstream.JoinPath(string(route)).String(), body, streaming, hooks, "X-Correlation-ID", "X-Request-ID")
+	if !ok {
+		return o
 	}
 	resp, err := p.doStaleRetry(req)
 	if err != nil {
@@ -271,12 +239,7 @@ func (p *Proxy) serveOpenAI(w http.ResponseWriter, r *http.Request, upstream *ur
 	}
 
 	cw := newClientWriter(w, p.writeTimeout)
-	h := w.Header()
-	h.Set("Content-Type", "text/event-stream")
-	h.Set("Cache-Control", "no-cache")
-	h.Set("X-Accel-Buffering", "no")
-	w.WriteHeader(http.StatusOK)
-	cw.flush()
+	startEventStream(w, cw, "")
 
 	readErr := p.pumpOpenAI(cw, resp.Body, st, oa, idle, start)
 	switch {
@@ -404,16 +367,8 @@ func (p *Proxy) passJSON(ctx context.Context, w http.ResponseWriter, r *http.Req
 // an event until its blank line delays nothing). Lines too long to parse
 // are forwarded as they come.
 func (p *Proxy) pumpOpenAI(cw *clientWriter, body io.Reader, st *stream, oa *oaiState, idle func(), start time.Time) error {
-	br, _ := p.readers.Get().(*bufio.Reader)
-	if br == nil {
-		br = bufio.NewReaderSize(body, maxLine)
-	} else {
-		br.Reset(body)
-	}
-	defer func() {
-		br.Reset(nil)
-		p.readers.Put(br)
-	}()
+	br := p.getReader(body)
+	defer p.putReader(br)
 	var ev []byte     // the event's raw lines, held until its blank line
 	var data []byte   // its data, joined
 	var isError bool  // an "error:" field (llama-server's stream errors)

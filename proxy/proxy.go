@@ -209,20 +209,38 @@ type outcome struct {
 // broken worker or client and writes nothing after the client has gone.
 func (p *Proxy) Serve(w http.ResponseWriter, r *http.Request, upstream *url.URL, labels Labels, hooks Hooks) {
 	start := time.Now()
-	if hooks.OnStart != nil {
-		hooks.OnStart()
-	}
-	if hooks.OnEnd != nil {
-		defer hooks.OnEnd()
-	}
-	labels = p.m.labels(labels)
-	inFlight := p.m.inFlight.WithLabelValues(labels.Backend, labels.Model)
-	inFlight.Inc()
-	defer inFlight.Dec()
+	labels, a := p.begin(labels, hooks)
+	defer a.end()
 
 	st := &stream{ttft: p.m.ttft.WithLabelValues(labels.Backend, labels.Model)}
 	o := p.serve(w, r, upstream, hooks, st, start)
 	p.record(labels, st, o, start)
+}
+
+// active is a request in flight: begin counts it, end (deferred) uncounts
+// it and runs the OnEnd hook.
+type active struct {
+	inFlight prometheus.Gauge
+	onEnd    func()
+}
+
+// begin runs the OnStart hook and counts the request in flight; it returns
+// the labels with their defaults filled in.
+func (p *Proxy) begin(labels Labels, hooks Hooks) (Labels, active) {
+	if hooks.OnStart != nil {
+		hooks.OnStart()
+	}
+	labels = p.m.labels(labels)
+	a := active{inFlight: p.m.inFlight.WithLabelValues(labels.Backend, labels.Model), onEnd: hooks.OnEnd}
+	a.inFlight.Inc()
+	return labels, a
+}
+
+func (a active) end() {
+	a.inFlight.Dec()
+	if a.onEnd != nil {
+		a.onEnd()
+	}
 }
 
 func (p *Proxy) serve(w http.ResponseWriter, r *http.Request, upstream *url.URL, hooks Hooks, st *stream, start time.Time) outcome {
@@ -253,38 +271,13 @@ func (p *Proxy) serve(w http.ResponseWriter, r *http.Request, upstream *url.URL,
 		return outcome{status: StatusRejected, err: fmt.Errorf("read request body: %w", err)}
 	}
 
-	ctx, cancel := context.WithCancelCause(r.Context())
-	defer cancel(nil)
-	stopDrain := context.AfterFunc(p.drained, func() { cancel(errDrain) })
-	defer stopDrain()
-	if p.timeout > 0 {
-		var cancelT context.CancelFunc
-		ctx, cancelT = context.WithTimeoutCause(ctx, p.timeout, errDeadline)
-		defer cancelT()
-	}
-	idle := func() {} // pushes the idle deadline back; a no-op without one
-	if p.idleTimeout > 0 {
-		t := time.AfterFunc(p.idleTimeout, func() { cancel(errIdle) })
-		defer t.Stop()
-		idle = func() { t.Reset(p.idleTimeout) }
-	}
+	uc := p.upstreamContext(r, true)
+	defer uc.release()
+	ctx, idle := uc.ctx, uc.idle
 
-	req, err := http.NewRequestWithContext(ctx, http.MethodPost, upstream.JoinPath("/v1/inference").String(), bytes.NewReader(body))
-	if err != nil {
-		api.WriteError(w, api.Errorf(http.StatusInternalServerError, api.CodeInternal, "bad worker address"))
-		return outcome{status: StatusError, errorType: ErrorTypeUnreachable, err: fmt.Errorf("build upstream request: %w", err)}
-	}
-	req.Header.Set("Content-Type", "application/json")
-	req.Header.Set("Accept", "text/event-stream")
-	// Compression would make the transport buffer; tokens must flow.
-	req.Header.Set("Accept-Encoding", "identity")
-	for _, h := range []string{"X-Correlation-ID", "X-Deadline"} {
-		if v := r.Header.Get(h); v != "" {
-			req.Header.Set(h, v)
-		}
-	}
-	if hooks.Prepare != nil {
-		hooks.Prepare(req)
+	req, o, ok := newUpstreamRequest(ctx, w, r, upstream.JoinPath("/v1/inference").String(), body, true, hooks, "X-Correlation-ID", "X-Deadline")
+	if !ok {
+		return o
 	}
 
 	resp, err := p.client.Do(req)
@@ -304,15 +297,7 @@ func (p *Proxy) serve(w http.ResponseWriter, r *http.Request, upstream *url.URL,
 	}
 
 	cw := newClientWriter(w, p.writeTimeout)
-	h := w.Header()
-	h.Set("Content-Type", "text/event-stream")
-	h.Set("Cache-Control", "no-cache")
-	h.Set("X-Accel-Buffering", "no") // tell nginx-style fronts not to buffer
-	if v := resp.Header.Get("X-Correlation-ID"); v != "" {
-		h.Set("X-Correlation-ID", v)
-	}
-	w.WriteHeader(http.StatusOK)
-	cw.flush()
+	startEventStream(w, cw, resp.Header.Get("X-Correlation-ID"))
 
 	readErr := p.pump(cw, resp.Body, st, idle, start)
 	if cw.err == nil && st.hasData && !st.overlong {
@@ -345,11 +330,99 @@ func (p *Proxy) serve(w http.ResponseWriter, r *http.Request, upstream *url.URL,
 	}
 }
 
+// startEventStream sends the client the headers of an event stream (with
+// the worker's correlation ID unless it is "") and flushes them through cw,
+// w's writer. (The caller makes cw, so that it can stay on the stack.)
+func startEventStream(w http.ResponseWriter, cw *clientWriter, correlationID string) {
+	h := w.Header()
+	h.Set("Content-Type", "text/event-stream")
+	h.Set("Cache-Control", "no-cache")
+	h.Set("X-Accel-Buffering", "no") // tell nginx-style fronts not to buffer
+	if correlationID != "" {
+		h.Set("X-Correlation-ID", correlationID)
+	}
+	w.WriteHeader(http.StatusOK)
+	cw.flush()
+}
+
 // isReadTimeout reports whether a body read failed on the connection's
 // read deadline (http.Server.ReadTimeout).
 func isReadTimeout(err error) bool {
 	var ne net.Error
 	return errors.Is(err, os.ErrDeadlineExceeded) || (errors.As(err, &ne) && ne.Timeout())
+}
+
+// upstreamCtx bounds a worker request: by the client's context, the
+// proxy's total timeout and idle timeout and, where drain is set, Drain.
+type upstreamCtx struct {
+	ctx       context.Context
+	cancel    context.CancelCauseFunc
+	cancelT   context.CancelFunc // the total timeout's, or nil
+	stopDrain func() bool        // or nil
+	timer     *time.Timer        // the idle timeout's, or nil
+	idleAfter time.Duration
+}
+
+func (p *Proxy) upstreamContext(r *http.Request, drain bool) upstreamCtx {
+	ctx, cancel := context.WithCancelCause(r.Context())
+	u := upstreamCtx{ctx: ctx, cancel: cancel, idleAfter: p.idleTimeout}
+	if drain {
+		u.stopDrain = context.AfterFunc(p.drained, func() { cancel(errDrain) })
+	}
+	if p.timeout > 0 {
+		u.ctx, u.cancelT = context.WithTimeoutCause(u.ctx, p.timeout, errDeadline)
+	}
+	if p.idleTimeout > 0 {
+		u.timer = time.AfterFunc(p.idleTimeout, func() { cancel(errIdle) })
+	}
+	return u
+}
+
+// idle pushes the idle deadline back; a no-op without one.
+func (u upstreamCtx) idle() {
+	if u.timer != nil {
+		u.timer.Reset(u.idleAfter)
+	}
+}
+
+// release undoes upstreamContext, in the reverse order of its steps.
+func (u upstreamCtx) release() {
+	if u.timer != nil {
+		u.timer.Stop()
+	}
+	if u.cancelT != nil {
+		u.cancelT()
+	}
+	if u.stopDrain != nil {
+		u.stopDrain()
+	}
+	u.cancel(nil)
+}
+
+// newUpstreamRequest builds the POST of body to a worker URL, with the
+// client's headers named in pass and the Prepare hook applied; a bad URL
+// is answered (500) and its outcome returned with ok false.
+func newUpstreamRequest(ctx context.Context, w http.ResponseWriter, r *http.Request, url string, body []byte, stream bool, hooks Hooks, pass ...string) (req *http.Request, o outcome, ok bool) {
+	req, err := http.NewRequestWithContext(ctx, http.MethodPost, url, bytes.NewReader(body))
+	if err != nil {
+		api.WriteError(w, api.Errorf(http.StatusInternalServerError, api.CodeInternal, "bad worker address"))
+		return nil, outcome{status: StatusError, errorType: ErrorTypeUnreachable, err: fmt.Errorf("build upstream request: %w", err)}, false
+	}
+	req.Header.Set("Content-Type", "application/json")
+	if stream {
+		req.Header.Set("Accept", "text/event-stream")
+	}
+	// Compression would make the transport buffer; tokens must flow.
+	req.Header.Set("Accept-Encoding", "identity")
+	for _, h := range pass {
+		if v := r.Header.Get(h); v != "" {
+			req.Header.Set(h, v)
+		}
+	}
+	if hooks.Prepare != nil {
+		hooks.Prepare(req)
+	}
+	return req, outcome{}, true
 }
 
 func isTimeout(ctx context.Context) bool {
@@ -441,16 +514,8 @@ func (p *Proxy) record(l Labels, st *stream, o outcome, start time.Time) {
 // events as they pass. It returns the upstream read error, nil after
 // [DONE] or a clean EOF, and stops early when the client is gone.
 func (p *Proxy) pump(cw *clientWriter, body io.Reader, st *stream, idle func(), start time.Time) error {
-	br, _ := p.readers.Get().(*bufio.Reader)
-	if br == nil {
-		br = bufio.NewReaderSize(body, maxLine)
-	} else {
-		br.Reset(body)
-	}
-	defer func() {
-		br.Reset(nil) // drop the body before pooling
-		p.readers.Put(br)
-	}()
+	br := p.getReader(body)
+	defer p.putReader(br)
 	for {
 		line, err := br.ReadSlice('\n')
 		if len(line) > 0 {
@@ -480,4 +545,19 @@ func (p *Proxy) pump(cw *clientWriter, body io.Reader, st *stream, idle func(), 
 			return err
 		}
 	}
+}
+
+// getReader is a pooled maxLine reader of body; putReader returns it.
+func (p *Proxy) getReader(body io.Reader) *bufio.Reader {
+	br, _ := p.readers.Get().(*bufio.Reader)
+	if br == nil {
+		return bufio.NewReaderSize(body, maxLine)
+	}
+	br.Reset(body)
+	return br
+}
+
+func (p *Proxy) putReader(br *bufio.Reader) {
+	br.Reset(nil) // drop the body before pooling
+	p.readers.Put(br)
 }

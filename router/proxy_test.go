@@ -1,8 +1,6 @@
 package router
 
 import (
-	"bufio"
-	"io"
 	"net/http"
 	"net/http/httptest"
 	"strings"
@@ -50,18 +48,7 @@ func TestThroughHiveProxy(t *testing.T) {
 		t.Errorf("proxy metrics lack %s", want)
 	}
 
-	resp, err := http.Post(srv.URL+PathChatCompletions, "application/json", strings.NewReader(chatBody("a", 1000, true)))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer resp.Body.Close()
-	rd := bufio.NewReader(resp.Body)
-	if _, err := rd.ReadString('\n'); err != nil {
-		t.Fatal(err)
-	}
-	first := h.ids("a")
-	h.kill(first[0])
-	rest, _ := io.ReadAll(rd)
+	first, rest := crashMidStream(t, srv.URL, h)
 	if !strings.Contains(string(rest), `"error":{`) || !strings.Contains(string(rest), `"type":"server_error"`) {
 		t.Fatalf("no error event after the crash: %q", rest)
 	}

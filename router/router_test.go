@@ -346,18 +346,7 @@ func TestRequestErrors(t *testing.T) {
 func TestWorkerCrashMidStream(t *testing.T) {
 	h := newFakeHive(t, 1000, map[string]simModel{"a": {memMiB: 100, tps: 50}})
 	_, srv := newTestRouter(t, h, Model{Name: "a", Autoload: true})
-	resp, err := http.Post(srv.URL+PathChatCompletions, "application/json", strings.NewReader(chatBody("a", 1000, true)))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer resp.Body.Close()
-	rd := bufio.NewReader(resp.Body)
-	if _, err := rd.ReadString('\n'); err != nil {
-		t.Fatal(err)
-	}
-	first := h.ids("a")
-	h.kill(first[0])
-	rest, _ := io.ReadAll(rd)
+	first, rest := crashMidStream(t, srv.URL, h)
 	if !strings.Contains(string(rest), `"code":"worker_stream_broken"`) || strings.Contains(string(rest), "[DONE]") {
 		t.Fatalf("client did not get an error event: %q", rest)
 	}
@@ -368,6 +357,26 @@ func TestWorkerCrashMidStream(t *testing.T) {
 	if ids := h.ids("a"); len(ids) != 1 || ids[0] == first[0] || h.spawnCount("a") != 2 {
 		t.Errorf("not served by a new worker: before %v after %v spawns %d", first, ids, h.spawnCount("a"))
 	}
+}
+
+// crashMidStream starts a long chat stream for model "a", reads its first
+// line, kills the worker serving it and returns that worker (first of
+// h.ids("a")) and the rest of the stream.
+func crashMidStream(t *testing.T, url string, h *fakeHive) (first []string, rest []byte) {
+	t.Helper()
+	resp, err := http.Post(url+PathChatCompletions, "application/json", strings.NewReader(chatBody("a", 1000, true)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	rd := bufio.NewReader(resp.Body)
+	if _, err := rd.ReadString('\n'); err != nil {
+		t.Fatal(err)
+	}
+	first = h.ids("a")
+	h.kill(first[0])
+	rest, _ = io.ReadAll(rd)
+	return first, rest
 }
 
 // TestPicksLeastLoaded: with two ready workers, a new request goes to the

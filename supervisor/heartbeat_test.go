@@ -273,20 +273,24 @@ func TestEarlyFieldsBounded(t *testing.T) {
 	early := w.earlyFields
 	w.run, w.startInFlight, w.earlyFields = r, false, nil
 	h.s.mu.Unlock()
-	// The live worker's own datagrams (WATCHDOG, STATUS, its RBEE_ figures)
-	// land in the same window: protocol keys are always kept, RBEE_* keys
-	// are what the bound is about, and it must be reached, not just kept.
-	n := 0
+	// The live worker's own datagrams (WATCHDOG, STATUS) land in the same
+	// window. Protocol keys are always kept; an RBEE_* key is kept only
+	// while the map holds fewer than maxEarly entries, so protocol keys
+	// that came first take RBEE_* places. The bound must be reached, not
+	// just kept.
+	n, protocol := 0, 0
 	for k := range early {
 		switch {
 		case strings.HasPrefix(k, "RBEE_"):
 			n++
-		case k != workerproto.KeyReady && k != workerproto.KeyWatchdog && k != workerproto.KeyStatus && k != workerproto.KeyStopping:
+		case k == workerproto.KeyReady || k == workerproto.KeyWatchdog || k == workerproto.KeyStatus || k == workerproto.KeyStopping:
+			protocol++
+		default:
 			t.Errorf("early field %q kept", k)
 		}
 	}
-	if n != maxEarly {
-		t.Errorf("%d early RBEE_* fields kept, want the bound %d", n, maxEarly)
+	if n > maxEarly || n < maxEarly-protocol {
+		t.Errorf("%d early RBEE_* fields kept beside %d protocol keys, want %d-%d", n, protocol, maxEarly-protocol, maxEarly)
 	}
 }
 

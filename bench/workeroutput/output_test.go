@@ -186,18 +186,7 @@ func BenchmarkWorkerOutput(b *testing.B) {
 		r, w, _ := os.Pipe()
 		logf, _ := os.Create(filepath.Join(b.TempDir(), "log"))
 		defer logf.Close()
-		done := make(chan error, 1)
-		b.SetBytes(lineLen)
-		b.ResetTimer()
-		go func() { done <- consume(r, b.N, logf) }()
-		for range b.N {
-			if _, err := w.Write(line); err != nil {
-				b.Fatal(err)
-			}
-		}
-		if err := <-done; err != nil {
-			b.Fatal(err)
-		}
+		writeWhileRead(b, w, func() error { return consume(r, b.N, logf) })
 		w.Close()
 		r.Close()
 	})
@@ -212,18 +201,7 @@ func BenchmarkWorkerOutput(b *testing.B) {
 			r, _ := os.OpenFile(path, os.O_RDWR, 0)
 			logf, _ := os.Create(filepath.Join(b.TempDir(), "log"))
 			defer logf.Close()
-			done := make(chan error, 1)
-			b.SetBytes(lineLen)
-			b.ResetTimer()
-			go func() { done <- tail(r, b.N, punch, logf) }()
-			for range b.N {
-				if _, err := w.Write(line); err != nil {
-					b.Fatal(err)
-				}
-			}
-			if err := <-done; err != nil {
-				b.Fatal(err)
-			}
+			writeWhileRead(b, w, func() error { return tail(r, b.N, punch, logf) })
 			w.Close()
 			r.Close()
 		})
@@ -259,4 +237,22 @@ func BenchmarkWorkerOutput(b *testing.B) {
 		}
 		c.Close()
 	})
+}
+
+// writeWhileRead times writing b.N lines to w while read, in a goroutine,
+// takes them.
+func writeWhileRead(b *testing.B, w io.Writer, read func() error) {
+	b.Helper()
+	done := make(chan error, 1)
+	b.SetBytes(lineLen)
+	b.ResetTimer()
+	go func() { done <- read() }()
+	for range b.N {
+		if _, err := w.Write(line); err != nil {
+			b.Fatal(err)
+		}
+	}
+	if err := <-done; err != nil {
+		b.Fatal(err)
+	}
 }

@@ -82,8 +82,9 @@ type daemon struct {
 	env      []string
 	bin      string // "": the shared build
 	logs     *testkit.SyncBuffer
-	done     chan error
-	client   *http.Client // nil: http.DefaultClient
+	done     chan error    // the exit, once
+	exited   chan struct{} // closed at the exit
+	client   *http.Client  // nil: http.DefaultClient
 }
 
 func (d *daemon) httpClient() *http.Client {
@@ -141,7 +142,7 @@ func (d *daemon) restart() *daemon {
 func (d *daemon) launch() {
 	t := d.t
 	t.Helper()
-	d.logs, d.done = &testkit.SyncBuffer{}, make(chan error, 1)
+	d.logs, d.done, d.exited = &testkit.SyncBuffer{}, make(chan error, 1), make(chan struct{})
 	bin := d.bin
 	if bin == "" {
 		bin = filepath.Join(bins.dir, "rbee-hive")
@@ -153,7 +154,11 @@ func (d *daemon) launch() {
 	if err := d.cmd.Start(); err != nil {
 		t.Fatal(err)
 	}
-	go func() { d.done <- d.cmd.Wait() }()
+	go func() {
+		err := d.cmd.Wait()
+		close(d.exited)
+		d.done <- err
+	}()
 	t.Cleanup(func() {
 		if d.cmd.ProcessState == nil {
 			_ = d.cmd.Process.Signal(syscall.SIGTERM)
@@ -167,22 +172,9 @@ func (d *daemon) launch() {
 			t.Logf("daemon logs:\n%s", d.logs.String())
 		}
 	})
-	deadline := time.Now().Add(20 * time.Second)
-	for time.Now().Before(deadline) {
-		resp, err := d.httpClient().Get(d.url + "/v1/health")
-		if err == nil {
-			resp.Body.Close()
-			if resp.StatusCode == 200 {
-				return
-			}
-		}
-		select {
-		case err := <-d.done:
-			t.Fatalf("daemon exited early: %v\n%s", err, d.logs.String())
-		case <-time.After(50 * time.Millisecond):
-		}
-	}
-	t.Fatalf("daemon did not answer /v1/health in time:\n%s", d.logs.String())
+	testkit.WaitHealthy(t, d.httpClient(), d.url, 20*time.Second, d.exited, func() string {
+		return fmt.Sprintf("%v\n%s", d.cmd.ProcessState, d.logs.String())
+	})
 }
 
 func (d *daemon) token() string {

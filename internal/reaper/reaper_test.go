@@ -195,6 +195,16 @@ func TestNonChild(t *testing.T) {
 	}
 }
 
+// startSleeper starts a /bin/sleep 600 for a test to watch and kill.
+func startSleeper(t testing.TB) *exec.Cmd {
+	t.Helper()
+	c := exec.Command("/bin/sleep", "600")
+	if err := c.Start(); err != nil {
+		t.Fatal(err)
+	}
+	return c
+}
+
 // TestManyProcessesOneThread: 200 watched processes cost no OS thread
 // each: the process's thread count with all of them watched is within a
 // small constant of the count before (a goroutine per process blocked in
@@ -211,10 +221,7 @@ func TestManyProcessesOneThread(t *testing.T) {
 		}
 	}()
 	for range n {
-		c := exec.Command("/bin/sleep", "600")
-		if err := c.Start(); err != nil {
-			t.Fatal(err)
-		}
+		c := startSleeper(t)
 		cmds = append(cmds, c)
 		ch, err := r.Watch(c.Process.Pid, false)
 		if err != nil {
@@ -258,10 +265,7 @@ func TestUnwatchAndClose(t *testing.T) {
 		}
 	}()
 	start := func() (*exec.Cmd, <-chan Exit) {
-		c := exec.Command("/bin/sleep", "600")
-		if err := c.Start(); err != nil {
-			t.Fatal(err)
-		}
+		c := startSleeper(t)
 		cmds = append(cmds, c)
 		ch, err := r.Watch(c.Process.Pid, false)
 		if err != nil {
@@ -312,10 +316,7 @@ func BenchmarkExit(b *testing.B) {
 	b.Run("reaper", func(b *testing.B) {
 		for b.Loop() {
 			b.StopTimer()
-			c := exec.Command("/bin/sleep", "600")
-			if err := c.Start(); err != nil {
-				b.Fatal(err)
-			}
+			c := startSleeper(b)
 			ch, err := r.Watch(c.Process.Pid, false)
 			if err != nil {
 				b.Fatal(err)
@@ -330,10 +331,7 @@ func BenchmarkExit(b *testing.B) {
 	b.Run("process-wait", func(b *testing.B) {
 		for b.Loop() {
 			b.StopTimer()
-			c := exec.Command("/bin/sleep", "600")
-			if err := c.Start(); err != nil {
-				b.Fatal(err)
-			}
+			c := startSleeper(b)
 			done := make(chan struct{})
 			go func() { _ = c.Wait(); close(done) }()
 			time.Sleep(2 * time.Millisecond) // the waiter has entered waitid
@@ -367,10 +365,7 @@ func BenchmarkThreads(b *testing.B) {
 				var done []chan struct{}
 				var chans []<-chan Exit
 				for range n {
-					c := exec.Command("/bin/sleep", "600")
-					if err := c.Start(); err != nil {
-						b.Fatal(err)
-					}
+					c := startSleeper(b)
 					cmds = append(cmds, c)
 					if mode == "reaper" {
 						ch, err := r.Watch(c.Process.Pid, false)

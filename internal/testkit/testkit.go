@@ -1,6 +1,7 @@
 // Package testkit holds the small helpers the integration tests of several
-// packages share: a goroutine-safe log buffer, a free loopback port and a
-// size-limited tmpfs.
+// packages share: a goroutine-safe log buffer, a free loopback port, a
+// size-limited tmpfs, and a real `rbee-hive daemon` in a cgroup root of its
+// own (StartHive) with its API and cgroup helpers.
 package testkit
 
 import (

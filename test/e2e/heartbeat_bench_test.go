@@ -7,6 +7,8 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/rbee/rbee-hive/internal/testkit"
 )
 
 // BenchmarkHeartbeatCPU is the hive's own CPU (utime+stime from /proc) over
@@ -45,14 +47,14 @@ memory_limit = "48MiB"
 				for range workers {
 					h.spawn("hb", nil)
 				}
-				waitFor(b, 2*time.Minute, "all workers ready", func() bool {
-					code, body, err := h.try(b.Context(), "GET", "/v1/workers/list", nil)
+				testkit.WaitFor(b, 2*time.Minute, "all workers ready", func() bool {
+					code, body, err := h.Try(b.Context(), "GET", "/v1/workers/list", nil)
 					return err == nil && code == 200 && strings.Count(string(body), `"state":"idle"`)+strings.Count(string(body), `"state":"stale"`) == workers
 				})
 				time.Sleep(time.Second) // let start-up work settle
-				before := cpuTicks(b, h.cmd.Process.Pid)
+				before := cpuTicks(b, h.Cmd.Process.Pid)
 				time.Sleep(window)
-				used := float64(cpuTicks(b, h.cmd.Process.Pid)-before) / 100 // USER_HZ
+				used := float64(cpuTicks(b, h.Cmd.Process.Pid)-before) / 100 // USER_HZ
 				share := used / window.Seconds() * 100
 				b.ReportMetric(share, "hive-cpu-%")
 				b.Logf("%s: hive CPU %.2f %% of one core with %d workers", tc.name, share, workers)

@@ -12,6 +12,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/rbee/rbee-hive/internal/testkit"
 	"github.com/rbee/rbee-hive/systemd/journaltest"
 )
 
@@ -49,7 +50,7 @@ func TestJournaldLifecycle(t *testing.T) {
 	steady := h.spawn("sim", nil)
 	crasher := h.spawn("sim", map[string]string{"RBEE_SIM_CRASH_AFTER": "1500ms"})
 	// And one the kernel OOM-kills while it loads (256MiB in a 64MiB cgroup).
-	code, body := h.do("POST", "/v1/workers/spawn", spawnRequest{ModelRef: h.model, Backend: "small", Restart: "never",
+	code, body := h.Do("POST", "/v1/workers/spawn", spawnRequest{ModelRef: h.model, Backend: "small", Restart: "never",
 		Env: map[string]string{"RBEE_SIM_ALLOC_MIB": "256"}})
 	if code != http.StatusOK {
 		t.Fatalf("spawn: %d %s", code, body)
@@ -61,7 +62,7 @@ func TestJournaldLifecycle(t *testing.T) {
 		t.Fatal(err)
 	}
 	h.waitState(steady, 15*time.Second, "idle")
-	waitFor(t, 20*time.Second, "the crashing worker to be restarted", func() bool {
+	testkit.WaitFor(t, 20*time.Second, "the crashing worker to be restarted", func() bool {
 		wi, _ := h.worker(crasher)
 		return wi.RestartCount >= 1
 	})
@@ -130,7 +131,7 @@ func TestJournaldLifecycle(t *testing.T) {
 	for _, o := range outputs {
 		t.Run("output of "+o.worker, func(t *testing.T) {
 			for _, want := range o.want {
-				waitFor(t, 5*time.Second, fmt.Sprintf("%q in %s's journal", want, o.worker), func() bool {
+				testkit.WaitFor(t, 5*time.Second, fmt.Sprintf("%q in %s's journal", want, o.worker), func() bool {
 					for _, e := range j.Entries(t, "-t", "rbee-worker", "RBEE_WORKER_ID="+o.worker) {
 						if strings.Contains(e["MESSAGE"], want) {
 							if e["RBEE_STREAM"] != "stderr" || e["SYSLOG_IDENTIFIER"] != "rbee-worker" {
@@ -201,7 +202,7 @@ func listPromptly(t *testing.T, h *hive, phase string) {
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
 	start := time.Now()
-	code, body, err := h.try(ctx, "GET", "/v1/workers/list", nil)
+	code, body, err := h.Try(ctx, "GET", "/v1/workers/list", nil)
 	took := time.Since(start)
 	if err != nil || code != http.StatusOK {
 		t.Fatalf("%s: list: %d %v %s", phase, code, err, body)
@@ -215,7 +216,7 @@ var droppedRE = regexp.MustCompile(`(?m)^rbee_hive_log_entries_dropped_total (\S
 
 func droppedLogEntries(t *testing.T, h *hive) float64 {
 	t.Helper()
-	m := droppedRE.FindSubmatch(h.metrics())
+	m := droppedRE.FindSubmatch(h.Metrics())
 	if m == nil {
 		t.Fatal("rbee_hive_log_entries_dropped_total missing from /metrics")
 	}

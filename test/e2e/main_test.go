@@ -3,9 +3,6 @@ package e2e
 import (
 	"bufio"
 	"bytes"
-	"context"
-	"crypto/rand"
-	"encoding/hex"
 	"encoding/json"
 	"fmt"
 	"io"
@@ -13,10 +10,8 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
-	"strconv"
 	"strings"
 	"sync"
-	"syscall"
 	"testing"
 	"time"
 
@@ -119,24 +114,6 @@ func require(t testing.TB, programs ...string) {
 	testkit.Skip(t, "%s", why)
 }
 
-// waitFor polls cond every 50ms until it holds or timeout passes.
-func waitFor(t testing.TB, timeout time.Duration, what string, cond func() bool) {
-	t.Helper()
-	deadline := time.Now().Add(timeout)
-	for !cond() {
-		if time.Now().After(deadline) {
-			t.Fatalf("timed out after %v waiting for %s", timeout, what)
-		}
-		time.Sleep(50 * time.Millisecond)
-	}
-}
-
-func randomName(prefix string) string {
-	var b [4]byte
-	_, _ = rand.Read(b[:])
-	return prefix + hex.EncodeToString(b[:])
-}
-
 // hiveOptions shape a test hive's config.
 type hiveOptions struct {
 	logFormat string // "journal", "json", ...
@@ -168,16 +145,8 @@ env_allow = ` + simEnvAllow + `
 
 // hive is a running `rbee-hive daemon`.
 type hive struct {
-	t          testing.TB
-	cmd        *exec.Cmd
-	url        string
-	dir        string
-	runtime    string
-	token      string
-	model      string // a placeholder model file, as "file:<path>"
-	cgroupRoot string
-	logs       *testkit.SyncBuffer
-	done       chan struct{}
+	*testkit.Hive
+	model string // a placeholder model file, as "file:<path>"
 }
 
 // startHive runs the real daemon with a config in a temp dir, waits for
@@ -191,32 +160,10 @@ func startHive(t testing.TB, o hiveOptions) *hive {
 	if o.logLevel == "" {
 		o.logLevel = "info"
 	}
-	dir := passableTempDir(t)
-	// The notify socket path must fit a sockaddr_un (107 bytes); TempDir
-	// paths can be long.
-	rt, err := os.MkdirTemp("", "rbe")
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { os.RemoveAll(rt) })
-	if err := os.Chmod(rt, 0o711); err != nil {
-		t.Fatal(err)
-	}
 	// A root of our own: `go test ./...` runs cmd/rbee-hive's daemon tests
 	// at the same time, and they use the default root.
-	root := randomName("rbee-e2e-")
-	if cgroupV2() {
-		root = "/sys/fs/cgroup/" + root
-	}
-	port := testkit.FreePort(t)
-	// Below model_dir (<state_dir>/models), the default models.file_roots.
-	model := filepath.Join(dir, "state", "models", "model.gguf")
-	if err := os.MkdirAll(filepath.Dir(model), 0o755); err != nil {
-		t.Fatal(err)
-	}
-	if err := os.WriteFile(model, []byte("rbee-simworker placeholder model\n"), 0o644); err != nil {
-		t.Fatal(err)
-	}
+	env := testkit.NewHiveEnv(t, "rbee-e2e-")
+	model := env.PlaceholderModel(t)
 	cfg := fmt.Sprintf(`listen = "127.0.0.1:%d"
 state_dir = %q
 runtime_dir = %q
@@ -238,165 +185,41 @@ backoff_max = "1s"
 jitter = 0.0
 max_failures = 3
 failure_window = "60s"
-%s`, port, filepath.Join(dir, "state"), rt, o.logFormat, o.logLevel, root, o.extra)
-	cfgPath := filepath.Join(dir, "hive.toml")
-	if err := os.WriteFile(cfgPath, []byte(cfg), 0o600); err != nil {
+%s`, env.Port, env.State, env.Runtime, o.logFormat, o.logLevel, env.CgroupRoot, o.extra)
+	h := testkit.StartHive(t, env, testkit.HiveOptions{Bin: filepath.Join(bin, "rbee-hive"), Config: cfg,
+		StartTimeout: 20 * time.Second, StopTimeout: 40 * time.Second})
+	return &hive{Hive: h, model: "file:" + model}
+}
+
+// servedSim writes a placeholder model and returns the config of a served
+// model name on "simopenai", an rbee-simworker backend speaking OpenAI
+// (its command ends with args: `, "--flag", "value"`).
+func servedSim(t testing.TB, name, args string) string {
+	t.Helper()
+	servedModel := filepath.Join(t.TempDir(), "served.gguf")
+	if err := os.WriteFile(servedModel, []byte("rbee-simworker placeholder\n"), 0o644); err != nil {
 		t.Fatal(err)
 	}
-	h := &hive{t: t, url: fmt.Sprintf("http://127.0.0.1:%d", port), dir: dir, runtime: rt, model: "file:" + model,
-		cgroupRoot: root, logs: &testkit.SyncBuffer{}, done: make(chan struct{})}
-	h.cmd = exec.Command(filepath.Join(bin, "rbee-hive"), "daemon", "--config", cfgPath)
-	// No NOTIFY_SOCKET, LLORCH_API_TOKEN, ... from whoever runs the tests.
-	h.cmd.Env = []string{"PATH=/usr/sbin:/usr/bin:/sbin:/bin", "HOME=" + dir}
-	h.cmd.Stdout, h.cmd.Stderr = h.logs, h.logs
-	h.cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
-	if err := h.cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	go func() { _ = h.cmd.Wait(); close(h.done) }()
-	t.Cleanup(h.cleanup)
-	deadline := time.Now().Add(20 * time.Second)
-	for {
-		resp, err := http.Get(h.url + "/v1/health")
-		if err == nil {
-			resp.Body.Close()
-			if resp.StatusCode == http.StatusOK {
-				break
-			}
-		}
-		select {
-		case <-h.done:
-			t.Fatalf("hive exited at start: %v\n%s", h.cmd.ProcessState, h.logs.String())
-		case <-time.After(50 * time.Millisecond):
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("hive not answering /v1/health within 20s:\n%s", h.logs.String())
-		}
-	}
-	tok, err := os.ReadFile(filepath.Join(dir, "state", "api-token"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	h.token = strings.TrimSpace(string(tok))
-	return h
+	return fmt.Sprintf(`
+[backends.simopenai]
+command = ["{self_dir}/rbee-simworker", "--port", "{port}", "--worker-id", "{worker_id}", "--model", "{model_path}", "--model-ref", "{model_ref}"%s]
+health = "notify"
+api = "openai"
+load_timeout = "20s"
+memory_limit = "256MiB"
+
+[served.%s]
+model = %q
+backend = "simopenai"
+
+# The served model and the hive's model dir both lie in the temp dir: file:
+# refs must be below a root.
+[models]
+file_roots = [%q]
+`, args, name, servedModel, filepath.Clean(os.TempDir()))
 }
 
-func (h *hive) notifySocket() string { return filepath.Join(h.runtime, "notify.sock") }
-
-// cleanup stops the hive (SIGTERM: it stops its workers), then checks that
-// no worker cgroup is left and removes the tree's directories.
-func (h *hive) cleanup() {
-	t := h.t
-	select {
-	case <-h.done:
-	default:
-		_ = h.cmd.Process.Signal(syscall.SIGTERM)
-		select {
-		case <-h.done:
-		case <-time.After(40 * time.Second):
-			t.Errorf("hive ignored SIGTERM for 40s; killing it")
-			_ = h.cmd.Process.Kill()
-			<-h.done
-		}
-	}
-	for _, d := range cgroupDirs(h.cgroupRoot) {
-		leaves, _ := filepath.Glob(filepath.Join(d, "workers", "w-*"))
-		for _, leaf := range leaves {
-			t.Errorf("worker cgroup %s left behind after the hive stopped", leaf)
-			killCgroup(leaf)
-		}
-		for _, sub := range []string{"workers", "supervisor", ""} {
-			_ = os.Remove(filepath.Join(d, sub))
-		}
-	}
-	if t.Failed() {
-		t.Logf("hive output:\n%s", h.logs.String())
-	}
-}
-
-func cgroupV2() bool {
-	_, err := os.Stat("/sys/fs/cgroup/cgroup.controllers")
-	return err == nil
-}
-
-// cgroupDirs are the directories of a hive cgroup root: itself on v2; on
-// v1 the root nested under this process's cgroup in every hierarchy (the
-// hive inherits our cgroups).
-func cgroupDirs(root string) []string {
-	if filepath.IsAbs(root) {
-		return []string{root}
-	}
-	data, _ := os.ReadFile("/proc/self/cgroup")
-	seen := map[string]bool{}
-	var dirs []string
-	for _, line := range strings.Split(string(data), "\n") {
-		parts := strings.SplitN(line, ":", 3)
-		if len(parts) != 3 || parts[1] == "" || strings.HasPrefix(parts[1], "name=") {
-			continue
-		}
-		d := filepath.Join("/sys/fs/cgroup", parts[1], parts[2], root)
-		if !seen[d] {
-			seen[d] = true
-			dirs = append(dirs, d)
-		}
-	}
-	return dirs
-}
-
-// killCgroup SIGKILLs every process of a leaf and removes it.
-func killCgroup(dir string) {
-	for range 50 {
-		data, _ := os.ReadFile(filepath.Join(dir, "cgroup.procs"))
-		pids := strings.Fields(string(data))
-		if len(pids) == 0 {
-			break
-		}
-		for _, p := range pids {
-			if pid, err := strconv.Atoi(p); err == nil {
-				_ = syscall.Kill(pid, syscall.SIGKILL)
-			}
-		}
-		time.Sleep(20 * time.Millisecond)
-	}
-	_ = os.Remove(dir)
-}
-
-// do sends an authenticated API request and returns status and body.
-func (h *hive) do(method, path string, body any) (int, []byte) {
-	h.t.Helper()
-	code, b, err := h.try(context.Background(), method, path, body)
-	if err != nil {
-		h.t.Fatalf("%s %s: %v", method, path, err)
-	}
-	return code, b
-}
-
-// try is do without failing the test (for goroutines and timed calls).
-func (h *hive) try(ctx context.Context, method, path string, body any) (int, []byte, error) {
-	var r io.Reader
-	if body != nil {
-		b, err := json.Marshal(body)
-		if err != nil {
-			return 0, nil, err
-		}
-		r = bytes.NewReader(b)
-	}
-	req, err := http.NewRequestWithContext(ctx, method, h.url+path, r)
-	if err != nil {
-		return 0, nil, err
-	}
-	req.Header.Set("Authorization", "Bearer "+h.token)
-	if body != nil {
-		req.Header.Set("Content-Type", "application/json")
-	}
-	resp, err := http.DefaultClient.Do(req)
-	if err != nil {
-		return 0, nil, err
-	}
-	defer resp.Body.Close()
-	b, err := io.ReadAll(resp.Body)
-	return resp.StatusCode, b, err
-}
+func (h *hive) notifySocket() string { return filepath.Join(h.Runtime, "notify.sock") }
 
 // spawnRequest is POST /v1/workers/spawn's body.
 type spawnRequest struct {
@@ -411,16 +234,16 @@ type spawnRequest struct {
 // spawn starts a worker of backend with the given RBEE_SIM_* knobs and
 // returns its id.
 func (h *hive) spawn(backend string, env map[string]string) string {
-	h.t.Helper()
-	code, body := h.do("POST", "/v1/workers/spawn", spawnRequest{ModelRef: h.model, Backend: backend, Env: env})
+	h.T.Helper()
+	code, body := h.Do("POST", "/v1/workers/spawn", spawnRequest{ModelRef: h.model, Backend: backend, Env: env})
 	if code != http.StatusOK {
-		h.t.Fatalf("spawn %s %v: %d %s", backend, env, code, body)
+		h.T.Fatalf("spawn %s %v: %d %s", backend, env, code, body)
 	}
 	var res struct {
 		WorkerID string `json:"worker_id"`
 	}
 	if err := json.Unmarshal(body, &res); err != nil || res.WorkerID == "" {
-		h.t.Fatalf("spawn response %s: %v", body, err)
+		h.T.Fatalf("spawn response %s: %v", body, err)
 	}
 	return res.WorkerID
 }
@@ -436,22 +259,16 @@ type workerInfo struct {
 }
 
 func (h *hive) worker(id string) (workerInfo, int) {
-	h.t.Helper()
-	code, body := h.do("GET", "/v1/workers/"+id, nil)
+	h.T.Helper()
 	var wi workerInfo
-	if code == http.StatusOK {
-		if err := json.Unmarshal(body, &wi); err != nil {
-			h.t.Fatalf("worker %s: %v: %s", id, err, body)
-		}
-	}
-	return wi, code
+	return wi, h.GetJSON("/v1/workers/"+id, &wi)
 }
 
 // waitState waits until worker id is in one of states.
 func (h *hive) waitState(id string, timeout time.Duration, states ...string) workerInfo {
-	h.t.Helper()
+	h.T.Helper()
 	var wi workerInfo
-	waitFor(h.t, timeout, fmt.Sprintf("worker %s in %v (last: %+v)", id, states, &wi), func() bool {
+	testkit.WaitFor(h.T, timeout, fmt.Sprintf("worker %s in %v (last: %+v)", id, states, &wi), func() bool {
 		wi, _ = h.worker(id)
 		for _, s := range states {
 			if wi.State == s {
@@ -465,9 +282,9 @@ func (h *hive) waitState(id string, timeout time.Duration, states ...string) wor
 
 // stop is DELETE /v1/workers/{id}.
 func (h *hive) stop(id string) {
-	h.t.Helper()
-	if code, body := h.do("DELETE", "/v1/workers/"+id, nil); code != http.StatusOK {
-		h.t.Fatalf("stop %s: %d %s", id, code, body)
+	h.T.Helper()
+	if code, body := h.Do("DELETE", "/v1/workers/"+id, nil); code != http.StatusOK {
+		h.T.Fatalf("stop %s: %d %s", id, code, body)
 	}
 }
 
@@ -475,11 +292,11 @@ func (h *hive) stop(id string) {
 // of token events read from the SSE stream.
 func (h *hive) infer(id, jobID string, maxTokens int) (int, error) {
 	body, _ := json.Marshal(map[string]any{"job_id": jobID, "prompt": "hello from the e2e test", "max_tokens": maxTokens})
-	req, err := http.NewRequest("POST", h.url+"/v1/workers/"+id+"/inference", bytes.NewReader(body))
+	req, err := http.NewRequest("POST", h.URL+"/v1/workers/"+id+"/inference", bytes.NewReader(body))
 	if err != nil {
 		return 0, err
 	}
-	req.Header.Set("Authorization", "Bearer "+h.token)
+	req.Header.Set("Authorization", "Bearer "+h.Token)
 	req.Header.Set("Content-Type", "application/json")
 	req.Header.Set("Accept", "text/event-stream")
 	resp, err := http.DefaultClient.Do(req)
@@ -512,30 +329,3 @@ func (h *hive) infer(id, jobID string, maxTokens int) (int, error) {
 }
 
 // metrics fetches the hive's /metrics body.
-func (h *hive) metrics() []byte {
-	h.t.Helper()
-	resp, err := http.Get(h.url + "/metrics")
-	if err != nil {
-		h.t.Fatal(err)
-	}
-	defer resp.Body.Close()
-	b, err := io.ReadAll(resp.Body)
-	if err != nil || resp.StatusCode != http.StatusOK {
-		h.t.Fatalf("/metrics: %d %v", resp.StatusCode, err)
-	}
-	return b
-}
-
-// passableTempDir is t.TempDir with it and its parent 0711: workers run
-// under uids of their own and must pass through to the notify socket and
-// the state dir, as they pass through /run and /var/lib.
-func passableTempDir(t testing.TB) string {
-	t.Helper()
-	dir := t.TempDir()
-	for _, d := range []string{dir, filepath.Dir(dir)} {
-		if err := os.Chmod(d, 0o711); err != nil {
-			t.Fatal(err)
-		}
-	}
-	return dir
-}

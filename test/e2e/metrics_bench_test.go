@@ -11,6 +11,8 @@ import (
 	"sync"
 	"testing"
 	"time"
+
+	"github.com/rbee/rbee-hive/internal/testkit"
 )
 
 // sleeperCommand is the cheapest real worker: the main process says READY=1
@@ -56,7 +58,7 @@ memory_limit = "16MiB"
 			var size int
 			for b.Loop() {
 				t0 := time.Now()
-				resp, err := client.Get(h.url + "/metrics")
+				resp, err := client.Get(h.URL + "/metrics")
 				if err != nil {
 					b.Fatal(err)
 				}
@@ -101,7 +103,7 @@ func spawnSleepers(b *testing.B, h *hive, n, total int) {
 		go func() {
 			defer wg.Done()
 			for range work {
-				code, body, err := h.try(b.Context(), "POST", "/v1/workers/spawn", spawnRequest{ModelRef: h.model, Backend: "sleeper"})
+				code, body, err := h.Try(b.Context(), "POST", "/v1/workers/spawn", spawnRequest{ModelRef: h.model, Backend: "sleeper"})
 				if err != nil || code != http.StatusOK {
 					errs <- fmt.Errorf("spawn: %d %v %s", code, err, body)
 					return
@@ -115,8 +117,8 @@ func spawnSleepers(b *testing.B, h *hive, n, total int) {
 		b.Fatal(err)
 	}
 	var idle int
-	waitFor(b, 5*time.Minute, fmt.Sprintf("%d idle workers (have %d)", total, idle), func() bool {
-		code, body, err := h.try(b.Context(), "GET", "/v1/workers/list", nil)
+	testkit.WaitFor(b, 5*time.Minute, fmt.Sprintf("%d idle workers (have %d)", total, idle), func() bool {
+		code, body, err := h.Try(b.Context(), "GET", "/v1/workers/list", nil)
 		if err != nil || code != http.StatusOK {
 			return false
 		}
@@ -158,7 +160,7 @@ memory_total = "80GiB"
 			var lat []time.Duration
 			for b.Loop() {
 				t0 := time.Now()
-				code, _, err := h.try(b.Context(), "GET", path, nil)
+				code, _, err := h.Try(b.Context(), "GET", path, nil)
 				if err != nil || code != http.StatusOK {
 					b.Fatalf("%s: %d %v", path, code, err)
 				}

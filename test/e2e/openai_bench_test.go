@@ -4,11 +4,8 @@ import (
 	"bufio"
 	"bytes"
 	"encoding/json"
-	"fmt"
 	"io"
 	"net/http"
-	"os"
-	"path/filepath"
 	"slices"
 	"strings"
 	"testing"
@@ -30,34 +27,14 @@ func BenchmarkOpenAIEndpoint(b *testing.B) {
 	require(b, "/bin/sh")
 	const warmN, coldN = 300, 5
 	for b.Loop() {
-		servedModel := filepath.Join(b.TempDir(), "served.gguf")
-		if err := os.WriteFile(servedModel, []byte("rbee-simworker placeholder\n"), 0o644); err != nil {
-			b.Fatal(err)
-		}
-		h := startHive(b, hiveOptions{extra: fmt.Sprintf(`
-[backends.simopenai]
-command = ["{self_dir}/rbee-simworker", "--port", "{port}", "--worker-id", "{worker_id}", "--model", "{model_path}", "--model-ref", "{model_ref}", "--tokens-per-second", "0"]
-health = "notify"
-api = "openai"
-load_timeout = "20s"
-memory_limit = "256MiB"
-
-[served.bench]
-model = %q
-backend = "simopenai"
-
-# The served model and the hive's model dir both lie in the temp dir: file:
-# refs must be below a root.
-[models]
-file_roots = [%q]
-`, servedModel, filepath.Clean(os.TempDir()))})
+		h := startHive(b, hiveOptions{extra: servedSim(b, "bench", `, "--tokens-per-second", "0"`)})
 		client := &http.Client{Transport: &http.Transport{MaxIdleConnsPerHost: 4}}
 		body := []byte(`{"model":"bench","messages":[{"role":"user","content":"hi"}],"max_tokens":8}`)
 		post := func(url string, auth bool) time.Duration {
 			req, _ := http.NewRequest("POST", url, bytes.NewReader(body))
 			req.Header.Set("Content-Type", "application/json")
 			if auth {
-				req.Header.Set("Authorization", "Bearer "+h.token)
+				req.Header.Set("Authorization", "Bearer "+h.Token)
 			}
 			t0 := time.Now()
 			resp, err := client.Do(req)
@@ -72,19 +49,19 @@ file_roots = [%q]
 			}
 			return d
 		}
-		post(h.url+"/openai/v1/chat/completions", true) // load
+		post(h.URL+"/openai/v1/chat/completions", true) // load
 		var list struct {
 			Workers []struct{ ID, URL, Served string }
 		}
-		_, lb := h.do("GET", "/v1/workers/list", nil)
+		_, lb := h.Do("GET", "/v1/workers/list", nil)
 		if err := json.Unmarshal(lb, &list); err != nil || len(list.Workers) != 1 || list.Workers[0].Served != "bench" {
 			b.Fatalf("workers: %v %s", err, lb)
 		}
 		w := list.Workers[0]
 		paths := []struct{ name, url string }{
 			{"direct to the worker", w.URL + "/v1/chat/completions"},
-			{"hive /v1/workers/{id}", h.url + "/v1/workers/" + w.ID + "/v1/chat/completions"},
-			{"hive /openai/v1 (routed)", h.url + "/openai/v1/chat/completions"},
+			{"hive /v1/workers/{id}", h.URL + "/v1/workers/" + w.ID + "/v1/chat/completions"},
+			{"hive /openai/v1 (routed)", h.URL + "/openai/v1/chat/completions"},
 		}
 		times := make([][]time.Duration, len(paths))
 		for i := 0; i < warmN+20; i++ {
@@ -104,12 +81,12 @@ file_roots = [%q]
 
 		var admit, spawn, load, first, total []time.Duration
 		for range coldN {
-			if code, out := h.do("POST", "/openai/v1/models/bench/unload", nil); code != 200 {
+			if code, out := h.Do("POST", "/openai/v1/models/bench/unload", nil); code != 200 {
 				b.Fatalf("unload: %d %s", code, out)
 			}
-			req, _ := http.NewRequest("POST", h.url+"/openai/v1/chat/completions",
+			req, _ := http.NewRequest("POST", h.URL+"/openai/v1/chat/completions",
 				strings.NewReader(`{"model":"bench","messages":[{"role":"user","content":"hi"}],"max_tokens":8,"stream":true}`))
-			req.Header.Set("Authorization", "Bearer "+h.token)
+			req.Header.Set("Authorization", "Bearer "+h.Token)
 			t0 := time.Now()
 			resp, err := client.Do(req)
 			if err != nil {
@@ -122,11 +99,11 @@ file_roots = [%q]
 			tFirst := time.Now()
 			_, _ = io.Copy(io.Discard, rd)
 			resp.Body.Close()
-			_, lb := h.do("GET", "/v1/workers/list", nil)
+			_, lb := h.Do("GET", "/v1/workers/list", nil)
 			if err := json.Unmarshal(lb, &list); err != nil || len(list.Workers) != 1 {
 				b.Fatalf("workers after a cold start: %v %s", err, lb)
 			}
-			ev := logTimes(b, h.logs.String(), list.Workers[0].ID)
+			ev := logTimes(b, h.Logs.String(), list.Workers[0].ID)
 			admit = append(admit, ev["worker registered"].Sub(t0))
 			spawn = append(spawn, ev["worker started"].Sub(ev["worker registered"]))
 			load = append(load, ev["worker ready"].Sub(ev["worker started"]))

@@ -42,27 +42,7 @@ func TestPrometheusDashboardAndAlerts(t *testing.T) {
 	start := time.Now()
 	// A served model for the OpenAI endpoint's panels: rbee-simworker
 	// speaks OpenAI too.
-	servedModel := filepath.Join(t.TempDir(), "served.gguf")
-	if err := os.WriteFile(servedModel, []byte("rbee-simworker placeholder\n"), 0o644); err != nil {
-		t.Fatal(err)
-	}
-	h := startHive(t, hiveOptions{extra: fmt.Sprintf(`
-[backends.simopenai]
-command = ["{self_dir}/rbee-simworker", "--port", "{port}", "--worker-id", "{worker_id}", "--model", "{model_path}", "--model-ref", "{model_ref}"]
-health = "notify"
-api = "openai"
-load_timeout = "20s"
-memory_limit = "256MiB"
-
-[served.e2e-sim]
-model = %q
-backend = "simopenai"
-
-# The served model and the hive's model dir both lie in the temp dir: file:
-# refs must be below a root.
-[models]
-file_roots = [%q]
-`, servedModel, filepath.Clean(os.TempDir())) + `
+	h := startHive(t, hiveOptions{extra: servedSim(t, "e2e-sim", "") + `
 [heartbeat]
 interval = "1s"
 stale_threshold = "2s"
@@ -78,7 +58,7 @@ name = "Fake GPU"
 uuid = "GPU-e2e00000-0000-0000-0000-000000000000"
 memory_total = "24GiB"
 ` + simBackends})
-	target := strings.TrimPrefix(h.url, "http://")
+	target := strings.TrimPrefix(h.URL, "http://")
 	p := startPrometheus(t, target)
 
 	// Counters must have a sample at their old value before they move, or
@@ -94,7 +74,7 @@ memory_total = "24GiB"
 	oom := h.spawn("small", map[string]string{"RBEE_SIM_ALLOC_MIB": "256"})
 	stale := h.spawn("sim", map[string]string{"RBEE_SIM_NO_HEARTBEAT": "true"})
 	tooBig := int64(1) << 50
-	code, body := h.do("POST", "/v1/workers/spawn", spawnRequest{ModelRef: h.model, Backend: "sim", MemoryLimitBytes: &tooBig})
+	code, body := h.Do("POST", "/v1/workers/spawn", spawnRequest{ModelRef: h.model, Backend: "sim", MemoryLimitBytes: &tooBig})
 	if code != http.StatusInsufficientStorage || !bytes.Contains(body, []byte(`"INSUFFICIENT_MEMORY"`)) {
 		t.Errorf("spawn with a 1PiB memory limit: %d %s, want 507 INSUFFICIENT_MEMORY", code, body)
 	}
@@ -110,11 +90,11 @@ memory_total = "24GiB"
 	if wi, _ := h.worker(oom); wi.ExitReason != "oom" {
 		t.Errorf("worker with a 64MiB limit allocating 256MiB: exit reason %q, want oom", wi.ExitReason)
 	}
-	waitFor(t, 20*time.Second, "the crashing worker to be restarted", func() bool {
+	testkit.WaitFor(t, 20*time.Second, "the crashing worker to be restarted", func() bool {
 		wi, _ := h.worker(crasher)
 		return wi.RestartCount >= 1
 	})
-	waitFor(t, 20*time.Second, "the silent worker to be declared stale", func() bool {
+	testkit.WaitFor(t, 20*time.Second, "the silent worker to be declared stale", func() bool {
 		wi, _ := h.worker(stale)
 		return wi.RestartCount >= 1 || wi.State == "stale" || wi.ExitReason == "stale"
 	})
@@ -188,7 +168,7 @@ memory_total = "24GiB"
 	}
 
 	// promtool: the exposition is lint-clean, the rules file valid.
-	metrics := h.metrics()
+	metrics := h.Metrics()
 	cmd := exec.Command("promtool", "check", "metrics")
 	cmd.Stdin = bytes.NewReader(metrics)
 	if out, err := cmd.CombinedOutput(); err != nil || len(bytes.TrimSpace(out)) > 0 {
@@ -250,7 +230,7 @@ func runInference(t *testing.T, h *hive, workers []string, per int) {
 // routedRequest sends one chat completion through the OpenAI endpoint.
 func routedRequest(t *testing.T, h *hive) {
 	t.Helper()
-	code, body := h.do("POST", "/openai/v1/chat/completions", map[string]any{
+	code, body := h.Do("POST", "/openai/v1/chat/completions", map[string]any{
 		"model": "e2e-sim", "messages": []map[string]string{{"role": "user", "content": "hi"}}, "max_tokens": 4,
 	})
 	if code != http.StatusOK || !bytes.Contains(body, []byte(`"completion_tokens":4`)) {
@@ -497,7 +477,7 @@ func (p *prometheus) query(expr string) (int, error) {
 func (p *prometheus) waitFor(t *testing.T, timeout time.Duration, expr string) {
 	t.Helper()
 	var last error
-	waitFor(t, timeout, fmt.Sprintf("Prometheus: %s (last error: %v)", expr, &last), func() bool {
+	testkit.WaitFor(t, timeout, fmt.Sprintf("Prometheus: %s (last error: %v)", expr, &last), func() bool {
 		n, err := p.query(expr)
 		last = err
 		return err == nil && n > 0

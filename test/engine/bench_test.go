@@ -10,6 +10,8 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/rbee/rbee-hive/internal/testkit"
 )
 
 // BenchmarkProxyOverhead streams the same greedy chat completion from
@@ -21,7 +23,7 @@ func BenchmarkProxyOverhead(b *testing.B) {
 	dir := b.TempDir()
 	modelPath := writeModel(b, dir)
 	h := startHive(b, backends(b, bin))
-	code, body := h.do("POST", "/v1/workers/spawn", map[string]any{"model_ref": "file:" + modelPath, "backend": "llama-server", "device": 0})
+	code, body := h.Do("POST", "/v1/workers/spawn", map[string]any{"model_ref": "file:" + modelPath, "backend": "llama-server", "device": 0})
 	if code != http.StatusOK {
 		b.Fatalf("spawn: %d %s", code, body)
 	}
@@ -30,7 +32,7 @@ func BenchmarkProxyOverhead(b *testing.B) {
 	}
 	_ = json.Unmarshal(body, &sp)
 	var wi workerInfo
-	waitFor(b, 60*time.Second, "idle", func() bool { wi, _ = h.worker(sp.WorkerID); return wi.State == "idle" })
+	testkit.WaitFor(b, 60*time.Second, "idle", func() bool { wi, _ = h.worker(sp.WorkerID); return wi.State == "idle" })
 
 	req := map[string]any{"messages": []map[string]string{{"role": "user", "content": "Hello"}},
 		"max_tokens": 128, "stream": true, "temperature": 0, "seed": 1}
@@ -38,7 +40,7 @@ func BenchmarkProxyOverhead(b *testing.B) {
 		return timeStream(b, wi.URL+"/v1/chat/completions", "", req)
 	}
 	viaHive := func() (time.Duration, float64) {
-		return timeStream(b, h.url+"/v1/workers/"+sp.WorkerID+"/v1/chat/completions", h.token, req)
+		return timeStream(b, h.URL+"/v1/workers/"+sp.WorkerID+"/v1/chat/completions", h.Token, req)
 	}
 	direct() // warm both paths
 	viaHive()

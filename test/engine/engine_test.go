@@ -18,6 +18,7 @@ import (
 
 	"github.com/rbee/rbee-hive/admission/estimate"
 	"github.com/rbee/rbee-hive/internal/ggufwrite"
+	"github.com/rbee/rbee-hive/internal/testkit"
 )
 
 // Context and slots of the llama backend: 1024 tokens shared by 2 slots.
@@ -80,7 +81,7 @@ type event struct {
 // stream posts a streamed request through the hive and returns its events;
 // after stop events (0: all) it hangs up.
 func (h *hive) stream(ctx context.Context, path string, body map[string]any, stop int) ([]event, error) {
-	resp, err := h.req(ctx, "POST", path, body)
+	resp, err := h.Request(ctx, "POST", path, body)
 	if err != nil {
 		return nil, err
 	}
@@ -147,13 +148,13 @@ func engineSlots(t testing.TB, workerURL string) (processing int, decoded []int)
 
 func TestLlamaServerThroughTheHive(t *testing.T) {
 	bin := llamaServer(t)
-	dir := passableTempDir(t)
+	dir := testkit.PassableTempDir(t)
 	modelPath := writeModel(t, dir)
 	h := startHive(t, backends(t, bin))
 	const sel = `backend="llama-server"`
 
 	// Spawn: loading, then idle once llama-server's /health says 200.
-	code, body := h.do("POST", "/v1/workers/spawn", map[string]any{"model_ref": "file:" + modelPath, "backend": "llama-server", "device": 0})
+	code, body := h.Do("POST", "/v1/workers/spawn", map[string]any{"model_ref": "file:" + modelPath, "backend": "llama-server", "device": 0})
 	if code != http.StatusOK {
 		t.Fatalf("spawn: %d %s", code, body)
 	}
@@ -167,7 +168,7 @@ func TestLlamaServerThroughTheHive(t *testing.T) {
 	}
 	id := sp.WorkerID
 	var wi workerInfo
-	waitFor(t, 60*time.Second, "the worker to be idle", func() bool {
+	testkit.WaitFor(t, 60*time.Second, "the worker to be idle", func() bool {
 		wi, _ = h.worker(id)
 		if wi.State == "failed" || wi.State == "stopped" {
 			t.Fatalf("worker %s: %+v", wi.State, wi)
@@ -187,11 +188,11 @@ func TestLlamaServerThroughTheHive(t *testing.T) {
 			t.Fatal(err)
 		}
 		// One request first, so every buffer has been touched.
-		if code, body := h.do("POST", "/v1/workers/"+id+"/v1/completions", map[string]any{"prompt": "warm", "max_tokens": 4}); code != http.StatusOK {
+		if code, body := h.Do("POST", "/v1/workers/"+id+"/v1/completions", map[string]any{"prompt": "warm", "max_tokens": 4}); code != http.StatusOK {
 			t.Fatalf("completion: %d %s", code, body)
 		}
 		rss, hwm := procStatus(t, *wi.PID)
-		_, logs := h.do("GET", "/v1/workers/"+id+"/logs", nil)
+		_, logs := h.Do("GET", "/v1/workers/"+id+"/logs", nil)
 		buf := logBuffers(string(logs))
 		ratio := float64(est.RAMBytes) / float64(hwm)
 		report := fmt.Sprintf("estimate (ctx %d, parallel %d, CPU): RAM %d B = weights %d + KV %d + compute %d + overhead %d\n"+
@@ -212,7 +213,7 @@ func TestLlamaServerThroughTheHive(t *testing.T) {
 
 	chat := "/v1/workers/" + id + "/v1/chat/completions"
 	t.Run("streamed chat arrives token by token", func(t *testing.T) {
-		m0 := h.metrics()
+		m0 := string(h.Metrics())
 		evs, err := h.stream(context.Background(), chat, map[string]any{
 			"messages": []map[string]string{{"role": "user", "content": "Hello"}}, "max_tokens": 48, "stream": true}, 0)
 		if err != nil {
@@ -248,7 +249,7 @@ func TestLlamaServerThroughTheHive(t *testing.T) {
 			t.Errorf("first chunk at %v, last at %v: the stream was buffered", first, lastC)
 		}
 		t.Logf("%d content chunks over %v", len(content), lastC.Sub(first))
-		m := h.metrics()
+		m := string(h.Metrics())
 		moved := func(name, sel string) float64 { return metric(m, name, sel) - metric(m0, name, sel) }
 		for _, name := range []string{"rbee_hive_inference_time_to_first_token_seconds_count", "rbee_hive_inference_duration_seconds_count",
 			"rbee_hive_inference_tokens_per_second_count", "rbee_hive_inference_tokens_total", "rbee_hive_inference_prompt_tokens_total"} {
@@ -268,7 +269,7 @@ func TestLlamaServerThroughTheHive(t *testing.T) {
 	})
 
 	t.Run("non-streamed completion", func(t *testing.T) {
-		code, body := h.do("POST", "/v1/workers/"+id+"/v1/completions", map[string]any{"prompt": "abc", "max_tokens": 8})
+		code, body := h.Do("POST", "/v1/workers/"+id+"/v1/completions", map[string]any{"prompt": "abc", "max_tokens": 8})
 		if code != http.StatusOK {
 			t.Fatalf("%d %s", code, body)
 		}
@@ -283,18 +284,18 @@ func TestLlamaServerThroughTheHive(t *testing.T) {
 		if err := json.Unmarshal(body, &r); err != nil || len(r.Choices) != 1 || r.Choices[0].Text == "" || r.Usage.CompletionTokens != 8 {
 			t.Errorf("completion %s (%v)", body, err)
 		}
-		code, body = h.do("POST", "/v1/workers/"+id+"/completion", map[string]any{"prompt": "abc", "n_predict": 4})
+		code, body = h.Do("POST", "/v1/workers/"+id+"/completion", map[string]any{"prompt": "abc", "n_predict": 4})
 		if code != http.StatusOK || !strings.Contains(string(body), `"content"`) {
 			t.Errorf("native /completion: %d %s", code, body)
 		}
-		code, _ = h.do("POST", "/v1/workers/"+id+"/inference", map[string]any{"prompt": "abc"})
+		code, _ = h.Do("POST", "/v1/workers/"+id+"/inference", map[string]any{"prompt": "abc"})
 		if code != http.StatusNotFound {
 			t.Errorf("rbee route on an OpenAI engine: %d, want 404", code)
 		}
 	})
 
 	t.Run("client hang-up frees the engine's slot", func(t *testing.T) {
-		before := metric(h.metrics(), "rbee_hive_inference_requests_total", `status="cancelled"`)
+		before := metric(string(h.Metrics()), "rbee_hive_inference_requests_total", `status="cancelled"`)
 		ctx, cancel := context.WithCancel(context.Background())
 		const maxTokens = 400
 		evs, err := h.stream(ctx, chat, map[string]any{
@@ -303,7 +304,7 @@ func TestLlamaServerThroughTheHive(t *testing.T) {
 		if err != nil || len(evs) != 3 {
 			t.Fatalf("%d events, %v", len(evs), err)
 		}
-		waitFor(t, 30*time.Second, "the engine to free its slot", func() bool {
+		testkit.WaitFor(t, 30*time.Second, "the engine to free its slot", func() bool {
 			n, _ := engineSlots(t, wi.URL)
 			return n == 0
 		})
@@ -314,8 +315,8 @@ func TestLlamaServerThroughTheHive(t *testing.T) {
 				}
 			}
 		}
-		waitFor(t, 10*time.Second, "the hive to count the cancel", func() bool {
-			return metric(h.metrics(), "rbee_hive_inference_requests_total", `status="cancelled"`) == before+1
+		testkit.WaitFor(t, 10*time.Second, "the hive to count the cancel", func() bool {
+			return metric(string(h.Metrics()), "rbee_hive_inference_requests_total", `status="cancelled"`) == before+1
 		})
 		w, _ := h.worker(id)
 		if w.State != "idle" || w.SlotsAvailable != parallel {
@@ -367,7 +368,7 @@ func TestLlamaServerThroughTheHive(t *testing.T) {
 		if !busy || maxInFlight < 3 || minSlots != 0 {
 			t.Errorf("busy %v, max in flight %d (want ≥ 3), fewest free slots %d (want 0)", busy, maxInFlight, minSlots)
 		}
-		waitFor(t, 10*time.Second, "idle again", func() bool {
+		testkit.WaitFor(t, 10*time.Second, "idle again", func() bool {
 			w, _ := h.worker(id)
 			return w.State == "idle" && w.InFlight == 0
 		})
@@ -378,11 +379,11 @@ func TestLlamaServerThroughTheHive(t *testing.T) {
 		if err := syscall.Kill(*w.PID, syscall.SIGKILL); err != nil {
 			t.Fatal(err)
 		}
-		waitFor(t, 60*time.Second, "a restart to idle", func() bool {
+		testkit.WaitFor(t, 60*time.Second, "a restart to idle", func() bool {
 			w, _ = h.worker(id)
 			return w.RestartCount >= 1 && w.State == "idle"
 		})
-		code, body := h.do("POST", "/v1/workers/"+id+"/v1/completions", map[string]any{"prompt": "x", "max_tokens": 4})
+		code, body := h.Do("POST", "/v1/workers/"+id+"/v1/completions", map[string]any{"prompt": "x", "max_tokens": 4})
 		if code != http.StatusOK {
 			t.Errorf("after restart: %d %s", code, body)
 		}
@@ -403,7 +404,7 @@ func TestLlamaServerThroughTheHive(t *testing.T) {
 		}
 		limit := int64(est.KVCacheBytes / 2)
 		t.Logf("oom backend: estimate %d B (KV %d B), memory limit %d B", est.RAMBytes, est.KVCacheBytes, limit)
-		code, body := h.do("POST", "/v1/workers/spawn", map[string]any{"model_ref": "file:" + bigPath, "backend": "llama-big-context",
+		code, body := h.Do("POST", "/v1/workers/spawn", map[string]any{"model_ref": "file:" + bigPath, "backend": "llama-big-context",
 			"device": 0, "memory_limit_bytes": limit})
 		if code != http.StatusOK {
 			t.Fatalf("spawn: %d %s", code, body)
@@ -413,11 +414,11 @@ func TestLlamaServerThroughTheHive(t *testing.T) {
 		}
 		_ = json.Unmarshal(body, &sp)
 		var w workerInfo
-		waitFor(t, 60*time.Second, "an oom exit", func() bool {
+		testkit.WaitFor(t, 60*time.Second, "an oom exit", func() bool {
 			w, _ = h.worker(sp.WorkerID)
 			return w.ExitReason == "oom"
 		})
-		if code, _ := h.do("DELETE", "/v1/workers/"+sp.WorkerID, nil); code != http.StatusOK {
+		if code, _ := h.Do("DELETE", "/v1/workers/"+sp.WorkerID, nil); code != http.StatusOK {
 			t.Errorf("DELETE oom worker: %d", code)
 		}
 	})
@@ -427,7 +428,7 @@ func TestLlamaServerThroughTheHive(t *testing.T) {
 		if err := ggufwrite.TinyLlama(tiny); err != nil {
 			t.Fatal(err)
 		}
-		code, body := h.do("POST", "/v1/workers/spawn", map[string]any{"model_ref": "file:" + tiny, "backend": "llama-server", "device": 0})
+		code, body := h.Do("POST", "/v1/workers/spawn", map[string]any{"model_ref": "file:" + tiny, "backend": "llama-server", "device": 0})
 		if code != http.StatusOK {
 			t.Fatalf("spawn: %d %s", code, body)
 		}
@@ -435,14 +436,14 @@ func TestLlamaServerThroughTheHive(t *testing.T) {
 			WorkerID string `json:"worker_id"`
 		}
 		_ = json.Unmarshal(body, &sp)
-		waitFor(t, 60*time.Second, "the tiny worker to be idle", func() bool {
+		testkit.WaitFor(t, 60*time.Second, "the tiny worker to be idle", func() bool {
 			w, _ := h.worker(sp.WorkerID)
 			return w.State == "idle"
 		})
 		// The output bias keeps </s> and byte tokens from ever being
 		// sampled: every request runs to max_tokens.
 		for range 3 {
-			code, body = h.do("POST", "/v1/workers/"+sp.WorkerID+"/v1/completions", map[string]any{"prompt": "Once", "max_tokens": 200})
+			code, body = h.Do("POST", "/v1/workers/"+sp.WorkerID+"/v1/completions", map[string]any{"prompt": "Once", "max_tokens": 200})
 			var r struct {
 				Choices []struct {
 					FinishReason string `json:"finish_reason"`
@@ -455,14 +456,14 @@ func TestLlamaServerThroughTheHive(t *testing.T) {
 				t.Errorf("tiny model completion: %d %s", code, body)
 			}
 		}
-		if code, _ := h.do("DELETE", "/v1/workers/"+sp.WorkerID, nil); code != http.StatusOK {
+		if code, _ := h.Do("DELETE", "/v1/workers/"+sp.WorkerID, nil); code != http.StatusOK {
 			t.Errorf("DELETE tiny worker: %d", code)
 		}
 	})
 
 	t.Run("DELETE: gone, leaf removed", func(t *testing.T) {
 		var leaves []string
-		for _, d := range cgroupDirs(h.cgroupRoot) {
+		for _, d := range testkit.CgroupDirs(h.CgroupRoot) {
 			if _, err := os.Stat(filepath.Join(d, "workers", id)); err == nil {
 				leaves = append(leaves, filepath.Join(d, "workers", id))
 			}
@@ -470,7 +471,7 @@ func TestLlamaServerThroughTheHive(t *testing.T) {
 		if len(leaves) == 0 {
 			t.Errorf("no cgroup leaf for %s before DELETE", id)
 		}
-		if code, body := h.do("DELETE", "/v1/workers/"+id, nil); code != http.StatusOK {
+		if code, body := h.Do("DELETE", "/v1/workers/"+id, nil); code != http.StatusOK {
 			t.Fatalf("DELETE: %d %s", code, body)
 		}
 		if _, code := h.worker(id); code != http.StatusNotFound {

@@ -8,12 +8,14 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/rbee/rbee-hive/internal/testkit"
 )
 
 // servedWorkers are the ids of the hive's live workers of a served model.
 func (h *hive) servedWorkers(served string) []string {
-	h.t.Helper()
-	code, b := h.do("GET", "/v1/workers/list", nil)
+	h.T.Helper()
+	code, b := h.Do("GET", "/v1/workers/list", nil)
 	var list struct {
 		Workers []struct {
 			ID     string `json:"id"`
@@ -22,7 +24,7 @@ func (h *hive) servedWorkers(served string) []string {
 		} `json:"workers"`
 	}
 	if err := json.Unmarshal(b, &list); code != http.StatusOK || err != nil {
-		h.t.Fatalf("workers list: %d %v %s", code, err, b)
+		h.T.Fatalf("workers list: %d %v %s", code, err, b)
 	}
 	var ids []string
 	for _, w := range list.Workers {
@@ -75,7 +77,7 @@ ttl = "2s"
 	}
 
 	start := time.Now()
-	code, b := h.do("POST", "/openai/v1/chat/completions", map[string]any{
+	code, b := h.Do("POST", "/openai/v1/chat/completions", map[string]any{
 		"model": "tiny", "messages": []map[string]string{{"role": "user", "content": "again"}}, "max_tokens": 8,
 	})
 	warm := time.Since(start)
@@ -85,7 +87,7 @@ ttl = "2s"
 	if again := h.servedWorkers("tiny"); len(again) != 1 || again[0] != ids[0] {
 		t.Errorf("the second request did not reuse worker %s: %v", ids[0], again)
 	}
-	m := h.metrics()
+	m := string(h.Metrics())
 	for sel, want := range map[string]float64{
 		`rbee_hive_openai_loads_total{model="tiny",reason="request"}`:                         1,
 		`rbee_hive_openai_cold_start_seconds_count{model="tiny"}`:                             1,
@@ -99,7 +101,7 @@ ttl = "2s"
 	t.Logf("cold request (load + %d events) %v, warm request %v: cold/warm ×%.1f", len(evs), cold.Round(time.Millisecond), warm.Round(time.Millisecond), cold.Seconds()/warm.Seconds())
 	// The cold start split by the hive's own log lines for the worker.
 	at := map[string]time.Time{}
-	for _, line := range strings.Split(h.logs.String(), "\n") {
+	for _, line := range strings.Split(h.Logs.String(), "\n") {
 		var e struct {
 			Time     time.Time `json:"time"`
 			Msg      string    `json:"msg"`
@@ -114,8 +116,8 @@ ttl = "2s"
 			reg.Sub(t0).Round(time.Microsecond), st.Sub(reg).Round(time.Microsecond), rdy.Sub(st).Round(time.Millisecond), evs[0].at.Sub(rdy).Round(time.Millisecond))
 	}
 
-	waitFor(t, time.Minute, "the ttl unload", func() bool {
-		return metric(h.metrics(), "rbee_hive_openai_unloads_total", `{model="tiny",reason="ttl"}`) == 1
+	testkit.WaitFor(t, time.Minute, "the ttl unload", func() bool {
+		return metric(string(h.Metrics()), "rbee_hive_openai_unloads_total", `{model="tiny",reason="ttl"}`) == 1
 	})
-	waitFor(t, 30*time.Second, "the worker to be gone", func() bool { return len(h.servedWorkers("tiny")) == 0 })
+	testkit.WaitFor(t, 30*time.Second, "the worker to be gone", func() bool { return len(h.servedWorkers("tiny")) == 0 })
 }

@@ -23,7 +23,6 @@ import (
 	mrand "math/rand/v2"
 	"net/http"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"sort"
 	"strconv"
@@ -128,16 +127,12 @@ func (c *counts) line() string {
 	return strings.Join(parts, " ")
 }
 
+// hive is the running daemon; its Runtime dir marks this hive's processes
+// (the notify socket in every worker's env).
 type hive struct {
-	t      *testing.T
-	cmd    *exec.Cmd
-	url    string
-	rt     string // runtime dir: the notify socket in every worker's env marks this hive's processes
-	token  string
+	*testkit.Hive
 	model  string
 	dirs   []string // the cgroup root's directories (every v1 hierarchy, or the v2 one)
-	logs   *testkit.SyncBuffer
-	done   chan struct{}
 	client *http.Client
 	c      *counts
 }
@@ -259,163 +254,19 @@ func startHive(t *testing.T) *hive {
 			t.Fatalf("%v: run `make build` first (make soak does)", err)
 		}
 	}
-	dir := passableTempDir(t)
-	rt, err := os.MkdirTemp("", "rbs") // a short path for the notify socket
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { os.RemoveAll(rt) })
-	if err := os.Chmod(rt, 0o711); err != nil {
-		t.Fatal(err)
-	}
-	cgRoot := randomName("rbee-soak-")
-	if cgroupV2() {
-		cgRoot = "/sys/fs/cgroup/" + cgRoot
-	}
-	port := testkit.FreePort(t)
-	// Below model_dir (<state_dir>/models), the default models.file_roots.
-	model := filepath.Join(dir, "state", "models", "model.gguf")
-	if err := os.MkdirAll(filepath.Dir(model), 0o755); err != nil {
-		t.Fatal(err)
-	}
-	if err := os.WriteFile(model, []byte("rbee-simworker placeholder model\n"), 0o644); err != nil {
-		t.Fatal(err)
-	}
-	cfgPath := filepath.Join(dir, "hive.toml")
-	cfg := fmt.Sprintf(config, port, filepath.Join(dir, "state"), rt, cgRoot)
-	if err := os.WriteFile(cfgPath, []byte(cfg), 0o600); err != nil {
-		t.Fatal(err)
-	}
-	h := &hive{t: t, url: fmt.Sprintf("http://127.0.0.1:%d", port), rt: rt, model: "file:" + model, dirs: cgroupDirs(cgRoot),
-		logs: &testkit.SyncBuffer{}, done: make(chan struct{}), c: &counts{n: map[string]int{}},
-		client: &http.Client{Timeout: 30 * time.Second}}
-	h.cmd = exec.Command(filepath.Join(root, "rbee-hive"), "daemon", "--config", cfgPath)
-	h.cmd.Env = []string{"PATH=/usr/sbin:/usr/bin:/sbin:/bin", "HOME=" + dir}
-	h.cmd.Stdout, h.cmd.Stderr = h.logs, h.logs
-	h.cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
-	if err := h.cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	go func() { _ = h.cmd.Wait(); close(h.done) }()
-	t.Cleanup(h.cleanup)
-	deadline := time.Now().Add(30 * time.Second)
-	for {
-		resp, err := http.Get(h.url + "/v1/health")
-		if err == nil {
-			resp.Body.Close()
-			if resp.StatusCode == http.StatusOK {
-				break
-			}
-		}
-		select {
-		case <-h.done:
-			t.Fatalf("hive exited at start: %v\n%s", h.cmd.ProcessState, h.logs.String())
-		case <-time.After(100 * time.Millisecond):
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("hive not answering /v1/health within 30s:\n%s", h.logs.String())
-		}
-	}
-	tok, err := os.ReadFile(filepath.Join(dir, "state", "api-token"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	h.token = strings.TrimSpace(string(tok))
-	return h
-}
-
-// cleanup stops the hive, then kills and removes whatever it left (and
-// fails the test for it).
-func (h *hive) cleanup() {
-	select {
-	case <-h.done:
-		h.t.Errorf("the hive exited during the soak: %v", h.cmd.ProcessState)
-	default:
-		_ = h.cmd.Process.Signal(syscall.SIGTERM)
-		select {
-		case <-h.done:
-		case <-time.After(60 * time.Second):
-			h.t.Errorf("hive ignored SIGTERM for 60s; killing it")
-			_ = h.cmd.Process.Kill()
-			<-h.done
-		}
-	}
-	for _, d := range h.dirs {
-		leaves, _ := filepath.Glob(filepath.Join(d, "workers", "w-*"))
-		for _, leaf := range leaves {
-			h.t.Errorf("worker cgroup %s left behind after the hive stopped", leaf)
-			killCgroup(leaf)
-		}
-		for _, sub := range []string{"workers", "supervisor", ""} {
-			_ = os.Remove(filepath.Join(d, sub))
-		}
-	}
-	if h.t.Failed() {
-		logs := h.logs.String()
-		if len(logs) > 20000 {
-			logs = "...\n" + logs[len(logs)-20000:]
-		}
-		h.t.Logf("hive output:\n%s", logs)
-	}
-}
-
-func cgroupV2() bool {
-	_, err := os.Stat("/sys/fs/cgroup/cgroup.controllers")
-	return err == nil
-}
-
-// cgroupDirs are a hive root's directories: itself on v2; on v1 the root
-// nested under this process's cgroup in every hierarchy.
-func cgroupDirs(root string) []string {
-	if filepath.IsAbs(root) {
-		return []string{root}
-	}
-	data, _ := os.ReadFile("/proc/self/cgroup")
-	seen := map[string]bool{}
-	var dirs []string
-	for _, line := range strings.Split(string(data), "\n") {
-		parts := strings.SplitN(line, ":", 3)
-		if len(parts) != 3 || parts[1] == "" || strings.HasPrefix(parts[1], "name=") {
-			continue
-		}
-		d := filepath.Join("/sys/fs/cgroup", parts[1], parts[2], root)
-		if !seen[d] {
-			seen[d] = true
-			dirs = append(dirs, d)
-		}
-	}
-	return dirs
-}
-
-func killCgroup(dir string) {
-	for range 50 {
-		pids := procs(dir)
-		if len(pids) == 0 {
-			break
-		}
-		for _, pid := range pids {
-			_ = syscall.Kill(pid, syscall.SIGKILL)
-		}
-		time.Sleep(20 * time.Millisecond)
-	}
-	_ = os.Remove(dir)
-}
-
-func procs(dir string) []int {
-	data, _ := os.ReadFile(filepath.Join(dir, "cgroup.procs"))
-	var pids []int
-	for _, f := range strings.Fields(string(data)) {
-		if pid, err := strconv.Atoi(f); err == nil {
-			pids = append(pids, pid)
-		}
-	}
-	return pids
+	env := testkit.NewHiveEnv(t, "rbee-soak-")
+	model := env.PlaceholderModel(t)
+	cfg := fmt.Sprintf(config, env.Port, env.State, env.Runtime, env.CgroupRoot)
+	h := testkit.StartHive(t, env, testkit.HiveOptions{Bin: filepath.Join(root, "rbee-hive"), Config: cfg,
+		StartTimeout: 30 * time.Second, StopTimeout: 60 * time.Second, MustOutlive: true, LogTail: 20000})
+	return &hive{Hive: h, model: "file:" + model, dirs: testkit.CgroupDirs(env.CgroupRoot),
+		c: &counts{n: map[string]int{}}, client: &http.Client{Timeout: 30 * time.Second}}
 }
 
 // call sends an authenticated request; what is the action's name for the
 // tally. A 500 is always a violation; other 5xx are counted by status.
 func (h *hive) call(method, path string, body []byte, what string) (int, []byte) {
-	return h.callCtx(context.Background(), method, path, body, what, "Bearer "+h.token)
+	return h.callCtx(context.Background(), method, path, body, what, "Bearer "+h.Token)
 }
 
 func (h *hive) callCtx(ctx context.Context, method, path string, body []byte, what, auth string) (int, []byte) {
@@ -423,7 +274,7 @@ func (h *hive) callCtx(ctx context.Context, method, path string, body []byte, wh
 	if body != nil {
 		r = bytes.NewReader(body)
 	}
-	req, err := http.NewRequestWithContext(ctx, method, h.url+path, r)
+	req, err := http.NewRequestWithContext(ctx, method, h.URL+path, r)
 	if err != nil {
 		h.c.violate("%s: %v", what, err)
 		return 0, nil
@@ -557,7 +408,7 @@ func (h *hive) chaosStep(ctx context.Context, rng *mrand.Rand, faulted map[strin
 		if w, ok := pick(); ok {
 			faulted[w.ID] = true
 			for _, d := range h.dirs {
-				ps := procs(filepath.Join(d, "workers", w.ID))
+				ps := testkit.CgroupPIDs(filepath.Join(d, "workers", w.ID))
 				if len(ps) > 0 {
 					victim := ps[rng.IntN(len(ps))]
 					_ = syscall.Kill(victim, syscall.SIGKILL)
@@ -586,8 +437,8 @@ func (h *hive) infer(ctx context.Context, id string, cut, expectOK bool) {
 	ctx, cancel := context.WithTimeout(ctx, 20*time.Second)
 	defer cancel()
 	body := []byte(`{"job_id":"soak-` + randomName("") + `","prompt":"hello soak","max_tokens":40}`)
-	req, _ := http.NewRequestWithContext(ctx, "POST", h.url+"/v1/workers/"+id+"/inference", bytes.NewReader(body))
-	req.Header.Set("Authorization", "Bearer "+h.token)
+	req, _ := http.NewRequestWithContext(ctx, "POST", h.URL+"/v1/workers/"+id+"/inference", bytes.NewReader(body))
+	req.Header.Set("Authorization", "Bearer "+h.Token)
 	req.Header.Set("Content-Type", "application/json")
 	resp, err := h.client.Do(req)
 	if err != nil {
@@ -631,7 +482,7 @@ func (h *hive) badRequest(rng *mrand.Rand) {
 	type bad struct {
 		method, path, body, auth string
 	}
-	tok := "Bearer " + h.token
+	tok := "Bearer " + h.Token
 	cases := []bad{
 		{"POST", "/v1/workers/spawn", `{"model_ref":`, tok},
 		{"POST", "/v1/workers/spawn", `{"model_ref":"hf:a/b","backend":"nope","device":0}`, tok},
@@ -695,7 +546,7 @@ func (h *hive) workerEnvProcs() map[int]string {
 			continue
 		}
 		env, err := os.ReadFile(fmt.Sprintf("/proc/%d/environ", pid))
-		if err != nil || !bytes.Contains(env, []byte("NOTIFY_SOCKET="+h.rt+"/")) {
+		if err != nil || !bytes.Contains(env, []byte("NOTIFY_SOCKET="+h.Runtime+"/")) {
 			continue
 		}
 		for _, kv := range bytes.Split(env, []byte{0}) {
@@ -772,7 +623,7 @@ func (h *hive) noStrayProcess() []string {
 		}
 	}
 	for _, d := range h.dirs {
-		if ps := procs(filepath.Join(d, "workers")); len(ps) > 0 {
+		if ps := testkit.CgroupPIDs(filepath.Join(d, "workers")); len(ps) > 0 {
 			bad = append(bad, fmt.Sprintf("pids %v in %s/workers itself", ps, d))
 		}
 	}
@@ -844,7 +695,7 @@ type resources struct {
 
 func (h *hive) resources() resources {
 	var r resources
-	pid := h.cmd.Process.Pid
+	pid := h.Cmd.Process.Pid
 	fds, _ := os.ReadDir(fmt.Sprintf("/proc/%d/fd", pid))
 	r.fds = len(fds)
 	status, _ := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
@@ -859,18 +710,4 @@ func (h *hive) resources() resources {
 		}
 	}
 	return r
-}
-
-// passableTempDir is t.TempDir with it and its parent 0711: workers run
-// under uids of their own and must pass through to the notify socket and
-// the state dir, as they pass through /run and /var/lib.
-func passableTempDir(t testing.TB) string {
-	t.Helper()
-	dir := t.TempDir()
-	for _, d := range []string{dir, filepath.Dir(dir)} {
-		if err := os.Chmod(d, 0o711); err != nil {
-			t.Fatal(err)
-		}
-	}
-	return dir
 }

@@ -159,44 +159,22 @@ type oaiGen struct {
 // each (if set) per token; ok is false when ctx ended or the worker wedged
 // or each failed.
 func (g *oaiGen) generate(ctx context.Context, maxTokens int, seed uint64, stops []string, each func(string) bool) (string, string, bool) {
-	var gap time.Duration
-	if g.s.cfg.TokensPerSecond > 0 {
-		gap = time.Duration(float64(time.Second) / g.s.cfg.TokensPerSecond)
-	}
-	var text strings.Builder
-	next := time.Now()
-	finish := "length"
-	for i := 0; i < maxTokens; i++ {
-		if gap > 0 {
-			next = next.Add(gap)
-			if d := time.Until(next); d > 0 {
-				t := time.NewTimer(d)
-				select {
-				case <-ctx.Done():
-					t.Stop()
-					return "", "", false
-				case <-g.s.hung:
-					t.Stop()
-					<-ctx.Done()
-					return "", "", false
-				case <-t.C:
-				}
-			}
-		}
-		tok := tokenText(seed, i)
+	text, _, matched, ok := g.s.tokens(ctx, time.Now(), maxTokens, seed, stops, func(_ int, tok string) bool {
 		if each != nil && !each(tok) {
-			return "", "", false
+			return false
 		}
 		g.usage.CompletionTokens++
-		g.s.tokensOut.Add(1)
-		text.WriteString(tok)
-		if _, ok := matchStop(text.String(), stops); ok {
-			finish = "stop"
-			break
-		}
+		return true
+	})
+	if !ok {
+		return "", "", false
+	}
+	finish := "length"
+	if matched {
+		finish = "stop"
 	}
 	g.usage.TotalTokens = g.usage.PromptTokens + g.usage.CompletionTokens
-	return text.String(), finish, true
+	return text, finish, true
 }
 
 func (g *oaiGen) chunk(choices []any) map[string]any {
@@ -225,20 +203,8 @@ func (g *oaiGen) delta(content *string, finish *string) map[string]any {
 // stream sends one SSE chunk per token, a final chunk with the finish
 // reason, the usage chunk if asked, and [DONE], as llama-server does.
 func (g *oaiGen) stream(ctx context.Context, w http.ResponseWriter, maxTokens int, seed uint64, stops []string, usage bool) {
-	w.Header().Set("Content-Type", "text/event-stream")
-	w.Header().Set("Cache-Control", "no-cache")
-	w.WriteHeader(http.StatusOK)
-	rc := http.NewResponseController(w)
-	send := func(v any) bool {
-		b, err := json.Marshal(v)
-		if err != nil {
-			return false
-		}
-		if _, err := fmt.Fprintf(w, "data: %s\n\n", b); err != nil {
-			return false
-		}
-		return rc.Flush() == nil
-	}
+	e := startSSE(w)
+	send := e.send
 	if g.chat {
 		first := g.chunk([]any{map[string]any{"index": 0, "delta": map[string]string{"role": "assistant", "content": ""}, "finish_reason": nil}})
 		if !send(first) {
@@ -256,7 +222,5 @@ func (g *oaiGen) stream(ctx context.Context, w http.ResponseWriter, maxTokens in
 			return
 		}
 	}
-	if _, err := io.WriteString(w, "data: [DONE]\n\n"); err == nil {
-		_ = rc.Flush()
-	}
+	e.done()
 }

@@ -274,30 +274,42 @@ type endEvent struct {
 }
 
 func (s *state) stream(ctx context.Context, w http.ResponseWriter, jobID string, maxTokens int, seed uint64, stops []string) {
-	w.Header().Set("Content-Type", "text/event-stream")
-	w.Header().Set("Cache-Control", "no-cache")
-	w.WriteHeader(http.StatusOK)
-	rc := http.NewResponseController(w)
-	send := func(v any) bool {
-		b, err := json.Marshal(v)
-		if err != nil {
-			return false
-		}
-		if _, err := fmt.Fprintf(w, "data: %s\n\n", b); err != nil {
-			return false
-		}
-		return rc.Flush() == nil
-	}
+	e := startSSE(w)
 	start := time.Now()
-	if !send(startedEvent{"started", jobID, s.cfg.modelName(), itoa(start.Unix())}) {
+	if !e.send(startedEvent{"started", jobID, s.cfg.modelName(), itoa(start.Unix())}) {
 		return
 	}
+	end := endEvent{Type: "end", StopReason: "MAX_TOKENS"}
+	_, m, matched, ok := s.tokens(ctx, start, maxTokens, seed, stops, func(i int, tok string) bool {
+		if !e.send(tokenEvent{"token", tok, i}) {
+			return false
+		}
+		end.TokensOut++
+		return true
+	})
+	if !ok {
+		return
+	}
+	if matched {
+		end.StopReason, end.StopSequenceMatched = "STOP_SEQUENCE", &m
+	}
+	end.DecodeTimeMs = time.Since(start).Milliseconds()
+	if !e.send(end) {
+		return
+	}
+	e.done()
+}
+
+// tokens produces up to maxTokens tokens of seed, paced at the configured
+// rate from start, calling each (if set) per token, until one of stops
+// matches the text (matched, and which). ok is false when ctx ended, the
+// worker wedged or each failed.
+func (s *state) tokens(ctx context.Context, start time.Time, maxTokens int, seed uint64, stops []string, each func(i int, tok string) bool) (text, stop string, matched, ok bool) {
 	var gap time.Duration
 	if s.cfg.TokensPerSecond > 0 {
 		gap = time.Duration(float64(time.Second) / s.cfg.TokensPerSecond)
 	}
-	var text strings.Builder
-	end := endEvent{Type: "end", StopReason: "MAX_TOKENS"}
+	var b strings.Builder
 	next := start
 	for i := 0; i < maxTokens; i++ {
 		if gap > 0 {
@@ -307,33 +319,58 @@ func (s *state) stream(ctx context.Context, w http.ResponseWriter, jobID string,
 				select {
 				case <-ctx.Done():
 					t.Stop()
-					return
+					return "", "", false, false
 				case <-s.hung:
 					t.Stop()
 					<-ctx.Done() // a wedged worker stops mid-stream
-					return
+					return "", "", false, false
 				case <-t.C:
 				}
 			}
 		}
 		tok := tokenText(seed, i)
-		if !send(tokenEvent{"token", tok, i}) {
-			return
+		if each != nil && !each(i, tok) {
+			return "", "", false, false
 		}
-		end.TokensOut++
 		s.tokensOut.Add(1)
-		text.WriteString(tok)
-		if m, ok := matchStop(text.String(), stops); ok {
-			end.StopReason, end.StopSequenceMatched = "STOP_SEQUENCE", &m
-			break
+		b.WriteString(tok)
+		if m, ok := matchStop(b.String(), stops); ok {
+			return b.String(), m, true, true
 		}
 	}
-	end.DecodeTimeMs = time.Since(start).Milliseconds()
-	if !send(end) {
-		return
+	return b.String(), "", false, true
+}
+
+// sse writes a server-sent event stream: one JSON object per event, each
+// flushed.
+type sse struct {
+	w  http.ResponseWriter
+	rc *http.ResponseController
+}
+
+func startSSE(w http.ResponseWriter) sse {
+	w.Header().Set("Content-Type", "text/event-stream")
+	w.Header().Set("Cache-Control", "no-cache")
+	w.WriteHeader(http.StatusOK)
+	return sse{w: w, rc: http.NewResponseController(w)}
+}
+
+// send reports whether the event reached the client.
+func (e sse) send(v any) bool {
+	b, err := json.Marshal(v)
+	if err != nil {
+		return false
 	}
-	if _, err := io.WriteString(w, "data: [DONE]\n\n"); err == nil {
-		_ = rc.Flush()
+	if _, err := fmt.Fprintf(e.w, "data: %s\n\n", b); err != nil {
+		return false
+	}
+	return e.rc.Flush() == nil
+}
+
+// done ends the stream with [DONE].
+func (e sse) done() {
+	if _, err := io.WriteString(e.w, "data: [DONE]\n\n"); err == nil {
+		_ = e.rc.Flush()
 	}
 }
 
