@@ -29,6 +29,10 @@ S=$R/mnt/sdtest
 # The host's own services stay down: no enablement links, no generators.
 rm -rf $R/etc/systemd/system/*.wants $R/etc/systemd/system/*.requires
 rm -f $R/.dockerenv $R/etc/systemd/system/dbus-org.freedesktop.timesync1.service
+# A hive the host ran outside systemd (`make run`) left its state and config
+# in the host's /: the VM starts from neither (whiteouts in the overlay; the
+# host is untouched).
+rm -rf $R/var/lib/rbee-hive $R/var/lib/private/rbee-hive $R/run/rbee-hive $R/etc/rbee-hive
 mkdir -p $R/etc/systemd/system-generators
 for g in $R/lib/systemd/system-generators/*; do ln -sf /dev/null "$R/etc/systemd/system-generators/${g##*/}"; done
 for u in getty.target dbus.service dbus.socket systemd-logind.service systemd-timesyncd.service \
