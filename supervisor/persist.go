@@ -67,7 +67,7 @@ func (s *Supervisor) persist(w *worker) {
 		RestartPolicy: string(w.restartPolicy), RestartCount: w.restartCount,
 		Failures:    append([]time.Time(nil), w.recentFailures...),
 		MemoryLimit: w.memoryLimit, VRAMClaim: int64(w.vramRequested), GPU: w.gpuUUID,
-		TokenHash: w.tokenHash[:], State: string(w.state),
+		TokenHash: append([]byte(nil), w.tokenHash[:]...), State: string(w.state), // a copy: the store writes it later
 		AdoptedAt: w.adoptedAt, CreatedAt: w.createdAt, Served: w.served, ContextSize: w.contextSize,
 	}
 	rec.StdoutOffset, rec.StderrOffset = w.outShipped.get()
