@@ -6,7 +6,9 @@ import (
 	"fmt"
 	"io"
 	"mime"
+	"net"
 	"net/http"
+	"os"
 )
 
 // MaxBodyBytes caps every request body.
@@ -31,6 +33,8 @@ func DecodeJSON(w http.ResponseWriter, r *http.Request, v any) error {
 			return Errorf(http.StatusRequestEntityTooLarge, CodePayloadTooLarge, "request body exceeds %d bytes", MaxBodyBytes)
 		case errors.Is(err, io.EOF):
 			return Errorf(http.StatusBadRequest, CodeInvalidJSON, "request body is empty")
+		case IsReadTimeout(err):
+			return Errorf(http.StatusRequestTimeout, CodeRequestTimeout, "the request body did not arrive in time")
 		case errors.As(err, &ute):
 			return Errorf(http.StatusUnprocessableEntity, CodeValidation, "field %q: expected %s", ute.Field, ute.Type).
 				WithDetails(map[string]any{"field": ute.Field})
@@ -50,6 +54,14 @@ func DecodeJSON(w http.ResponseWriter, r *http.Request, v any) error {
 		return Errorf(http.StatusBadRequest, CodeInvalidJSON, "malformed JSON: %v", err)
 	}
 	return nil
+}
+
+// IsReadTimeout reports whether a request body read failed on the
+// connection's read deadline (the server's ReadTimeout): the client was too
+// slow, which is a 408, not malformed JSON.
+func IsReadTimeout(err error) bool {
+	var ne net.Error
+	return errors.Is(err, os.ErrDeadlineExceeded) || (errors.As(err, &ne) && ne.Timeout())
 }
 
 // NotFound and MethodNotAllowed are the envelope versions of net/http's defaults.

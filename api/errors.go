@@ -20,6 +20,7 @@ const (
 	CodeMethodNotAllowed   = "METHOD_NOT_ALLOWED"
 	CodeConflict           = "CONFLICT"
 	CodePayloadTooLarge    = "PAYLOAD_TOO_LARGE"
+	CodeRequestTimeout     = "REQUEST_TIMEOUT" // 408: the request body did not arrive in time
 	CodeUnsupportedMedia   = "UNSUPPORTED_MEDIA_TYPE"
 	CodeInsufficientMemory = "INSUFFICIENT_MEMORY"
 	CodeInsufficientVRAM   = "INSUFFICIENT_VRAM"

@@ -33,7 +33,6 @@ import (
 	"net"
 	"net/http"
 	"net/url"
-	"os"
 	"strings"
 	"sync"
 	"time"
@@ -45,13 +44,13 @@ import (
 
 // Error codes the proxy adds to the api envelope and to SSE error events.
 const (
-	CodeWorkerUnreachable = "WORKER_UNREACHABLE"  // 502: no HTTP response from the worker
-	CodeWorkerTimeout     = "WORKER_TIMEOUT"      // 504: no response headers before the timeout
-	CodeWorkerBadResponse = "WORKER_BAD_RESPONSE" // 502: 200 but not text/event-stream
-	CodeStreamError       = "WORKER_STREAM_ERROR" // SSE: the stream ended before the end event
-	CodeStreamTimeout     = "TIMEOUT"             // SSE: the worker's own code for a timeout
-	CodeRequestTimeout    = "REQUEST_TIMEOUT"     // 408: the client's body did not arrive in time
-	CodeShuttingDown      = "HIVE_SHUTTING_DOWN"  // SSE: Drain ended the stream
+	CodeWorkerUnreachable = "WORKER_UNREACHABLE"   // 502: no HTTP response from the worker
+	CodeWorkerTimeout     = "WORKER_TIMEOUT"       // 504: no response headers before the timeout
+	CodeWorkerBadResponse = "WORKER_BAD_RESPONSE"  // 502: 200 but not text/event-stream
+	CodeStreamError       = "WORKER_STREAM_ERROR"  // SSE: the stream ended before the end event
+	CodeStreamTimeout     = "TIMEOUT"              // SSE: the worker's own code for a timeout
+	CodeRequestTimeout    = api.CodeRequestTimeout // 408: the client's body did not arrive in time
+	CodeShuttingDown      = "HIVE_SHUTTING_DOWN"   // SSE: Drain ended the stream
 )
 
 // Defaults for Options' zero values.
@@ -263,7 +262,7 @@ func (p *Proxy) serve(w http.ResponseWriter, r *http.Request, upstream *url.URL,
 		// bytes) or too slow for the server's read timeout is the
 		// request's fault: answer it with an envelope, like every other
 		// bad body. A client that is really gone never reads the answer.
-		if isReadTimeout(err) {
+		if api.IsReadTimeout(err) {
 			api.WriteError(w, api.Errorf(http.StatusRequestTimeout, CodeRequestTimeout, "the request body did not arrive in time"))
 		} else {
 			api.WriteError(w, api.Errorf(http.StatusBadRequest, api.CodeInvalidJSON, "request body incomplete: %v", err))
@@ -343,13 +342,6 @@ func startEventStream(w http.ResponseWriter, cw *clientWriter, correlationID str
 	}
 	w.WriteHeader(http.StatusOK)
 	cw.flush()
-}
-
-// isReadTimeout reports whether a body read failed on the connection's
-// read deadline (http.Server.ReadTimeout).
-func isReadTimeout(err error) bool {
-	var ne net.Error
-	return errors.Is(err, os.ErrDeadlineExceeded) || (errors.As(err, &ne) && ne.Timeout())
 }
 
 // upstreamCtx bounds a worker request: by the client's context, the
