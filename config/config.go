@@ -6,12 +6,12 @@ import (
 	"bytes"
 	"errors"
 	"fmt"
+	"maps"
 	"net"
 	"os"
 	"path/filepath"
 	"regexp"
 	"slices"
-	"sort"
 	"strconv"
 	"strings"
 	"time"
@@ -564,14 +564,7 @@ func (c *Config) finishServed(name string) error {
 }
 
 // ServedNames returns the served model names, sorted.
-func (c *Config) ServedNames() []string {
-	names := make([]string, 0, len(c.Served))
-	for n := range c.Served {
-		names = append(names, n)
-	}
-	sort.Strings(names)
-	return names
-}
+func (c *Config) ServedNames() []string { return slices.Sorted(maps.Keys(c.Served)) }
 
 // ServedMemoryLimit is the memory limit of a served model's workers.
 func (c *Config) ServedMemoryLimit(name string) Size {
@@ -663,7 +656,7 @@ func (c *Config) finishBackend(name string) error {
 				return bad(key+".command", "unclosed placeholder in %q", arg)
 			}
 			ph := arg[i : i+end+1]
-			if !contains(placeholders, ph) {
+			if !slices.Contains(placeholders, ph) {
 				return bad(key+".command", "unknown placeholder %s (known: %s)", ph, strings.Join(placeholders, " "))
 			}
 		}
@@ -803,24 +796,8 @@ func reservedEnv(k string) bool {
 // ReservedEnv is exported for the supervisor's request validation.
 func ReservedEnv(k string) bool { return reservedEnv(k) }
 
-func contains(list []string, s string) bool {
-	for _, v := range list {
-		if v == s {
-			return true
-		}
-	}
-	return false
-}
-
 // BackendNames returns the backend names, sorted.
-func (c *Config) BackendNames() []string {
-	names := make([]string, 0, len(c.Backends))
-	for n := range c.Backends {
-		names = append(names, n)
-	}
-	sort.Strings(names)
-	return names
-}
+func (c *Config) BackendNames() []string { return slices.Sorted(maps.Keys(c.Backends)) }
 
 // MemoryLimit is the memory limit for a backend's workers.
 func (c *Config) MemoryLimit(backend string) Size {
